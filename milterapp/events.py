@@ -1,0 +1,380 @@
+"""Models of what the MTA sends to a milter, one frozen pydantic model per command.
+
+Text on the wire is 8-bit and not always UTF-8. Models that carry text keep it as ``str``
+decoded with UTF-8 and ``surrogateescape``: decoding never raises, and encoding back with the
+same error handler gives the original bytes, so a value read from a header can be written back
+unchanged. :class:`Header` also keeps its raw bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar, Literal, TypeAlias
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from milterapp.protocol.constants import ActionFlag, Command, ProtocolFlag
+
+__all__ = [
+    "Abort",
+    "AddressFamily",
+    "Body",
+    "Connect",
+    "ConnectionClosed",
+    "Data",
+    "EndOfHeaders",
+    "EndOfMessage",
+    "EnvFrom",
+    "EnvRcpt",
+    "EsmtpArgs",
+    "Event",
+    "EventName",
+    "Header",
+    "Helo",
+    "Macros",
+    "Negotiate",
+    "Quit",
+    "QuitNoClose",
+    "Unknown",
+    "decode_text",
+    "encode_text",
+    "macro_name",
+]
+
+IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def decode_text(raw: bytes) -> str:
+    """Decode wire text as UTF-8, keeping undecodable bytes as surrogates (never raises)."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def encode_text(text: str) -> bytes:
+    """Encode text for the wire; the inverse of :func:`decode_text`."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def macro_name(name: str) -> str:
+    """Return a macro name without braces: ``{client_addr}`` and ``client_addr`` are one name."""
+    if len(name) > 2 and name[0] == "{" and name[-1] == "}":
+        return name[1:-1]
+    return name
+
+
+class Event(BaseModel):
+    """Base of every MTA command model.
+
+    ``command`` is the command byte on the wire (``b""`` for events with no packet).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    command: ClassVar[bytes] = b""
+
+
+class Negotiate(Event):
+    """Option negotiation (``O``): what the MTA offers."""
+
+    command: ClassVar[bytes] = Command.OPTNEG.value
+
+    version: int = Field(ge=0, le=0xFFFFFFFF)
+    actions: ActionFlag
+    protocol: ProtocolFlag
+
+
+class Macros(Event):
+    """Macro definitions (``D``) for the command whose letter is ``stage``.
+
+    Look names up with or without braces: ``macros["client_addr"]`` finds ``{client_addr}``.
+    """
+
+    command: ClassVar[bytes] = Command.MACRO.value
+
+    stage: str = Field(min_length=1, max_length=1)
+    values: dict[str, str] = Field(default_factory=dict)
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """Return the value of macro ``name`` (with or without braces), or ``default``."""
+        key = macro_name(name)
+        for candidate in (key, "{" + key + "}"):
+            if candidate in self.values:
+                return self.values[candidate]
+        return default
+
+    def __getitem__(self, name: str) -> str:
+        value = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+
+class AddressFamily(enum.StrEnum):
+    """Address family of the SMTP client in a :class:`Connect` (the wire letter)."""
+
+    UNKNOWN = "U"
+    UNIX = "L"
+    INET = "4"
+    INET6 = "6"
+
+
+class Connect(Event):
+    """SMTP client connection (``C``).
+
+    ``address`` is an :mod:`ipaddress` object for INET/INET6, the socket path for UNIX, and
+    None for UNKNOWN; ``port`` is None for UNKNOWN.
+    """
+
+    command: ClassVar[bytes] = Command.CONNECT.value
+
+    hostname: str
+    family: AddressFamily
+    port: int | None = Field(default=None, ge=0, le=65535)
+    address: IPAddress | str | None = None
+
+    @model_validator(mode="after")
+    def _check_family(self) -> Connect:
+        if self.family is AddressFamily.UNKNOWN:
+            if self.port is not None or self.address is not None:
+                raise ValueError("family UNKNOWN carries neither port nor address")
+        elif self.port is None or self.address is None:
+            raise ValueError(f"family {self.family.name} needs a port and an address")
+        elif self.family is AddressFamily.INET and not isinstance(
+            self.address, ipaddress.IPv4Address
+        ):
+            raise ValueError(f"family INET needs an IPv4 address, not {self.address!r}")
+        elif self.family is AddressFamily.INET6 and not isinstance(
+            self.address, ipaddress.IPv6Address
+        ):
+            raise ValueError(f"family INET6 needs an IPv6 address, not {self.address!r}")
+        elif self.family is AddressFamily.UNIX and not isinstance(self.address, str):
+            raise ValueError("family UNIX needs a socket path as address")
+        return self
+
+
+class Helo(Event):
+    """HELO or EHLO (``H``): the name the client gave."""
+
+    command: ClassVar[bytes] = Command.HELO.value
+
+    name: str
+
+
+class EsmtpArgs(BaseModel):
+    """ESMTP parameters of MAIL or RCPT, in order; keyword lookup is case-insensitive.
+
+    A parameter without ``=`` (``SMTPUTF8``) has the value None.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    items: tuple[tuple[str, str | None], ...] = ()
+
+    @classmethod
+    def parse(cls, args: list[str] | tuple[str, ...]) -> EsmtpArgs:
+        """Build from ``KEY=VALUE`` / ``KEY`` strings as the MTA sends them."""
+        items = []
+        for arg in args:
+            key, sep, value = arg.partition("=")
+            items.append((key, value if sep else None))
+        return cls(items=tuple(items))
+
+    def get(self, keyword: str, default: str | None = None) -> str | None:
+        """Return the value of the first parameter named ``keyword`` (any case)."""
+        wanted = keyword.upper()
+        for key, value in self.items:
+            if key.upper() == wanted:
+                return value
+        return default
+
+    def __contains__(self, keyword: object) -> bool:
+        return isinstance(keyword, str) and any(
+            key.upper() == keyword.upper() for key, _ in self.items
+        )
+
+    def __iter__(self) -> Iterator[tuple[str, str | None]]:  # type: ignore[override]
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def as_strings(self) -> list[str]:
+        """Return the parameters as the MTA sent them (``KEY=VALUE`` or ``KEY``)."""
+        return [key if value is None else f"{key}={value}" for key, value in self.items]
+
+    def as_dict(self) -> Mapping[str, str | None]:
+        """Return ``{KEYWORD: value}`` with upper-case keywords (the first of duplicates)."""
+        result: dict[str, str | None] = {}
+        for key, value in self.items:
+            result.setdefault(key.upper(), value)
+        return result
+
+
+def _strip_brackets(raw: str) -> str:
+    if len(raw) >= 2 and raw[0] == "<" and raw[-1] == ">":
+        return raw[1:-1]
+    return raw
+
+
+class _Envelope(Event):
+    """Shared shape of MAIL and RCPT: an address and ESMTP parameters."""
+
+    raw: str
+    args: EsmtpArgs = EsmtpArgs()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_address(cls, data: Any) -> Any:
+        # Users build events in tests as EnvFrom(address="a@b"): derive the raw form.
+        if isinstance(data, dict) and "address" in data:
+            data = dict(data)
+            address = data.pop("address")
+            data.setdefault("raw", f"<{address}>")
+        if isinstance(data, dict) and isinstance(data.get("args"), list | tuple):
+            data = {**data, "args": EsmtpArgs.parse(data["args"])}
+        return data
+
+    @property
+    def address(self) -> str:
+        """The address without angle brackets (``""`` for the null sender ``<>``)."""
+        return _strip_brackets(self.raw.strip())
+
+    @property
+    def domain(self) -> str:
+        """The part after the last ``@``, lower-cased (``""`` when there is none)."""
+        _, at, domain = self.address.rpartition("@")
+        return domain.lower() if at else ""
+
+
+class EnvFrom(_Envelope):
+    """MAIL FROM (``M``): the envelope sender and its ESMTP parameters."""
+
+    command: ClassVar[bytes] = Command.MAIL.value
+
+
+class EnvRcpt(_Envelope):
+    """RCPT TO (``R``): one envelope recipient and its ESMTP parameters."""
+
+    command: ClassVar[bytes] = Command.RCPT.value
+
+
+class Data(Event):
+    """DATA (``T``): the client is about to send the message content."""
+
+    command: ClassVar[bytes] = Command.DATA.value
+
+
+class Header(Event):
+    """One message header (``L``).
+
+    ``raw_name``/``raw_value`` are the bytes as received; ``name``/``value`` decode them
+    without ever raising. The value is kept exactly as sent: without HDR_LEADSPC the MTA has
+    already removed one leading space; with it (``leading_space``) the value keeps its leading
+    whitespace. Folded values contain ``\\n`` followed by the continuation whitespace.
+    """
+
+    command: ClassVar[bytes] = Command.HEADER.value
+
+    raw_name: bytes = Field(min_length=1)
+    raw_value: bytes
+    leading_space: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_text(cls, data: Any) -> Any:
+        if isinstance(data, dict) and ("name" in data or "value" in data):
+            data = dict(data)
+            if "name" in data:
+                data["raw_name"] = encode_text(data.pop("name"))
+            if "value" in data:
+                data["raw_value"] = encode_text(data.pop("value"))
+        return data
+
+    @property
+    def name(self) -> str:
+        """The field name, decoded."""
+        return decode_text(self.raw_name)
+
+    @property
+    def value(self) -> str:
+        """The field value, decoded, exactly as received."""
+        return decode_text(self.raw_value)
+
+
+class EndOfHeaders(Event):
+    """End of headers (``N``)."""
+
+    command: ClassVar[bytes] = Command.EOH.value
+
+
+class Body(Event):
+    """One chunk of the message body (``B``), CRLF line endings, at most the negotiated size."""
+
+    command: ClassVar[bytes] = Command.BODY.value
+
+    chunk: bytes
+
+
+class EndOfMessage(Event):
+    """End of message (``E``): the milter may now modify the message and gives its verdict.
+
+    ``chunk`` is normally empty; libmilter treats data here as a last body chunk, and so do we.
+    """
+
+    command: ClassVar[bytes] = Command.BODYEOB.value
+
+    chunk: bytes = b""
+
+
+class Abort(Event):
+    """Abort (``A``): forget the current message; the connection stays."""
+
+    command: ClassVar[bytes] = Command.ABORT.value
+
+
+class Quit(Event):
+    """Quit (``Q``): the MTA is done with this connection."""
+
+    command: ClassVar[bytes] = Command.QUIT.value
+
+
+class QuitNoClose(Event):
+    """Quit without closing (``K``): the connection is reused for a new SMTP session."""
+
+    command: ClassVar[bytes] = Command.QUIT_NC.value
+
+
+class Unknown(Event):
+    """An SMTP command the MTA did not recognise (``U``), without its CRLF."""
+
+    command: ClassVar[bytes] = Command.UNKNOWN.value
+
+    line: str
+
+
+class ConnectionClosed(Event):
+    """The MTA closed the connection (end of file); no packet carries this event."""
+
+    command: ClassVar[bytes] = b""
+
+
+#: Literal names of the events that reach applications, in protocol order.
+EventName: TypeAlias = Literal[
+    "negotiate",
+    "connect",
+    "helo",
+    "envfrom",
+    "envrcpt",
+    "data",
+    "unknown",
+    "header",
+    "eoh",
+    "body",
+    "eom",
+    "abort",
+    "close",
+]

@@ -1,0 +1,110 @@
+"""Packet framing: ``uint32 length`` (big-endian, counts the command byte) + command + payload.
+
+:class:`FrameDecoder` takes bytes in any split, one byte at a time included, and hands out
+whole packets. It never copies a byte more than it must: while a packet is incomplete the
+pieces wait in a list and are joined once, when the whole packet is there; packets that
+arrive whole inside one read are sliced straight out of it.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+from milterapp.errors import FrameTooLargeError, RemoteProtocolError
+from milterapp.protocol.constants import DEFAULT_MAX_DATA_SIZE
+
+__all__ = ["LENGTH", "FrameDecoder", "encode_frame"]
+
+#: The length prefix of every packet.
+LENGTH: Final = struct.Struct("!I")
+_HEADER_SIZE: Final = LENGTH.size
+
+
+def encode_frame(command: bytes, payload: bytes = b"") -> bytes:
+    """Return one packet: length prefix, ``command`` (one byte) and ``payload``."""
+    return LENGTH.pack(len(payload) + 1) + command + payload
+
+
+class FrameDecoder:
+    """Incremental packet decoder.
+
+    Args:
+        max_data_size: largest payload accepted (command byte excluded). A packet that
+            announces more, or a length of zero, raises :class:`FrameTooLargeError` as soon
+            as its four length bytes are in, before any of its payload is buffered.
+    """
+
+    __slots__ = ("_buf", "_pending", "_pending_size", "_pos", "max_data_size")
+
+    def __init__(self, max_data_size: int = DEFAULT_MAX_DATA_SIZE) -> None:
+        self.max_data_size = max_data_size
+        self._buf = b""
+        self._pos = 0
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Add received bytes; call :meth:`next_frame` until it returns None."""
+        if data:
+            self._pending.append(bytes(data))
+            self._pending_size += len(data)
+
+    @property
+    def buffered(self) -> int:
+        """Number of bytes received but not yet handed out as packets."""
+        return len(self._buf) - self._pos + self._pending_size
+
+    def _contiguous(self, size: int) -> bool:
+        """Make ``size`` bytes contiguous at the read position, if that many are in."""
+        have = len(self._buf) - self._pos
+        if have >= size:
+            return True
+        if have + self._pending_size < size:
+            return False
+        parts = self._pending
+        if have:
+            parts.insert(0, self._buf[self._pos :])
+        # join() of a single bytes object returns it without copying.
+        self._buf = b"".join(parts)
+        self._pos = 0
+        self._pending = []
+        self._pending_size = 0
+        return True
+
+    def next_frame(self) -> tuple[int, bytes] | None:
+        """Return the next whole packet as ``(command byte, payload)``, or None if incomplete.
+
+        Raises:
+            FrameTooLargeError: the announced length is zero or above ``max_data_size + 1``.
+        """
+        if not self._contiguous(_HEADER_SIZE):
+            return None
+        (length,) = LENGTH.unpack_from(self._buf, self._pos)
+        if length == 0:
+            raise FrameTooLargeError("packet length 0: a packet holds at least its command byte")
+        if length - 1 > self.max_data_size:
+            raise FrameTooLargeError(
+                f"packet payload of {length - 1} bytes exceeds the maximum of "
+                f"{self.max_data_size} bytes"
+            )
+        if not self._contiguous(_HEADER_SIZE + length):
+            return None
+        start = self._pos + _HEADER_SIZE
+        end = start + length
+        buf = self._buf
+        command = buf[start]
+        payload = buf[start + 1 : end]
+        if end == len(buf):
+            self._buf = b""
+            self._pos = 0
+        else:
+            self._pos = end
+        return command, payload
+
+    def check_eof(self) -> None:
+        """Raise if the peer closed the stream in the middle of a packet."""
+        if self.buffered:
+            raise RemoteProtocolError(
+                f"connection closed in the middle of a packet ({self.buffered} bytes unread)"
+            )

@@ -1,0 +1,401 @@
+"""The milter side of one MTA connection, as a sans-IO state machine.
+
+Theory of operation
+-------------------
+Feed the bytes read from the MTA to :meth:`MilterConnection.receive_data` (``b""`` at end of
+file) and call :meth:`~MilterConnection.next_event` until it returns None. When an event
+needs an answer (:attr:`~MilterConnection.awaiting_reply`), pass the reply to
+:meth:`~MilterConnection.send`, which returns the bytes to write. No further event is handed
+out until that answer is given: the MTA never sends a command that needs a reply before it
+has the previous one, so holding back keeps the state exact.
+
+The machine tracks two levels (protocol reference §7):
+
+* the connection: negotiating, waiting for CONNECT, in session, done (a connection-level
+  verdict was given), closed;
+* the message: open from MAIL (or the first message command when MAIL is suppressed) until
+  its verdict or an abort, with the rank of the last command, so that commands can only move
+  forward (RCPT, headers and body chunks may repeat).
+
+It synthesises an :class:`~milterapp.events.Abort` when a message ends without a verdict
+(HELO, MAIL, QUIT or end of file inside a message), and swallows the aborts Postfix sends
+when no message is open. Everything the MTA sends out of order or malformed raises
+:class:`RemoteProtocolError` and leaves the machine in the ``ERROR`` state for good.
+Everything we are asked to send at the wrong time raises :class:`LocalProtocolError` and
+changes nothing, so the caller can send a fallback reply instead.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from typing import Final
+
+from milterapp.errors import (
+    ActionNotNegotiated,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+)
+from milterapp.events import (
+    Abort,
+    ConnectionClosed,
+    Event,
+    Macros,
+    Negotiate,
+)
+from milterapp.protocol.codec import decode_command, encode_response
+from milterapp.protocol.constants import ActionFlag
+from milterapp.protocol.framing import FrameDecoder
+from milterapp.protocol.macros import STAGE_ORDER, MacroTable
+from milterapp.protocol.negotiation import SessionOptions, session_options
+from milterapp.replies import (
+    Accept,
+    Continue,
+    Discard,
+    NegotiationReply,
+    Progress,
+    Reject,
+    ReplaceBody,
+    Reply,
+    Shutdown,
+    Skip,
+    TempFail,
+)
+
+__all__ = ["ConnectionState", "MilterConnection"]
+
+
+class ConnectionState(enum.Enum):
+    """Where a connection stands."""
+
+    NEGOTIATING = "negotiating"  # waiting for the MTA's O, or our answer to it
+    CONNECTING = "connecting"  # negotiated; CONNECT (or what follows it) comes next
+    SESSION = "session"  # connected; no message open
+    MESSAGE = "message"  # a message is open
+    DONE = "done"  # a connection-level verdict was given; only quit/abort/macros follow
+    CLOSED = "closed"  # quit or end of file
+    ERROR = "error"  # the MTA broke the protocol
+
+
+_O, _D, _C, _H, _M, _R, _T, _L, _N, _B, _E, _U, _A, _Q, _K = (ord(c) for c in "ODCHMRTLNBEUAQK")
+
+# Rank of each message command; a command may follow one of lower rank, or its own if it repeats.
+_RANK: Final = {ord(c): STAGE_ORDER.index(c) for c in "MRTLNBE"}
+_REPEATS: Final = frozenset({_R, _L, _B})
+
+_CONNECTION_VERDICTS: Final = (Continue, Accept, Reject, TempFail, Shutdown)
+_MESSAGE_VERDICTS: Final = (Continue, Accept, Reject, TempFail, Discard, Shutdown)
+#: Legal final replies per command (§4, §7). Skip is checked separately (needs SKIP).
+_LEGAL: Final[dict[int, tuple[type[Reply], ...]]] = {
+    _C: _CONNECTION_VERDICTS,
+    _H: _CONNECTION_VERDICTS,
+    _U: _CONNECTION_VERDICTS,
+    **{command: _MESSAGE_VERDICTS for command in _RANK},
+    _B: (*_MESSAGE_VERDICTS, Skip),
+}
+#: Verdicts after which the message (or, at C/H, the connection) is over; per command.
+_RECIPIENT_LEVEL: Final = (Continue, Reject, TempFail)
+
+
+class MilterConnection:
+    """Sans-IO state machine for the milter side of one MTA connection.
+
+    Args:
+        max_data_size: largest incoming payload to accept. None (the default) means the
+            negotiated maximum (64 KiB unless the MTA offered more and we accepted).
+    """
+
+    def __init__(self, *, max_data_size: int | None = None) -> None:
+        self._limit = max_data_size
+        self._frames = FrameDecoder() if max_data_size is None else FrameDecoder(max_data_size)
+        # Events decoded but not yet handed out, each with the command byte it makes us owe a
+        # reply to (None for synthesised aborts and commands that need no reply).
+        self._ready: deque[tuple[Event, int | None]] = deque()
+        self._pending: int | None = None  # command byte awaiting our reply
+        self._eof = False
+        self._body_replaced = False  # a ReplaceBody was sent during this end of message
+        self._body_closed = False  # ...and something else was sent after it
+        self.state = ConnectionState.NEGOTIATING
+        self.offer: Negotiate | None = None
+        self.options: SessionOptions | None = None
+        self.macros = MacroTable()
+        self.rank = -1  # rank of the last message command while a message is open
+        self.skipped = False  # Skip was sent for this message's body
+
+    # --- receiving ---------------------------------------------------------------------
+
+    @property
+    def awaiting_reply(self) -> bool:
+        """True while the last event handed out waits for :meth:`send`."""
+        return self._pending is not None
+
+    @property
+    def pending_command(self) -> str | None:
+        """Letter of the command waiting for a reply, if any."""
+        return None if self._pending is None else chr(self._pending)
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes read from the MTA; ``b""`` means the MTA closed the connection."""
+        if data:
+            if self._eof:
+                raise RemoteProtocolError("data received after end of file")
+            self._frames.feed(data)
+        else:
+            self._eof = True
+
+    def next_event(self) -> Event | None:
+        """Return the next event, or None when more data (or a reply) is needed first.
+
+        Raises:
+            RemoteProtocolError: the MTA sent a malformed or out-of-order command.
+        """
+        if self._pending is not None:
+            return None
+        if self._ready:
+            return self._hand_out()
+        if self.state is ConnectionState.CLOSED:
+            return None
+        if self.state is ConnectionState.ERROR:
+            raise RemoteProtocolError("the connection already failed with a protocol error")
+        try:
+            return self._parse_next()
+        except ProtocolError:
+            self.state = ConnectionState.ERROR
+            raise
+
+    def _parse_next(self) -> Event | None:
+        while True:
+            frame = self._frames.next_frame()
+            if frame is None:
+                if self._eof:
+                    self._frames.check_eof()
+                    return self._close(ConnectionClosed())
+                return None
+            command, payload = frame
+            options = self.options
+            event = decode_command(
+                command, payload, leading_space=options is not None and options.leading_space
+            )
+            if not self._advance(command, event):
+                continue
+            expects = command == _O or (options is not None and options.reply_expected(command))
+            self._ready.append((event, command if expects else None))
+            return self._hand_out()
+
+    def _hand_out(self) -> Event:
+        event, self._pending = self._ready.popleft()
+        return event
+
+    def _fail(self, command: int, message: str) -> RemoteProtocolError:
+        return RemoteProtocolError(f"{message} (state {self.state.value})", command=chr(command))
+
+    def _close(self, event: Event) -> Event:
+        self._quit()
+        self._ready.append((event, None))
+        return self._hand_out()
+
+    def _advance(self, command: int, event: Event) -> bool:
+        """Move the state on for ``command``; return False to swallow its event."""
+        state = self.state
+        if state is ConnectionState.NEGOTIATING:
+            if command != _O or self.offer is not None:
+                raise self._fail(command, "expected option negotiation first")
+            assert isinstance(event, Negotiate)
+            self.offer = event
+        elif command == _O:
+            raise self._fail(command, "option negotiation happens once per connection")
+        elif command == _D:
+            assert isinstance(event, Macros)
+            self.macros.define(event.stage, event.values)
+        elif command == _Q:
+            self._quit()
+        elif command == _K:
+            self._abort_open_message()
+            self.macros.clear()
+            self.state = ConnectionState.CONNECTING
+        elif command == _A:
+            # Postfix sends A after every message and on RSET: only an open message aborts.
+            if state is not ConnectionState.MESSAGE:
+                return False
+            self._end_message()
+        elif state is ConnectionState.DONE:
+            raise self._fail(command, "command after a connection-level verdict")
+        elif command == _C:
+            if state is not ConnectionState.CONNECTING:
+                raise self._fail(command, "CONNECT after the connection was established")
+            self.macros.enter("C")
+            self.state = ConnectionState.SESSION
+        elif command == _U:
+            pass
+        elif command == _H:
+            self._require_connected(command)
+            self._abort_open_message()
+            self.macros.enter("H")
+            self.state = ConnectionState.SESSION
+        else:
+            self._advance_message(command)
+        return True
+
+    def _quit(self) -> None:
+        if self.state is ConnectionState.MESSAGE:
+            self._ready.append((Abort(), None))
+        self.state = ConnectionState.CLOSED
+        self.macros.clear()
+
+    def _abort_open_message(self) -> None:
+        """End an open message that the MTA left without an abort, and say so with one."""
+        if self.state is ConnectionState.MESSAGE:
+            self._ready.append((Abort(), None))
+            self._end_message()
+
+    def _end_message(self) -> None:
+        self.state = ConnectionState.SESSION
+        self.macros.reset_message()
+
+    def _require_connected(self, command: int) -> None:
+        options = self.options
+        if (
+            self.state is ConnectionState.CONNECTING
+            and options is not None
+            and not options.suppressed("connect")
+        ):
+            raise self._fail(command, "expected CONNECT first")
+
+    def _advance_message(self, command: int) -> None:
+        rank = _RANK[command]
+        if command == _M:
+            self._require_connected(command)
+            self._abort_open_message()
+            self._open_message(command)
+            return
+        if self.state is not ConnectionState.MESSAGE:
+            self._require_connected(command)
+            if not self._may_open_with(command):
+                raise self._fail(command, "message command outside a message")
+            self._open_message(command)
+            return
+        if rank < self.rank or (rank == self.rank and command not in _REPEATS):
+            raise self._fail(command, f"out of order after {STAGE_ORDER[self.rank]!r}")
+        if command == _B and self.skipped:
+            raise self._fail(command, "body chunk after Skip")
+        self.rank = rank
+        if command in (_R, _M):
+            self.macros.enter(chr(command))
+
+    def _may_open_with(self, command: int) -> bool:
+        # A message starts with MAIL, unless the MTA was asked not to send it (and RCPT).
+        options = self.options
+        assert options is not None
+        if not options.suppressed("envfrom"):
+            return False
+        return command == _R or options.suppressed("envrcpt")
+
+    def _open_message(self, command: int) -> None:
+        self.state = ConnectionState.MESSAGE
+        self.rank = _RANK[command]
+        self.skipped = False
+        self._body_replaced = self._body_closed = False
+        self.macros.enter(chr(command))
+
+    # --- sending -----------------------------------------------------------------------
+
+    def send(self, reply: Reply) -> bytes:
+        """Check ``reply`` against the protocol and return the bytes to write.
+
+        Modifications and Progress may precede the verdict at end of message; every other
+        reply answers the pending command.
+
+        Raises:
+            LocalProtocolError: no command waits for this reply, or it is not allowed now.
+            ActionNotNegotiated: a modification whose action the MTA did not grant.
+        """
+        command = self._pending
+        if command is None:
+            raise LocalProtocolError(
+                f"{type(reply).__name__} sent while no command waits for a reply "
+                f"(state {self.state.value})"
+            )
+        if isinstance(reply, NegotiationReply):
+            return self._send_negotiation(command, reply)
+        options = self.options
+        assert options is not None
+        if isinstance(reply, Progress):
+            self._require_eom(command, reply)
+            return encode_response(reply)
+        if reply.required_action is not ActionFlag.NONE:
+            self._check_modification(command, reply, options)
+            return encode_response(reply, max_data_size=options.max_data_size)
+        self._check_verdict(command, reply, options)
+        self._pending = None
+        self._after_verdict(command, reply)
+        return encode_response(reply)
+
+    def _send_negotiation(self, command: int, reply: NegotiationReply) -> bytes:
+        if command != _O:
+            raise LocalProtocolError(
+                f"negotiation reply sent in answer to {chr(command)!r}", command="O"
+            )
+        assert self.offer is not None
+        options = session_options(self.offer, reply)
+        self.options = options
+        if self._limit is None:
+            self._frames.max_data_size = options.max_data_size
+        self._pending = None
+        self.state = ConnectionState.CONNECTING
+        return encode_response(reply)
+
+    def _require_eom(self, command: int, reply: Reply) -> None:
+        if command != _E:
+            raise LocalProtocolError(
+                f"{type(reply).__name__} is only allowed during end of message, "
+                f"not in answer to {chr(command)!r}",
+                command=chr(command),
+            )
+
+    def _check_modification(self, command: int, reply: Reply, options: SessionOptions) -> None:
+        self._require_eom(command, reply)
+        action = reply.required_action
+        if not options.actions & action:
+            raise ActionNotNegotiated(
+                f"{type(reply).__name__} needs the {action.name} action, which the MTA "
+                "did not grant",
+                action=action.name or str(action),
+                command=chr(command),
+            )
+        # Postfix fails the milter when anything comes between replacement body packets.
+        if isinstance(reply, ReplaceBody):
+            if self._body_closed:
+                raise LocalProtocolError(
+                    "ReplaceBody packets must be sent together, with nothing in between",
+                    command="b",
+                )
+            self._body_replaced = True
+        elif self._body_replaced:
+            self._body_closed = True
+
+    def _check_verdict(self, command: int, reply: Reply, options: SessionOptions) -> None:
+        legal = _LEGAL.get(command, ())
+        if isinstance(reply, Skip) and command == _B and not options.skip:
+            raise LocalProtocolError("Skip needs the SKIP protocol flag", command="s")
+        if not isinstance(reply, legal):
+            names = ", ".join(cls.__name__ for cls in legal)
+            raise LocalProtocolError(
+                f"{type(reply).__name__} is not a valid answer to {chr(command)!r}; valid: {names}",
+                command=chr(command),
+            )
+
+    def _after_verdict(self, command: int, reply: Reply) -> None:
+        if isinstance(reply, Shutdown):
+            self.state = ConnectionState.DONE
+        elif command in (_C, _H):
+            if not isinstance(reply, Continue):
+                self.state = ConnectionState.DONE
+        elif command == _U or self.state is not ConnectionState.MESSAGE:
+            return
+        elif isinstance(reply, Skip):
+            self.skipped = True
+        elif command == _E or not isinstance(reply, Continue):
+            if command == _R and isinstance(reply, _RECIPIENT_LEVEL):
+                return  # only this recipient is refused; the message goes on
+            self.state = ConnectionState.SESSION

@@ -1,0 +1,79 @@
+"""Macro values per stage, kept as libmilter keeps them (protocol reference §3).
+
+A new ``D`` packet for a stage replaces that stage's table. When the MTA moves back to an
+earlier stage (a new connection, HELO, MAIL or RCPT), the tables of later stages are stale and
+are dropped; an abort drops the per-message ones; a quit drops all. Lookups go from the most
+recently defined stage back, and accept names with or without braces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Final
+
+from milterapp.events import macro_name
+
+__all__ = ["STAGE_ORDER", "MacroTable"]
+
+#: Stage letters in the order a transaction goes through them ("U" stands apart).
+STAGE_ORDER: Final = "CHMRTLNBE"
+_MESSAGE_STAGES: Final = frozenset("MRTLNBE")
+
+
+class MacroTable(Mapping[str, str]):
+    """Macro values of one connection, looked up by name with or without braces."""
+
+    __slots__ = ("_stages",)
+
+    def __init__(self) -> None:
+        # letter -> {name without braces: value}; insertion order = order of definition.
+        self._stages: dict[str, dict[str, str]] = {}
+
+    def define(self, stage: str, values: Mapping[str, str]) -> None:
+        """Replace the table of ``stage`` (a command letter) with ``values``."""
+        self._stages.pop(stage, None)
+        self._stages[stage] = {macro_name(name): value for name, value in values.items()}
+
+    def enter(self, command: str) -> None:
+        """Drop the tables of stages after ``command``, which the MTA has just sent."""
+        position = STAGE_ORDER.find(command)
+        if position < 0:
+            return
+        for later in STAGE_ORDER[position + 1 :]:
+            self._stages.pop(later, None)
+
+    def reset_message(self) -> None:
+        """Drop the tables of the message stages (MAIL onwards) after an abort."""
+        for stage in _MESSAGE_STAGES:
+            self._stages.pop(stage, None)
+
+    def clear(self) -> None:
+        """Drop every table (quit, or a connection reused for a new session)."""
+        self._stages.clear()
+
+    def stage(self, letter: str) -> Mapping[str, str]:
+        """Return the values defined for one stage (empty if none)."""
+        return self._stages.get(letter, {})
+
+    def __getitem__(self, name: str) -> str:
+        key = macro_name(name)
+        for values in reversed(self._stages.values()):
+            if key in values:
+                return values[key]
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.as_dict())
+
+    def __len__(self) -> int:
+        return len(self.as_dict())
+
+    def as_dict(self) -> dict[str, str]:
+        """Return every visible macro, newest definition winning, names without braces."""
+        merged: dict[str, str] = {}
+        for values in self._stages.values():
+            merged.update(values)
+        return merged
+
+    def __repr__(self) -> str:
+        return f"MacroTable({self._stages!r})"

@@ -1,0 +1,346 @@
+"""Models of what a milter sends back: verdicts, modifications and the negotiation reply.
+
+Every model is frozen and validated on construction, so a reply that the MTA would refuse
+(a reply code of the wrong class, a header name with a colon, a value that would inject a
+header line) fails where it is built, with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, ClassVar, TypeAlias
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+from milterapp.protocol.constants import (
+    MAX_REPLY_LINE_LENGTH,
+    MAX_REPLY_LINES,
+    MAX_VERSION,
+    ActionFlag,
+    MacroStage,
+    ProtocolFlag,
+)
+
+__all__ = [
+    "Accept",
+    "AddHeader",
+    "AddRecipient",
+    "ChangeHeader",
+    "ChangeSender",
+    "Continue",
+    "DeleteRecipient",
+    "Discard",
+    "InsertHeader",
+    "Modification",
+    "NegotiationReply",
+    "Progress",
+    "Quarantine",
+    "Reject",
+    "ReplaceBody",
+    "Reply",
+    "Shutdown",
+    "Skip",
+    "TempFail",
+    "Verdict",
+]
+
+_XCODE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+# RFC 5322 field names: printable US-ASCII except colon.
+_FIELD_NAME = re.compile(r"[!-9;-~]+")
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: Action flag the MTA must have granted before this can be sent.
+    action: ClassVar[ActionFlag] = ActionFlag.NONE
+
+    @property
+    def required_action(self) -> ActionFlag:
+        """The action flag this response needs (``NONE`` for verdicts)."""
+        return self.action
+
+
+class Continue(_Response):
+    """Go on with the next step (at end of message: accept)."""
+
+
+class Accept(_Response):
+    """Accept: the message (or, at connect and HELO, the connection); no more events for it."""
+
+
+class Discard(_Response):
+    """Accept the message from the client but throw it away (message stages only)."""
+
+
+class Skip(_Response):
+    """Send no more body chunks; go on to end of message (after a body chunk, needs SKIP)."""
+
+
+class Progress(_Response):
+    """Still working: restarts the MTA's timer while end of message is being handled."""
+
+
+class Shutdown(_Response):
+    """Postfix only: answer the SMTP client with 421 and close its session."""
+
+
+def _check_line(line: str) -> str:
+    if "\r" in line or "\x00" in line:
+        raise ValueError("reply text must not contain CR or NUL; give lines separated by \\n")
+    if len(line.replace("%", "%%")) > MAX_REPLY_LINE_LENGTH:
+        raise ValueError(f"reply line longer than {MAX_REPLY_LINE_LENGTH} characters")
+    return line
+
+
+class _ErrorReply(_Response):
+    """A refusal, optionally with its own SMTP reply (sent as a reply-code packet)."""
+
+    first_digit: ClassVar[str] = "5"
+    default_code: ClassVar[int] = 550
+
+    code: int | None = None
+    xcode: str | None = None
+    text: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _normalise(cls, data: Any) -> Any:
+        # Lines may come as a list; an empty text is no text; a reply with text or xcode
+        # but no code gets the default code, so that equal replies compare equal.
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if isinstance(data.get("text"), list | tuple):
+            data["text"] = "\n".join(data["text"])
+        if data.get("text") == "":
+            data["text"] = None
+        if data.get("code") is None and (data.get("text") is not None or data.get("xcode")):
+            data["code"] = cls.default_code
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> _ErrorReply:
+        kind = type(self).__name__
+        if self.code is not None and not (
+            100 * int(self.first_digit) <= self.code < 100 * (int(self.first_digit) + 1)
+        ):
+            raise ValueError(f"{kind} code must be {self.first_digit}xx, not {self.code}")
+        if self.xcode is not None:
+            if not _XCODE.fullmatch(self.xcode):
+                raise ValueError(f"xcode must look like {self.first_digit}.7.1, not {self.xcode!r}")
+            if self.xcode[0] != self.first_digit:
+                raise ValueError(
+                    f"{kind} xcode must start with {self.first_digit}, not {self.xcode!r}"
+                )
+        if self.text is not None:
+            lines = self.text.split("\n")
+            if len(lines) > MAX_REPLY_LINES:
+                raise ValueError(f"reply text has {len(lines)} lines; at most {MAX_REPLY_LINES}")
+            for line in lines:
+                _check_line(line)
+        return self
+
+    @property
+    def has_reply_text(self) -> bool:
+        """True when this refusal carries its own SMTP reply (sent as ``y``)."""
+        return self.code is not None or self.xcode is not None or self.text is not None
+
+    def smtp_lines(self) -> list[str]:
+        """Return the SMTP reply lines as the MTA will send them, ``%`` not yet escaped."""
+        code = str(self.default_code if self.code is None else self.code)
+        lines = (self.text or "").split("\n")
+        out = []
+        for number, line in enumerate(lines):
+            sep = " " if number == len(lines) - 1 else "-"
+            rest = " ".join(part for part in (self.xcode, line) if part)
+            out.append(f"{code}{sep}{rest}")
+        return out
+
+
+class Reject(_ErrorReply):
+    """Refuse with a permanent error (5xx): the connection, the message or one recipient."""
+
+    first_digit: ClassVar[str] = "5"
+    default_code: ClassVar[int] = 550
+
+
+class TempFail(_ErrorReply):
+    """Refuse with a temporary error (4xx); 421 also ends the SMTP session."""
+
+    first_digit: ClassVar[str] = "4"
+    default_code: ClassVar[int] = 451
+
+
+def _check_header_name(name: str) -> str:
+    if not _FIELD_NAME.fullmatch(name):
+        raise ValueError(
+            f"header name {name!r} must be non-empty printable ASCII without colon or space"
+        )
+    return name
+
+
+def _check_header_value(value: str) -> str:
+    if "\x00" in value or "\r" in value:
+        raise ValueError("header value must not contain NUL or CR; fold with \\n + space")
+    for continuation in value.split("\n")[1:]:
+        if continuation[:1] not in (" ", "\t"):
+            raise ValueError(
+                "a line break in a header value must be followed by a space or tab "
+                "(otherwise it would start a new header)"
+            )
+    return value
+
+
+def _check_address(value: str) -> str:
+    if not value or "\x00" in value or "\r" in value or "\n" in value:
+        raise ValueError("address must be non-empty, without NUL or line breaks")
+    return value
+
+
+def _check_args(value: str | None) -> str | None:
+    if value is not None and ("\x00" in value or "\r" in value or "\n" in value):
+        raise ValueError("ESMTP arguments must not contain NUL or line breaks")
+    return value
+
+
+HeaderName = Annotated[str, AfterValidator(_check_header_name)]
+HeaderValue = Annotated[str, AfterValidator(_check_header_value)]
+Address = Annotated[str, AfterValidator(_check_address)]
+EsmtpArgString = Annotated[str | None, AfterValidator(_check_args)]
+
+
+class _HeaderEdit(_Response):
+    name: HeaderName
+    value: HeaderValue
+
+
+class AddHeader(_HeaderEdit):
+    """Append a header at the end of the header block (needs ADDHDRS)."""
+
+    action: ClassVar[ActionFlag] = ActionFlag.ADDHDRS
+
+
+class InsertHeader(_HeaderEdit):
+    """Insert a header at ``index`` (0 = top, before the MTA's own Received:; needs ADDHDRS)."""
+
+    action: ClassVar[ActionFlag] = ActionFlag.ADDHDRS
+
+    index: int = Field(ge=0, le=0xFFFFFFFF)
+
+
+class ChangeHeader(_HeaderEdit):
+    """Change the ``index``-th header called ``name`` (1-based); empty value deletes it.
+
+    Needs CHGHDRS.
+    """
+
+    action: ClassVar[ActionFlag] = ActionFlag.CHGHDRS
+
+    index: int = Field(default=1, ge=0, le=0xFFFFFFFF)
+
+
+class AddRecipient(_Response):
+    """Add an envelope recipient; with ``args`` it needs ADDRCPT_PAR, otherwise ADDRCPT."""
+
+    address: Address
+    args: EsmtpArgString = None
+
+    @property
+    def required_action(self) -> ActionFlag:
+        """ADDRCPT_PAR when ESMTP arguments are given, ADDRCPT otherwise."""
+        return ActionFlag.ADDRCPT if self.args is None else ActionFlag.ADDRCPT_PAR
+
+
+class DeleteRecipient(_Response):
+    """Remove an envelope recipient, named as the MTA sent it (needs DELRCPT)."""
+
+    action: ClassVar[ActionFlag] = ActionFlag.DELRCPT
+
+    address: Address
+
+
+class ChangeSender(_Response):
+    """Replace the envelope sender, optionally with ESMTP arguments (needs CHGFROM)."""
+
+    action: ClassVar[ActionFlag] = ActionFlag.CHGFROM
+
+    address: Address
+    args: EsmtpArgString = None
+
+
+class ReplaceBody(_Response):
+    """Replace the body; several in a row build the new body (needs CHGBODY).
+
+    The codec splits ``chunk`` into packets no larger than the negotiated maximum.
+    """
+
+    action: ClassVar[ActionFlag] = ActionFlag.CHGBODY
+
+    chunk: bytes
+
+
+class Quarantine(_Response):
+    """Hold the message in the MTA's quarantine with ``reason`` (needs QUARANTINE)."""
+
+    action: ClassVar[ActionFlag] = ActionFlag.QUARANTINE
+
+    reason: str
+
+    @field_validator("reason")
+    @classmethod
+    def _check_reason(cls, value: str) -> str:
+        if not value or "\x00" in value or "\r" in value or "\n" in value:
+            raise ValueError("quarantine reason must be non-empty, without NUL or line breaks")
+        return value
+
+
+class NegotiationReply(_Response):
+    """The milter's answer to option negotiation (``O``).
+
+    ``macros`` maps a stage to the macro names the MTA should send before that stage's
+    command; an empty list asks for none (Sendmail 8.15.2+).
+    """
+
+    version: int = Field(default=MAX_VERSION, ge=0, le=0xFFFFFFFF)
+    actions: ActionFlag = ActionFlag.NONE
+    protocol: ProtocolFlag = ProtocolFlag.NONE
+    macros: dict[MacroStage, tuple[str, ...]] = Field(default_factory=dict)
+
+    @field_validator("macros")
+    @classmethod
+    def _check_macros(
+        cls, value: dict[MacroStage, tuple[str, ...]]
+    ) -> dict[MacroStage, tuple[str, ...]]:
+        for stage, names in value.items():
+            for name in names:
+                if not name or any(c in name for c in " ,\x00\r\n"):
+                    raise ValueError(
+                        f"macro name {name!r} for stage {stage.name} must be non-empty, "
+                        "without spaces, commas or NUL"
+                    )
+        return value
+
+
+#: Replies that end the handling of one command.
+Verdict: TypeAlias = Continue | Accept | Reject | TempFail | Discard | Skip
+#: Replies valid only during end of message, before the verdict.
+Modification: TypeAlias = (
+    AddHeader
+    | InsertHeader
+    | ChangeHeader
+    | AddRecipient
+    | DeleteRecipient
+    | ChangeSender
+    | ReplaceBody
+    | Quarantine
+)
+#: Everything a milter can send.
+Reply: TypeAlias = Verdict | Modification | Progress | Shutdown | NegotiationReply
