@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from collections.abc import Iterator, Mapping
-from typing import Any, ClassVar, Literal, TypeAlias
+from typing import Any, ClassVar, Literal, Self, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -41,6 +41,7 @@ __all__ = [
     "decode_text",
     "encode_text",
     "macro_name",
+    "strip_brackets",
 ]
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -214,34 +215,40 @@ class EsmtpArgs(BaseModel):
         return result
 
 
-def _strip_brackets(raw: str) -> str:
+def strip_brackets(raw: str) -> str:
+    """Return an SMTP path without surrounding whitespace and angle brackets."""
+    raw = raw.strip()
     if len(raw) >= 2 and raw[0] == "<" and raw[-1] == ">":
         return raw[1:-1]
     return raw
 
 
 class _Envelope(Event):
-    """Shared shape of MAIL and RCPT: an address and ESMTP parameters."""
+    """Shared shape of MAIL and RCPT: an address and ESMTP parameters.
 
-    raw: str
+    ``address`` has no angle brackets (``""`` for the null sender); ``raw`` is the address
+    argument exactly as the MTA sent it (derived as ``<address>`` when not given).
+    """
+
+    address: str
+    raw: str = ""
     args: EsmtpArgs = EsmtpArgs()
 
     @model_validator(mode="before")
     @classmethod
-    def _accept_address(cls, data: Any) -> Any:
-        # Users build events in tests as EnvFrom(address="a@b"): derive the raw form.
-        if isinstance(data, dict) and "address" in data:
+    def _fill_in(cls, data: Any) -> Any:
+        if isinstance(data, dict):
             data = dict(data)
-            address = data.pop("address")
-            data.setdefault("raw", f"<{address}>")
-        if isinstance(data, dict) and isinstance(data.get("args"), list | tuple):
-            data = {**data, "args": EsmtpArgs.parse(data["args"])}
+            if "raw" not in data and "address" in data:
+                data["raw"] = f"<{data['address']}>"
+            if isinstance(data.get("args"), list | tuple):
+                data["args"] = EsmtpArgs.parse(data["args"])
         return data
 
-    @property
-    def address(self) -> str:
-        """The address without angle brackets (``""`` for the null sender ``<>``)."""
-        return _strip_brackets(self.raw.strip())
+    @classmethod
+    def from_raw(cls, raw: str, args: list[str] | tuple[str, ...] = ()) -> Self:
+        """Build from the argument as sent (``<a@example.org>``) and ESMTP parameters."""
+        return cls(address=strip_brackets(raw), raw=raw, args=EsmtpArgs.parse(args))
 
     @property
     def domain(self) -> str:
@@ -271,38 +278,28 @@ class Data(Event):
 class Header(Event):
     """One message header (``L``).
 
-    ``raw_name``/``raw_value`` are the bytes as received; ``name``/``value`` decode them
-    without ever raising. The value is kept exactly as sent: without HDR_LEADSPC the MTA has
-    already removed one leading space; with it (``leading_space``) the value keeps its leading
-    whitespace. Folded values contain ``\\n`` followed by the continuation whitespace.
+    ``name`` and ``value`` are decoded with :func:`decode_text`, so they never fail to decode
+    and ``raw_name``/``raw_value`` give back the exact bytes received. The value is kept as
+    sent: without HDR_LEADSPC the MTA has already removed one leading space; with it
+    (``leading_space``) the value keeps its leading whitespace. Folded values contain ``\\n``
+    followed by the continuation whitespace.
     """
 
     command: ClassVar[bytes] = Command.HEADER.value
 
-    raw_name: bytes = Field(min_length=1)
-    raw_value: bytes
+    name: str = Field(min_length=1)
+    value: str
     leading_space: bool = False
 
-    @model_validator(mode="before")
-    @classmethod
-    def _accept_text(cls, data: Any) -> Any:
-        if isinstance(data, dict) and ("name" in data or "value" in data):
-            data = dict(data)
-            if "name" in data:
-                data["raw_name"] = encode_text(data.pop("name"))
-            if "value" in data:
-                data["raw_value"] = encode_text(data.pop("value"))
-        return data
+    @property
+    def raw_name(self) -> bytes:
+        """The field name exactly as received."""
+        return encode_text(self.name)
 
     @property
-    def name(self) -> str:
-        """The field name, decoded."""
-        return decode_text(self.raw_name)
-
-    @property
-    def value(self) -> str:
-        """The field value, decoded, exactly as received."""
-        return decode_text(self.raw_value)
+    def raw_value(self) -> bytes:
+        """The field value exactly as received."""
+        return encode_text(self.value)
 
 
 class EndOfHeaders(Event):

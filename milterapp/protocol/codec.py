@@ -39,6 +39,7 @@ from milterapp.events import (
     Unknown,
     decode_text,
     encode_text,
+    strip_brackets,
 )
 from milterapp.protocol.constants import (
     DEFAULT_MAX_DATA_SIZE,
@@ -195,7 +196,7 @@ def _decode_envelope(r: _Reader, model: type[EnvFrom] | type[EnvRcpt]) -> Event:
     argv = [decode_text(s) for s in r.strings("address or ESMTP argument")]
     if not argv:
         raise r.fail("address missing")
-    return model(raw=argv[0], args=EsmtpArgs.parse(argv[1:]))
+    return model(address=strip_brackets(argv[0]), raw=argv[0], args=EsmtpArgs.parse(argv[1:]))
 
 
 def _decode_header(r: _Reader, leading_space: bool) -> Event:
@@ -204,7 +205,7 @@ def _decode_header(r: _Reader, leading_space: bool) -> Event:
         raise r.fail("empty header name", 0)
     value = r.string("header value")
     r.end()
-    return Header(raw_name=name, raw_value=value, leading_space=leading_space)
+    return Header(name=decode_text(name), value=decode_text(value), leading_space=leading_space)
 
 
 def _empty(model: type[Event]) -> Callable[[_Reader], Event]:
@@ -295,7 +296,7 @@ def _command_payload(event: Event) -> bytes:
         case EnvFrom() | EnvRcpt():
             return _cstrings(event.raw, *event.args.as_strings())
         case Header():
-            return _cstrings(event.raw_name, event.raw_value)
+            return _cstrings(event.name, event.value)
         case Body() | EndOfMessage():
             return event.chunk
         case Unknown():
