@@ -118,9 +118,15 @@ class _Reader:
         return int(value)
 
     def strings(self, field: str) -> list[bytes]:
-        values = []
-        while self.pos < len(self.payload):
-            values.append(self.string(field))
+        """Read NUL-terminated strings up to the end of the payload."""
+        rest = self.payload[self.pos :] if self.pos else self.payload
+        if not rest:
+            return []
+        values = rest.split(b"\x00")
+        if values[-1]:
+            raise self.fail(f"{field} is not NUL-terminated", len(self.payload) - len(values[-1]))
+        values.pop()
+        self.pos = len(self.payload)
         return values
 
     def end(self) -> None:
@@ -147,10 +153,8 @@ def _decode_macro(r: _Reader) -> Event:
     strings = r.strings("macro name or value")
     if len(strings) % 2:
         raise r.fail(f"macro {decode_text(strings[-1])!r} has no value")
-    values = {
-        decode_text(strings[i]): decode_text(strings[i + 1]) for i in range(0, len(strings), 2)
-    }
-    return Macros(stage=stage, values=values)
+    texts = [s.decode("utf-8", "surrogateescape") for s in strings]
+    return Macros(stage=stage, values=dict(zip(texts[::2], texts[1::2], strict=True)))
 
 
 def _decode_connect(r: _Reader) -> Event:
@@ -200,12 +204,18 @@ def _decode_envelope(r: _Reader, model: type[EnvFrom] | type[EnvRcpt]) -> Event:
 
 
 def _decode_header(r: _Reader, leading_space: bool) -> Event:
-    name = r.string("header name")
-    if not name:
-        raise r.fail("empty header name", 0)
-    value = r.string("header value")
-    r.end()
-    return Header(name=decode_text(name), value=decode_text(value), leading_space=leading_space)
+    parts = r.payload.split(b"\x00")
+    if len(parts) != 3 or parts[2] or not parts[0]:
+        # Not the common shape: parse field by field to say exactly what is wrong.
+        if not r.string("header name"):
+            raise r.fail("empty header name", 0)
+        r.string("header value")
+        r.end()
+    return Header(
+        name=parts[0].decode("utf-8", "surrogateescape"),
+        value=parts[1].decode("utf-8", "surrogateescape"),
+        leading_space=leading_space,
+    )
 
 
 def _empty(model: type[Event]) -> Callable[[_Reader], Event]:

@@ -1,7 +1,7 @@
 """Wire constants of the milter protocol, versions 2 to 6.
 
 Values are those of Sendmail's ``mfdef.h`` and Postfix's ``milter8.c``; section numbers in
-comments refer to ``docs/protocol.md`` (our copy of the protocol reference).
+comments refer to ``docs/protocol-reference.md``, the protocol reference.
 """
 
 from __future__ import annotations

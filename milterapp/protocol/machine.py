@@ -78,7 +78,8 @@ class ConnectionState(enum.Enum):
     ERROR = "error"  # the MTA broke the protocol
 
 
-_O, _D, _C, _H, _M, _R, _T, _L, _N, _B, _E, _U, _A, _Q, _K = (ord(c) for c in "ODCHMRTLNBEUAQK")
+_ALL_COMMANDS: Final = tuple(ord(c) for c in "ODCHMRTLNBEUAQK")
+_O, _D, _C, _H, _M, _R, _T, _L, _N, _B, _E, _U, _A, _Q, _K = _ALL_COMMANDS
 
 # Rank of each message command; a command may follow one of lower rank, or its own if it repeats.
 _RANK: Final = {ord(c): STAGE_ORDER.index(c) for c in "MRTLNBE"}
@@ -122,6 +123,9 @@ class MilterConnection:
         self.macros = MacroTable()
         self.rank = -1  # rank of the last message command while a message is open
         self.skipped = False  # Skip was sent for this message's body
+        # Derived from the options, kept as plain values for the per-packet path.
+        self._expects: frozenset[int] = frozenset({_O})
+        self._leading_space = False
 
     # --- receiving ---------------------------------------------------------------------
 
@@ -173,15 +177,15 @@ class MilterConnection:
                     return self._close(ConnectionClosed())
                 return None
             command, payload = frame
-            options = self.options
-            event = decode_command(
-                command, payload, leading_space=options is not None and options.leading_space
-            )
+            event = decode_command(command, payload, leading_space=self._leading_space)
             if not self._advance(command, event):
                 continue
-            expects = command == _O or (options is not None and options.reply_expected(command))
-            self._ready.append((event, command if expects else None))
-            return self._hand_out()
+            pending = command if command in self._expects else None
+            if self._ready:  # synthesised aborts go first
+                self._ready.append((event, pending))
+                return self._hand_out()
+            self._pending = pending
+            return event
 
     def _hand_out(self) -> Event:
         event, self._pending = self._ready.popleft()
@@ -339,6 +343,8 @@ class MilterConnection:
         assert self.offer is not None
         options = session_options(self.offer, reply)
         self.options = options
+        self._expects = frozenset(c for c in _ALL_COMMANDS if options.reply_expected(c))
+        self._leading_space = options.leading_space
         if self._limit is None:
             self._frames.max_data_size = options.max_data_size
         self._pending = None
