@@ -23,6 +23,7 @@ __all__ = [
     "Body",
     "Connect",
     "ConnectionClosed",
+    "ConnectionOpened",
     "Data",
     "EndOfHeaders",
     "EndOfMessage",
@@ -353,6 +354,17 @@ class Unknown(Event):
     line: str
 
 
+class ConnectionOpened(Event):
+    """The MTA opened a connection to the milter (no packet carries this event).
+
+    ``peer`` is the MTA's address as ``host:port``, or the socket path for unix sockets.
+    """
+
+    command: ClassVar[bytes] = b""
+
+    peer: str = ""
+
+
 class ConnectionClosed(Event):
     """The MTA closed the connection (end of file); no packet carries this event."""
 
@@ -362,6 +374,7 @@ class ConnectionClosed(Event):
 #: Literal names of the events that reach applications, in protocol order.
 EventName: TypeAlias = Literal[
     "negotiate",
+    "open",
     "connect",
     "helo",
     "envfrom",

@@ -8,6 +8,7 @@ header line) fails where it is built, with a message naming the field.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Annotated, Any, ClassVar, TypeAlias
 
 from pydantic import (
@@ -49,6 +50,7 @@ __all__ = [
     "Skip",
     "TempFail",
     "Verdict",
+    "decide",
 ]
 
 _XCODE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
@@ -344,3 +346,33 @@ Modification: TypeAlias = (
 )
 #: Everything a milter can send.
 Reply: TypeAlias = Verdict | Modification | Progress | Shutdown | NegotiationReply
+
+
+#: Verdicts that end the handler chain at once.
+RESTRICTIVE: tuple[type[_Response], ...] = (Reject, TempFail, Discard, Shutdown)
+
+
+def decide(results: Iterable[Verdict | Shutdown | None]) -> Verdict | Shutdown:
+    """Combine the replies of several handlers of one event, in registration order.
+
+    The first restrictive verdict (Reject, TempFail, Discard, Shutdown) wins and the rest of
+    ``results`` is not consumed, so a generator that runs handlers lazily stops there.
+    Otherwise: Accept if any handler accepted; Skip if every handler skipped; else Continue
+    (None, "no opinion", counts as Continue).
+    """
+    accepted = False
+    skips = 0
+    count = 0
+    for result in results:
+        count += 1
+        if isinstance(result, RESTRICTIVE):
+            return result
+        if isinstance(result, Accept):
+            accepted = True
+        elif isinstance(result, Skip):
+            skips += 1
+    if accepted:
+        return Accept()
+    if count and skips == count:
+        return Skip()
+    return Continue()

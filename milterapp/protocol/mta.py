@@ -1,0 +1,363 @@
+"""The MTA side of one milter connection, as a sans-IO state machine.
+
+Theory of operation
+-------------------
+:class:`MtaConnection` plays Postfix or Sendmail against a milter, as
+:class:`~milterapp.protocol.machine.MilterConnection` plays the milter, without I/O:
+:meth:`~MtaConnection.send` checks a command and returns its bytes; bytes read from the milter
+go to :meth:`~MtaConnection.receive_data` and come back as replies from
+:meth:`~MtaConnection.next_reply`, or as one :class:`Answer` per command from
+:meth:`~MtaConnection.collect_answer`.
+
+Sending (protocol reference §2, §3, §7): the offer first and once; nothing while a reply is
+owed; macros at any time. Refused with :class:`LocalProtocolError`, changing nothing: commands
+the milter asked not to receive (a NO flag, or a version too old for them), message commands
+after the message's verdict (until ``MAIL``, ``ABORT`` or the ``D`` for ``MAIL``), and all but
+``ABORT``, macros and quits after a connection-level verdict. ``force=True`` skips the checks so
+that tests can feed a milter illegal input; the state still follows and owed replies queue up.
+
+Receiving (§4, §7): each reply is checked against the oldest command owing one, as both MTAs
+check it. A reply when none is owed, a negotiation reply beyond the offer, a modification or
+``Progress`` outside end of message, ``Skip`` outside a body chunk or a verdict the stage does
+not allow is a :class:`RemoteProtocolError`, and the connection stays failed (both MTAs drop
+the milter). The final reply ends the wait and moves the state on by the verdict table of §7.
+Milter packets may be big (Postfix reads up to ``INT_MAX/2`` bytes): the limit is 1 GiB.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Final, NamedTuple
+
+from milterapp.errors import LocalProtocolError, RemoteProtocolError
+from milterapp.events import Body, Event, Macros, Negotiate
+from milterapp.protocol.codec import decode_response, encode_command
+from milterapp.protocol.constants import MAX_VERSION, ActionFlag, ProtocolFlag
+from milterapp.protocol.framing import FrameDecoder
+from milterapp.protocol.negotiation import OptionalEvent, SessionOptions, session_options
+from milterapp.replies import (
+    Accept,
+    Continue,
+    Discard,
+    Modification,
+    NegotiationReply,
+    Progress,
+    Reject,
+    Reply,
+    Shutdown,
+    Skip,
+    TempFail,
+    Verdict,
+)
+
+__all__ = ["DEFAULT_OFFER", "MAX_REPLY_DATA_SIZE", "Answer", "MtaConnection"]
+
+#: What Postfix >= 2.6 (milter_protocol = 6) and Sendmail 8.14+ offer.
+DEFAULT_OFFER: Final = Negotiate(version=6, actions=ActionFlag.ALL, protocol=ProtocolFlag.ALL)
+#: Largest milter packet payload accepted by default (Postfix: INT_MAX/2, about 1 GiB).
+MAX_REPLY_DATA_SIZE: Final = 1 << 30
+
+_ALL_COMMANDS: Final = tuple(ord(c) for c in "ODCHMRTLNBEUAQK")
+_O, _D, _C, _H, _M, _R, _T, _L, _N, _B, _E, _U, _A, _Q, _K = _ALL_COMMANDS
+
+# command -> (event name for SessionOptions.suppressed, the NO flag that suppresses it)
+_OPTIONAL: Final[dict[int, tuple[OptionalEvent, ProtocolFlag]]] = {
+    _C: ("connect", ProtocolFlag.NOCONNECT),
+    _H: ("helo", ProtocolFlag.NOHELO),
+    _M: ("envfrom", ProtocolFlag.NOMAIL),
+    _R: ("envrcpt", ProtocolFlag.NORCPT),
+    _T: ("data", ProtocolFlag.NODATA),
+    _U: ("unknown", ProtocolFlag.NOUNKNOWN),
+    _L: ("header", ProtocolFlag.NOHDRS),
+    _N: ("eoh", ProtocolFlag.NOEOH),
+    _B: ("body", ProtocolFlag.NOBODY),
+}
+_MESSAGE_COMMANDS: Final = frozenset({_R, _T, _L, _N, _B, _E})
+_AFTER_CONNECTION_VERDICT: Final = frozenset({_D, _A, _Q, _K})
+# Before negotiation nothing is reply-less but what never gets a reply.
+_NO_OPTIONS: Final = SessionOptions(
+    version=MAX_VERSION, actions=ActionFlag.NONE, protocol=ProtocolFlag.NONE
+)
+
+_CONNECTION_VERDICTS: Final = (Continue, Accept, Reject, TempFail, Shutdown)
+_MESSAGE_VERDICTS: Final = (*_CONNECTION_VERDICTS, Discard)
+#: Legal final replies per command (§4, §7); the same table as the milter side's.
+_LEGAL: Final[dict[int, tuple[type[Reply], ...]]] = {
+    **dict.fromkeys((_C, _H, _U), _CONNECTION_VERDICTS),
+    **dict.fromkeys((_M, _R, _T, _L, _N, _E), _MESSAGE_VERDICTS),
+    _B: (*_MESSAGE_VERDICTS, Skip),
+}
+#: Final replies after which the message goes on, per message command; any other ends it.
+_MESSAGE_GOES_ON: Final[dict[int, tuple[type[Reply], ...]]] = {
+    **dict.fromkeys((_M, _T, _L, _N), (Continue,)),
+    _R: (Continue, Reject, TempFail),  # only this recipient is refused
+    _B: (Continue, Skip),
+    _E: (),  # every verdict at end of message ends it (Continue means accept)
+}
+
+
+class Answer(NamedTuple):
+    """Everything the milter sent in answer to one command, in order.
+
+    ``verdict`` is the final reply; None for the answer to the offer, whose
+    :class:`~milterapp.replies.NegotiationReply` is :attr:`MtaConnection.reply`.
+    """
+
+    modifications: list[Modification]
+    progress: int
+    verdict: Verdict | Shutdown | None
+
+
+def _command_of(command: str | bytes | Event | type[Event]) -> int:
+    letter = command.encode() if isinstance(command, str) else command
+    if not isinstance(letter, bytes):
+        letter = letter.command
+    if len(letter) != 1:
+        raise ValueError(f"{command!r} names no command")
+    return letter[0]
+
+
+class MtaConnection:
+    """Sans-IO state machine for the MTA side of one milter connection.
+
+    Args:
+        offer: the negotiation to send first (Postfix's and Sendmail's by default).
+        max_data_size: largest payload accepted in a milter packet.
+    """
+
+    def __init__(
+        self, offer: Negotiate = DEFAULT_OFFER, *, max_data_size: int = MAX_REPLY_DATA_SIZE
+    ) -> None:
+        self.offer = offer
+        self._frames = FrameDecoder(max_data_size)
+        self._owed: deque[int] = deque()  # commands owing a reply, oldest first
+        self._options: SessionOptions | None = None
+        self._reply: NegotiationReply | None = None
+        self._offered = False
+        self._eof = False
+        self._failed = False
+        self._closed = False  # QUIT was sent
+        self._connection_done = False  # a connection-level verdict was received
+        self._message_over = False  # the open message got its verdict
+        self._skipped = False  # Skip was received for this message's body
+        self._modifications: list[Modification] = []
+        self._progress = 0
+
+    # --- state -------------------------------------------------------------------------
+
+    @property
+    def options(self) -> SessionOptions | None:
+        """What was negotiated; None until the milter answered the offer."""
+        return self._options
+
+    @property
+    def reply(self) -> NegotiationReply | None:
+        """The milter's negotiation reply; None until it arrived."""
+        return self._reply
+
+    @property
+    def awaiting_reply(self) -> bool:
+        """True while a command sent still waits for its final reply."""
+        return bool(self._owed)
+
+    @property
+    def pending_command(self) -> str | None:
+        """Letter of the oldest command waiting for a reply, if any."""
+        return chr(self._owed[0]) if self._owed else None
+
+    def expects_reply(self, command: str | bytes | Event | type[Event]) -> bool:
+        """Whether the milter answers ``command`` (a letter, an event or an event class).
+
+        Before negotiation every command but macros, abort and the quits expects one.
+        """
+        return (self._options or _NO_OPTIONS).reply_expected(_command_of(command))
+
+    def suppressed(self, command: str | bytes | Event | type[Event]) -> bool:
+        """Whether the milter asked not to receive ``command`` (or its version lacks it)."""
+        return self._suppression(_command_of(command)) is not None
+
+    def _suppression(self, command: int) -> str | None:
+        entry = _OPTIONAL.get(command)
+        options = self._options
+        if entry is None or options is None:
+            return None
+        event, flag = entry
+        if options.protocol & flag:
+            return f"the milter negotiated {flag.name}"
+        if options.suppressed(event):
+            return f"protocol version {options.version} has no {event!r} event"
+        return None
+
+    # --- sending -----------------------------------------------------------------------
+
+    def send(self, event: Event, *, force: bool = False) -> bytes:
+        """Check that the MTA may send ``event`` now and return its packet.
+
+        Args:
+            force: skip every check (to feed a milter illegal input); the state is still
+                updated and a reply is still awaited when the flags say one comes.
+
+        Raises:
+            LocalProtocolError: the command is not allowed now; nothing changes.
+            TypeError: the event has no packet form.
+        """
+        data = encode_command(event)
+        command = data[4]  # after the four length bytes
+        if not force:
+            self._check_send(command, event)
+        self._after_send(command, event)
+        return data
+
+    def _check_send(self, command: int, event: Event) -> None:
+        letter = chr(command)
+
+        def refuse(why: str) -> LocalProtocolError:
+            return LocalProtocolError(f"{type(event).__name__} refused: {why}", command=letter)
+
+        if not self._offered:
+            if command != _O:
+                raise refuse("the offer (Negotiate) must be sent first")
+            return
+        if command == _O:
+            raise refuse("option negotiation happens once per connection")
+        if self._owed:
+            raise refuse(f"the reply to {chr(self._owed[0])!r} is still owed")
+        if self._closed:
+            raise refuse("QUIT was sent")
+        if command == _D:
+            return
+        if self._connection_done and command not in _AFTER_CONNECTION_VERDICT:
+            raise refuse("after a connection-level verdict only ABORT, macros and QUIT follow")
+        why = self._suppression(command)
+        if why is not None:
+            raise refuse(why)
+        if command in _MESSAGE_COMMANDS and self._message_over:
+            raise refuse("the message already has its verdict; send MAIL or ABORT first")
+        if command == _B and self._skipped:
+            raise refuse("the milter answered Skip; end of message comes next")
+        limit = (self._options or _NO_OPTIONS).max_data_size
+        if isinstance(event, Body) and len(event.chunk) > limit:
+            raise refuse(f"body chunk of {len(event.chunk)} bytes exceeds {limit}")
+
+    def _after_send(self, command: int, event: Event) -> None:
+        if isinstance(event, Negotiate):
+            self._offered = True
+            self.offer = event  # replies are checked against what was actually sent
+        elif command in (_M, _A) or (isinstance(event, Macros) and event.stage == "M"):
+            # Both MTAs send D for MAIL even when MAIL is suppressed: a new message begins.
+            self._message_over = self._skipped = False
+        elif command == _Q:
+            self._closed = True
+        elif command == _K:
+            self._connection_done = self._message_over = self._skipped = False
+        if (self._options or _NO_OPTIONS).reply_expected(command):
+            self._owed.append(command)
+
+    # --- receiving ---------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes read from the milter; ``b""`` means the milter closed the connection."""
+        if not data:
+            self._eof = True
+        elif self._eof:
+            raise RemoteProtocolError("data received after end of file")
+        else:
+            self._frames.feed(data)
+
+    def next_reply(self) -> Reply | None:
+        """Return the next reply, checked against the command it answers; None if incomplete.
+
+        Raises:
+            RemoteProtocolError: the milter sent a malformed reply, a reply out of turn, or
+                closed the connection while a reply was owed.
+        """
+        if self._failed:
+            raise RemoteProtocolError("the connection already failed with a protocol error")
+        try:
+            frame = self._frames.next_frame()
+            if frame is None:
+                if self._eof:
+                    self._frames.check_eof()
+                    if self._owed:
+                        raise RemoteProtocolError(
+                            "the milter closed the connection while a reply was owed",
+                            command=chr(self._owed[0]),
+                        )
+                return None
+            reply = decode_response(*frame)
+            self._take(frame[0], reply)
+        except RemoteProtocolError:
+            self._failed = True
+            raise
+        return reply
+
+    def collect_answer(self) -> Answer | None:
+        """Return the whole answer to the oldest owed command once its final reply is in.
+
+        Modifications and progress are kept across calls until then; None means more data
+        is needed. Do not mix with :meth:`next_reply` within one answer.
+        """
+        while (reply := self.next_reply()) is not None:
+            if isinstance(reply, Progress):
+                self._progress += 1
+            elif isinstance(reply, Modification):
+                self._modifications.append(reply)
+            else:
+                verdict = None if isinstance(reply, NegotiationReply) else reply
+                answer = Answer(self._modifications, self._progress, verdict)
+                self._modifications, self._progress = [], 0
+                return answer
+        return None
+
+    def _take(self, code: int, reply: Reply) -> None:
+        name = type(reply).__name__
+        if not self._owed:
+            raise RemoteProtocolError(f"{name} received while no reply is owed", command=chr(code))
+        command = self._owed[0]
+        letter = chr(command)
+        if isinstance(reply, NegotiationReply):
+            if command != _O:
+                raise RemoteProtocolError(f"negotiation reply in answer to {letter!r}", command="O")
+            self._options = self._negotiated(reply)
+            self._reply = reply
+        elif command == _O:
+            raise RemoteProtocolError(
+                f"{name} in answer to the offer; expected the negotiation reply", command=chr(code)
+            )
+        elif isinstance(reply, Progress | Modification):
+            if command != _E:
+                raise RemoteProtocolError(
+                    f"{name} is only allowed while end of message is owed, not in answer to "
+                    f"{letter!r}",
+                    command=chr(code),
+                )
+            return  # the command still waits for its verdict
+        else:
+            self._check_verdict(command, code, reply)
+        self._owed.popleft()
+
+    def _negotiated(self, reply: NegotiationReply) -> SessionOptions:
+        try:
+            return session_options(self.offer, reply)
+        except LocalProtocolError as exc:
+            # Our own check of a reply we send is, on this side, the milter's fault.
+            error = RemoteProtocolError(str(exc))
+            error.command = exc.command
+            raise error from None
+
+    def _check_verdict(self, command: int, code: int, reply: Verdict | Shutdown) -> None:
+        legal = _LEGAL.get(command, ())
+        if not isinstance(reply, legal):
+            names = ", ".join(cls.__name__ for cls in legal)
+            raise RemoteProtocolError(
+                f"{type(reply).__name__} is not a valid answer to {chr(command)!r}; valid: {names}",
+                command=chr(code),
+            )
+        if isinstance(reply, Skip) and not (self._options or _NO_OPTIONS).skip:
+            raise RemoteProtocolError("Skip without the SKIP protocol flag", command=chr(code))
+        if isinstance(reply, Shutdown) or (command in (_C, _H) and not isinstance(reply, Continue)):
+            self._connection_done = True
+        elif isinstance(reply, Skip):
+            self._skipped = True
+        elif command in _MESSAGE_GOES_ON and not isinstance(reply, _MESSAGE_GOES_ON[command]):
+            self._message_over = True

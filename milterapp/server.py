@@ -1,0 +1,542 @@
+"""The asyncio milter server: accept MTA connections and run each through the App.
+
+Each connection is one task driving a sans-IO :class:`MilterConnection`: bytes read from
+the MTA become events, events go through :meth:`App.dispatch`, replies go back as bytes.
+A protocol error or a crash in one connection closes that connection only; the server goes
+on. End-of-message handlers that take long are covered by progress packets, and a graceful
+shutdown lets messages in flight finish (up to a grace period) before closing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import os
+import signal
+import socket
+import sys
+from typing import Any, Final
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from milterapp.app import App
+from milterapp.context import Context
+from milterapp.errors import (
+    LocalProtocolError,
+    MilterError,
+    NegotiationError,
+    ProtocolError,
+    ServerError,
+    ServerErrorKind,
+    SetupError,
+)
+from milterapp.events import (
+    Abort,
+    Body,
+    Connect,
+    ConnectionClosed,
+    ConnectionOpened,
+    Data,
+    EndOfHeaders,
+    EndOfMessage,
+    EnvFrom,
+    EnvRcpt,
+    Event,
+    Header,
+    Helo,
+    Macros,
+    Negotiate,
+    Quit,
+    QuitNoClose,
+    Unknown,
+)
+from milterapp.listener import Listener, adopt, open_listener, systemd_socket
+from milterapp.logconfig import LogFormat, configure_logging
+from milterapp.protocol.machine import ConnectionState, MilterConnection
+from milterapp.protocol.negotiation import negotiate
+from milterapp.replies import Accept, Continue, Progress, Shutdown, TempFail, Verdict
+from milterapp.spec import ConnectionSpec, default_connection_spec
+
+__all__ = [
+    "MilterServer",
+    "ServerOptions",
+    "default_remove_unix_socket_on_close",
+    "default_unix_socket_group",
+    "default_unix_socket_mode",
+    "run",
+    "serve",
+]
+
+_READ_SIZE: Final = 256 * 1024
+_HANDLER_NAMES: Final[dict[type[Event], str]] = {
+    Connect: "connect",
+    Helo: "helo",
+    EnvFrom: "envfrom",
+    EnvRcpt: "envrcpt",
+    Data: "data",
+    Unknown: "unknown",
+    Header: "header",
+    EndOfHeaders: "eoh",
+    Body: "body",
+    EndOfMessage: "eom",
+}
+
+
+class ServerOptions(BaseModel):
+    """Every option of the server, validated when it starts (milter-client's settings).
+
+    Attributes:
+        spec: where to listen (``inet:10025@[127.0.0.1]``, ``unix:/run/milter.sock``...).
+        backlog: the listen(2) backlog.
+        unix_socket_mode: permissions of a unix socket (0o660: the MTA's group may connect).
+        unix_socket_group: group of a unix socket, by name or gid (None: the process's).
+        remove_unix_socket_on_create: remove a stale unix socket (never a live one, never a
+            file that is not a socket) before creating ours.
+        remove_unix_socket_on_close: remove our unix socket when the server stops.
+        timeout: seconds a connection may stay idle between commands before it is closed.
+        shutdown_grace: seconds in-flight messages get to finish at shutdown.
+        listen_socket: a socket that is already bound and listening, used instead of spec.
+        socket_activation: use the socket systemd passes (LISTEN_FDS), when there is one.
+        max_data_size: largest packet payload accepted from the MTA (None: the negotiated
+            size, 64 KiB unless more was negotiated).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    spec: ConnectionSpec = Field(default_factory=default_connection_spec)
+    backlog: int = Field(default=128, ge=1)
+    unix_socket_mode: int = Field(default=0o660, ge=0, le=0o777)
+    unix_socket_group: str | int | None = None
+    remove_unix_socket_on_create: bool = True
+    remove_unix_socket_on_close: bool = True
+    timeout: float = Field(default=7210.0, gt=0)
+    shutdown_grace: float = Field(default=30.0, ge=0)
+    listen_socket: socket.socket | None = None
+    socket_activation: bool = True
+    max_data_size: int | None = Field(default=None, ge=65535)
+
+    @field_validator("spec", mode="before")
+    @classmethod
+    def _parse_spec(cls, value: Any) -> Any:
+        if value is None:
+            return default_connection_spec()
+        return ConnectionSpec.parse(value) if isinstance(value, str) else value
+
+
+def default_unix_socket_mode() -> int:
+    """The unix socket mode used when none is given (0o660)."""
+    return int(ServerOptions.model_fields["unix_socket_mode"].default)
+
+
+def default_unix_socket_group() -> str | int | None:
+    """The unix socket group used when none is given (None: the process's group)."""
+    value: str | int | None = ServerOptions.model_fields["unix_socket_group"].default
+    return value
+
+
+def default_remove_unix_socket_on_close() -> bool:
+    """Whether the unix socket is removed when the server stops, unless told (True)."""
+    return bool(ServerOptions.model_fields["remove_unix_socket_on_close"].default)
+
+
+class _Connection:
+    """Bookkeeping of one connection task, for shutdown."""
+
+    __slots__ = ("idle", "machine")
+
+    def __init__(self, machine: MilterConnection) -> None:
+        self.machine = machine
+        self.idle = True
+
+
+class MilterServer:
+    """Serves one App on one listening socket.
+
+    ``await start()``, then ``await wait_stopped()`` until :meth:`request_stop` (thread-safe,
+    also what ``app.shutdown()`` calls), then ``await close()``.
+    """
+
+    def __init__(self, app: App, options: ServerOptions | None = None, **kwargs: Any) -> None:
+        self.app = app
+        self.options = options if options is not None else ServerOptions(**kwargs)
+        self.listener: Listener | None = None
+        self._server: asyncio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self._connections: dict[asyncio.Task[Any], _Connection] = {}
+        self._ids = itertools.count(1)
+        self._requirements = app.requirements()  # again in start(), after registration
+        self.log: Any = None
+
+    @property
+    def address(self) -> Any:
+        """The bound address: ``(host, port)`` for inet, the path for unix."""
+        assert self.listener is not None, "the server is not started"
+        return self.listener.sock.getsockname()
+
+    def _open(self) -> Listener:
+        options = self.options
+        if options.listen_socket is not None:
+            return adopt(options.listen_socket)
+        if options.socket_activation and (inherited := systemd_socket()) is not None:
+            return adopt(inherited)
+        return open_listener(
+            options.spec,
+            backlog=options.backlog,
+            unix_socket_mode=options.unix_socket_mode,
+            unix_socket_group=options.unix_socket_group,
+            remove_unix_socket_on_create=options.remove_unix_socket_on_create,
+            remove_unix_socket_on_close=options.remove_unix_socket_on_close,
+        )
+
+    async def start(self) -> None:
+        """Listen, run the app's startup hooks, then accept connections.
+
+        Raises:
+            ServerError: the app is already serving, or the socket cannot be opened.
+            SetupError: a startup hook failed (the socket is closed and removed again).
+        """
+        if self.app._stop is not None:
+            raise ServerError(
+                f"app {self.app.name!r} is already serving; call app.shutdown() first",
+                kind=ServerErrorKind.RUNNING,
+            )
+
+        self._loop = asyncio.get_running_loop()
+        self._requirements = self.app.requirements()
+        self.app._stop = self.request_stop
+        try:
+            self.listener = self._open()
+            self.log = structlog.get_logger("milterapp").bind(
+                app=self.app.name, listen=self.listener.description
+            )
+            try:
+                await self.app.run_startup()
+            except Exception as exc:
+                raise SetupError(f"startup hook of {self.app.name!r} failed: {exc!r}") from exc
+            self._server = await asyncio.start_server(
+                self._handle, sock=self.listener.sock, limit=_READ_SIZE
+            )
+        except BaseException:
+            self.app._stop = None
+            if self.listener is not None:
+                self.listener.close()
+            raise
+        self.log.info("listening")
+
+    def request_stop(self) -> None:
+        """Ask for a graceful shutdown; safe from any thread and from signal handlers."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._stop.set()
+        else:
+            loop.call_soon_threadsafe(self._stop.set)
+
+    async def wait_stopped(self) -> None:
+        """Return once a stop has been requested."""
+        await self._stop.wait()
+
+    async def close(self) -> None:
+        """Stop accepting, let messages in flight finish (grace period), then clean up."""
+        self._stopping = True
+        if self._server is not None:
+            self._server.close()
+        for task, connection in list(self._connections.items()):
+            if connection.idle:
+                task.cancel()
+        pending = set(self._connections)
+        if pending:
+            self.log.info("draining", connections=len(pending))
+            _, pending = await asyncio.wait(pending, timeout=self.options.shutdown_grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+        if self.listener is not None:
+            self.listener.close()
+        self.app._stop = None
+        self.log.info("stopped")
+        await self.app.run_shutdown()
+
+    # --- one connection ------------------------------------------------------------------
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        machine = MilterConnection(max_data_size=self.options.max_data_size)
+        task = asyncio.current_task()
+        assert task is not None
+        connection = _Connection(machine)
+        self._connections[task] = connection
+        peer = _peer(writer)
+        ctx = self._new_context(machine, peer, writer)
+        try:
+            if self._stopping:
+                return
+            await self._session(reader, writer, connection, ctx)
+        except asyncio.CancelledError:
+            if machine.awaiting_reply and machine.pending_command != "O":
+                # Shutdown ran out of grace: the MTA gets a temporary failure, not silence.
+                with contextlib.suppress(Exception):
+                    writer.write(machine.send(TempFail()))
+            ctx.log.info("connection_cancelled")
+        except ProtocolError as exc:
+            ctx.log.warning("protocol_error", error=str(exc))
+        except (ConnectionError, TimeoutError) as exc:
+            ctx.log.info("connection_lost", error=repr(exc))
+        except Exception as exc:
+            ctx.log.error("connection_failed", exc_info=exc)
+        finally:
+            del self._connections[task]
+            ctx.message.close()
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    def _new_context(
+        self, machine: MilterConnection, peer: str, writer: asyncio.StreamWriter
+    ) -> Context:
+        async def progress() -> None:
+            writer.write(machine.send(Progress()))
+            await writer.drain()
+
+        config = self.app.config
+        ctx = Context(
+            app_name=self.app.name,
+            conn_id=str(next(self._ids)),
+            peer=peer,
+            macros=machine.macros,
+            spool_threshold=config.spool_threshold if config.keep_message else None,
+            progress=progress,
+        )
+        return ctx
+
+    async def _session(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        connection: _Connection,
+        ctx: Context,
+    ) -> None:
+        machine = connection.machine
+        app = self.app
+        await app.dispatch("open", ConnectionOpened(peer=ctx.peer), ctx)
+        timeout = self.options.timeout
+        while True:
+            connection.idle = machine.state is not ConnectionState.MESSAGE
+            if self._stopping and connection.idle:
+                ctx.log.info("closing_for_shutdown")
+                await app.dispatch("close", ConnectionClosed(), ctx)
+                return
+            try:
+                async with asyncio.timeout(timeout):
+                    data = await reader.read(_READ_SIZE)
+            except TimeoutError:
+                ctx.log.info("idle_timeout", timeout=timeout)
+                await app.dispatch("close", ConnectionClosed(), ctx)
+                return
+            connection.idle = False
+            machine.receive_data(data)
+            while (event := machine.next_event()) is not None:
+                out = await self._on_event(machine, ctx, event, writer)
+                if out:
+                    writer.write(out)
+                if isinstance(event, Quit | ConnectionClosed):
+                    await writer.drain()
+                    return
+                if isinstance(event, QuitNoClose):
+                    ctx = self._new_context(machine, ctx.peer, writer)
+            if writer.transport.get_write_buffer_size():
+                await writer.drain()
+
+    async def _on_event(
+        self, machine: MilterConnection, ctx: Context, event: Event, writer: asyncio.StreamWriter
+    ) -> bytes:
+        app = self.app
+        name = _HANDLER_NAMES.get(type(event))
+        if name is None:
+            return await self._on_other(machine, ctx, event)
+        message = ctx.message
+        if name == "envfrom":
+            assert isinstance(event, EnvFrom)
+            ctx.new_message()
+            ctx.message.sender = event
+        elif name == "envrcpt":
+            assert isinstance(event, EnvRcpt)
+            message.recipients.append(event)
+        elif name == "header":
+            assert isinstance(event, Header)
+            message.headers.append(event)
+        elif name == "body":
+            assert isinstance(event, Body)
+            message.append_body(event.chunk)
+        elif name == "connect":
+            assert isinstance(event, Connect)
+            ctx.client = event
+            ctx.log = ctx.log.bind(client=str(event.address or event.hostname))
+        elif name == "helo":
+            assert isinstance(event, Helo)
+            ctx.helo = event.name
+        awaiting = machine.awaiting_reply
+        if name == "eom":
+            assert isinstance(event, EndOfMessage)
+            verdict = await self._end_of_message(machine, ctx, event, writer)
+        else:
+            verdict = await app.dispatch(name, event, ctx)
+        if not awaiting:
+            if verdict is not None and not isinstance(verdict, Continue):
+                ctx.log.warning("reply_ignored", event=name, reply=repr(verdict))
+            return b""
+        return self._answer(machine, ctx, name, verdict)
+
+    async def _on_other(self, machine: MilterConnection, ctx: Context, event: Event) -> bytes:
+        app = self.app
+        if isinstance(event, Macros):
+            return b""
+        if isinstance(event, Negotiate):
+            await app.dispatch("negotiate", event, ctx)
+            try:
+                reply = negotiate(event, self._requirements)
+            except NegotiationError as exc:
+                # As libmilter: close without replying; the MTA applies its failure policy.
+                ctx.log.error("negotiation_failed", error=str(exc))
+                raise ConnectionAbortedError(str(exc)) from exc
+            out = machine.send(reply)
+            ctx.options = machine.options
+            return out
+        if isinstance(event, Abort):
+            await app.dispatch("abort", event, ctx)
+            ctx.new_message()
+            return b""
+        if isinstance(event, Quit | QuitNoClose | ConnectionClosed):
+            await app.dispatch("close", event, ctx)
+        return b""
+
+    async def _end_of_message(
+        self,
+        machine: MilterConnection,
+        ctx: Context,
+        event: EndOfMessage,
+        writer: asyncio.StreamWriter,
+    ) -> Verdict | Shutdown | None:
+        app = self.app
+        if event.chunk:  # libmilter treats data in end of message as a last body chunk
+            ctx.message.append_body(event.chunk)
+            await app.dispatch("body", Body(chunk=event.chunk), ctx)
+        ctx.enter_eom(True)
+        task = asyncio.ensure_future(app.dispatch("eom", event, ctx))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=app.config.progress_interval)
+                if done:
+                    return task.result()
+                writer.write(machine.send(Progress()))
+                await writer.drain()
+        finally:
+            if not task.done():
+                task.cancel()
+
+    def _answer(
+        self, machine: MilterConnection, ctx: Context, name: str, verdict: Verdict | Shutdown | None
+    ) -> bytes:
+        verdict = verdict or Continue()
+        out: list[bytes] = []
+        was_message = machine.state is ConnectionState.MESSAGE
+        if name == "eom":
+            if isinstance(verdict, Continue | Accept):
+                try:
+                    options = machine.options
+                    size = options.max_data_size if options else 65535
+                    out.extend(machine.send(mod) for mod in ctx.take_modifications(size))
+                except (LocalProtocolError, OSError, ValueError) as exc:
+                    ctx.log.error("modification_failed", error=str(exc))
+                    out.clear()
+                    verdict = self.app.config.fallback
+            ctx.enter_eom(False)
+        try:
+            out.append(machine.send(verdict))
+        except LocalProtocolError as exc:
+            ctx.log.error("reply_refused", event=name, reply=repr(verdict), error=str(exc))
+            out.append(machine.send(TempFail()))
+        if was_message and machine.state is not ConnectionState.MESSAGE:
+            ctx.new_message()
+        return b"".join(out)
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    name = writer.get_extra_info("peername")
+    if isinstance(name, tuple) and len(name) >= 2:
+        host = f"[{name[0]}]" if ":" in str(name[0]) else str(name[0])
+        return f"{host}:{name[1]}"
+    local = writer.get_extra_info("sockname")
+    return str(name or local or "unknown")
+
+
+async def serve(
+    app: App,
+    spec: str | ConnectionSpec | None = None,
+    *,
+    handle_signals: bool = False,
+    **options: Any,
+) -> None:
+    """Serve ``app`` in the running event loop until ``app.shutdown()`` (or a signal).
+
+    Args:
+        spec: where to listen; None for the loopback default.
+        handle_signals: stop gracefully on SIGTERM and SIGINT (main thread only).
+        **options: any field of :class:`ServerOptions`.
+    """
+    server = MilterServer(app, ServerOptions.model_validate({"spec": spec, **options}))
+    await server.start()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
+    for signum in signals:
+        loop.add_signal_handler(signum, server.request_stop)
+    try:
+        await server.wait_stopped()
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+        await server.close()
+
+
+def _spec_from_argv(argv: list[str]) -> str | None:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--spec")
+    known, _ = parser.parse_known_args(argv)
+    spec: str | None = known.spec
+    return spec
+
+
+def run(
+    app: App,
+    spec: str | ConnectionSpec | None = None,
+    *,
+    log_format: LogFormat = "text",
+    log_level: str = "INFO",
+    **options: Any,
+) -> None:
+    """Serve ``app`` until SIGTERM or SIGINT; for scripts.
+
+    ``spec`` defaults to ``--spec`` on the command line, then ``$MILTERAPP_SPEC``, then the
+    loopback default. Configures logging (key=value on stderr, or JSON). A setup problem
+    (bad spec, address in use, failing startup hook) is one line on stderr and exit code 1.
+    """
+    configure_logging(log_format, log_level)
+    spec = spec or _spec_from_argv(sys.argv[1:]) or os.environ.get("MILTERAPP_SPEC") or None
+    try:
+        asyncio.run(serve(app, spec, handle_signals=True, **options))
+    except MilterError as exc:
+        print(f"milterapp: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except ValueError as exc:  # pydantic validation of the options
+        print(f"milterapp: error: invalid option: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
