@@ -13,7 +13,7 @@ import ipaddress
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar, Literal, Self, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from milterapp.protocol.constants import ActionFlag, Command, ProtocolFlag
 
@@ -94,8 +94,16 @@ class Macros(Event):
 
     command: ClassVar[bytes] = Command.MACRO.value
 
-    stage: str = Field(min_length=1, max_length=1)
+    stage: str
     values: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("stage")
+    @classmethod
+    def _one_byte(cls, stage: str) -> str:
+        # The stage is one byte on the wire, carried as the character of the same number.
+        if len(stage) != 1 or not "\x01" <= stage <= "\xff":
+            raise ValueError(f"stage must be one character from U+0001 to U+00FF, not {stage!r}")
+        return stage
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """Return the value of macro ``name`` (with or without braces), or ``default``."""
@@ -124,6 +132,15 @@ class AddressFamily(enum.StrEnum):
     INET6 = "6"
 
 
+def _ip_address(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            return ipaddress.ip_address(value)
+        except ValueError:
+            return value  # a unix socket path
+    return value
+
+
 class Connect(Event):
     """SMTP client connection (``C``).
 
@@ -137,6 +154,11 @@ class Connect(Event):
     family: AddressFamily
     port: int | None = Field(default=None, ge=0, le=65535)
     address: IPAddress | str | None = None
+
+    @field_validator("address", mode="before")
+    @classmethod
+    def _parse_address(cls, value: object) -> object:
+        return _ip_address(value)
 
     @model_validator(mode="after")
     def _check_family(self) -> Connect:
@@ -288,9 +310,18 @@ class Header(Event):
 
     command: ClassVar[bytes] = Command.HEADER.value
 
-    name: str = Field(min_length=1)
+    name: str
     value: str
     leading_space: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _not_empty(cls, name: str) -> str:
+        # Not Field(min_length=1): pydantic's length check refuses the surrogates that
+        # carry non-UTF-8 bytes.
+        if not name:
+            raise ValueError("header name must not be empty")
+        return name
 
     @property
     def raw_name(self) -> bytes:

@@ -53,7 +53,9 @@ __all__ = [
     "decide",
 ]
 
-_XCODE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+_XCODE = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
+# An enhanced status code written at the start of the text instead of in ``xcode``.
+_LEADING_XCODE = re.compile(r"([245]\.[0-9]{1,3}\.[0-9]{1,3})(?: |$)")
 # RFC 5322 field names: printable US-ASCII except colon.
 _FIELD_NAME = re.compile(r"[!-9;-~]+")
 
@@ -97,8 +99,9 @@ class Shutdown(_Response):
 def _check_line(line: str) -> str:
     if "\r" in line or "\x00" in line:
         raise ValueError("reply text must not contain CR or NUL; give lines separated by \\n")
-    if len(line.replace("%", "%%")) > MAX_REPLY_LINE_LENGTH:
-        raise ValueError(f"reply line longer than {MAX_REPLY_LINE_LENGTH} characters")
+    # libmilter counts bytes, after the % escaping that goes on the wire.
+    if len(line.replace("%", "%%").encode("utf-8", "surrogateescape")) > MAX_REPLY_LINE_LENGTH:
+        raise ValueError(f"reply line longer than {MAX_REPLY_LINE_LENGTH} bytes")
     return line
 
 
@@ -124,6 +127,13 @@ class _ErrorReply(_Response):
             data["text"] = "\n".join(data["text"])
         if data.get("text") == "":
             data["text"] = None
+        text = data.get("text")
+        if data.get("xcode") is None and isinstance(text, str):
+            # "5.7.1 go away" as text: the MTA reads it as the enhanced code, so treat it so.
+            found = _LEADING_XCODE.match(text)
+            if found:
+                data["xcode"] = found.group(1)
+                data["text"] = text[found.end() :] or None
         if data.get("code") is None and (data.get("text") is not None or data.get("xcode")):
             data["code"] = cls.default_code
         return data
@@ -323,10 +333,10 @@ class NegotiationReply(_Response):
     ) -> dict[MacroStage, tuple[str, ...]]:
         for stage, names in value.items():
             for name in names:
-                if not name or any(c in name for c in " ,\x00\r\n"):
+                if not name or any(c == "," or c.isspace() or not c.isprintable() for c in name):
                     raise ValueError(
                         f"macro name {name!r} for stage {stage.name} must be non-empty, "
-                        "without spaces, commas or NUL"
+                        "printable, without whitespace or commas"
                     )
         return value
 

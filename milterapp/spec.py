@@ -31,6 +31,7 @@ Scheme: TypeAlias = Literal["inet", "inet6", "unix"]
 #: or to something unexpected when /etc/hosts or the resolver is misconfigured.
 DEFAULT_SPEC: Final = "inet:10025@[127.0.0.1]"
 
+# Scheme names are case-insensitive, as in Sendmail; "local" is Sendmail's name for unix.
 _SCHEMES: Final[dict[str, Scheme]] = {
     "inet": "inet",
     "inet6": "inet6",
@@ -56,8 +57,8 @@ def _port(text: str) -> int:
         raise ValueError("the port is missing")
     if not text.isascii() or not text.isdigit():
         raise ValueError(f"port {text!r} is not a number")
-    if len(text.lstrip("0")) > 5 or not 1 <= int(text) <= 65535:
-        raise ValueError(f"port {text} is out of range 1..65535")
+    if len(text.lstrip("0")) > 5 or not 0 <= int(text) <= 65535:
+        raise ValueError(f"port {text} is out of range 0..65535")
     return int(text)
 
 
@@ -78,7 +79,6 @@ def _address(scheme: Scheme, text: str) -> str | None:
 
 
 def _literal(scheme: Scheme, text: str) -> str:
-    """Check the text inside ``[...]``: it must be an address of the scheme's family."""
     if not text:
         raise ValueError("the brackets are empty; put an address inside: [127.0.0.1]")
     address = _address(scheme, text)
@@ -113,7 +113,6 @@ def _path(path: str) -> str:
 
 
 def _bracketed(text: str) -> tuple[str, str]:
-    """Split ``[INSIDE]REST`` into INSIDE and REST."""
     end = text.find("]")
     if end < 0:
         raise ValueError("'[' is not closed by ']'")
@@ -175,7 +174,9 @@ class ConnectionSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     scheme: Scheme
-    port: int | None = Field(default=None, ge=1, le=65535)
+    # Port 0 asks the system for a free port (tests, embedding); the server reports the port
+    # it got, which is what an MTA must then be given.
+    port: int | None = Field(default=None, ge=0, le=65535)
     host: str | None = None
     path: str | None = None
 
@@ -257,7 +258,7 @@ class ConnectionSpec(BaseModel):
 
         Postfix has no ``inet6`` scheme: an IPv6 address is written ``inet:[::1]:10025``, and
         a host name under ``inet6`` becomes ``inet:NAME:PORT``, resolved as Postfix's
-        ``inet_protocols`` says. A path with spaces or commas needs quoting in main.cf.
+        ``inet_protocols`` says. main.cf's list syntax would split a path at spaces or commas.
         """
         if self.scheme == "unix":
             return f"unix:{self.path}"

@@ -290,7 +290,7 @@ def _payload_connect(event: Connect) -> bytes:
 
 def _payload_macros(event: Macros) -> bytes:
     pairs = [part for item in event.values.items() for part in item]
-    return encode_text(event.stage) + _cstrings(*pairs)
+    return event.stage.encode("latin-1") + _cstrings(*pairs)
 
 
 def _command_payload(event: Event) -> bytes:
@@ -430,8 +430,11 @@ def _decode_reply_code(r: _Reader) -> Reply:
     rests = [_strip_prefix(line, code) for line in lines]
     found = _XCODE_PREFIX.match(rests[0])
     xcode = found.group(1) if found else None
-    if xcode is not None:
+    # An enhanced code belongs to the reply only when every line carries it (as ours do).
+    if xcode is not None and all(_XCODE_PREFIX.match(rest) for rest in rests):
         rests = [_strip_prefix(rest, xcode) for rest in rests]
+    else:
+        xcode = None
     model = TempFail if code[0] == "4" else Reject
     return model(code=int(code), xcode=xcode, text="\n".join(rests).replace("%%", "%"))
 
