@@ -55,6 +55,7 @@ from milterapp.events import (
 )
 from milterapp.listener import Listener, adopt, open_listener, systemd_socket
 from milterapp.logconfig import LogFormat, configure_logging
+from milterapp.protocol.constants import DEFAULT_MAX_DATA_SIZE, MAX_DATA_SIZE_1M
 from milterapp.protocol.machine import ConnectionState, MilterConnection
 from milterapp.protocol.negotiation import negotiate
 from milterapp.replies import Accept, Continue, Progress, Shutdown, TempFail, Verdict
@@ -100,8 +101,9 @@ class ServerOptions(BaseModel):
         shutdown_grace: seconds in-flight messages get to finish at shutdown.
         listen_socket: a socket that is already bound and listening, used instead of spec.
         socket_activation: use the socket systemd passes (LISTEN_FDS), when there is one.
-        max_data_size: largest packet payload accepted from the MTA (None: the negotiated
-            size, 64 KiB unless more was negotiated).
+        max_data_size: largest packet payload accepted from the MTA. 1 MiB by default:
+            Postfix sends each header in one packet whatever its size, and its
+            header_size_limit is 100 KiB by default. None accepts only the negotiated size.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
@@ -116,7 +118,7 @@ class ServerOptions(BaseModel):
     shutdown_grace: float = Field(default=30.0, ge=0)
     listen_socket: socket.socket | None = None
     socket_activation: bool = True
-    max_data_size: int | None = Field(default=None, ge=65535)
+    max_data_size: int | None = Field(default=MAX_DATA_SIZE_1M, ge=DEFAULT_MAX_DATA_SIZE)
 
     @field_validator("spec", mode="before")
     @classmethod

@@ -143,7 +143,7 @@ class MilterConnection:
         """Feed bytes read from the MTA; ``b""`` means the MTA closed the connection."""
         if data:
             if self._eof:
-                raise RemoteProtocolError("data received after end of file")
+                raise LocalProtocolError("receive_data() called with data after end of file")
             self._frames.feed(data)
         else:
             self._eof = True
@@ -211,6 +211,10 @@ class MilterConnection:
             raise self._fail(command, "option negotiation happens once per connection")
         elif command == _D:
             assert isinstance(event, Macros)
+            if event.stage == "M":
+                # A new transaction's MAIL macros while a message is open: the old message
+                # ended without an abort. End it now, so its abort comes before these macros.
+                self._abort_open_message()
             self.macros.define(event.stage, event.values)
         elif command == _Q:
             self._quit()
@@ -270,7 +274,9 @@ class MilterConnection:
         rank = _RANK[command]
         if command == _M:
             self._require_connected(command)
-            self._abort_open_message()
+            if self.state is ConnectionState.MESSAGE:
+                # Keep the MAIL macros just defined: opening the message drops later stages.
+                self._ready.append((Abort(), None))
             self._open_message(command)
             return
         if self.state is not ConnectionState.MESSAGE:
@@ -323,9 +329,16 @@ class MilterConnection:
         if isinstance(reply, NegotiationReply):
             return self._send_negotiation(command, reply)
         options = self.options
-        assert options is not None
+        if command == _O or options is None:
+            raise LocalProtocolError(
+                f"{type(reply).__name__} sent in answer to option negotiation; "
+                "send a NegotiationReply",
+                command="O",
+            )
         if isinstance(reply, Progress):
             self._require_eom(command, reply)
+            if self._body_replaced:  # Postfix ends body replacement at any other packet
+                self._body_closed = True
             return encode_response(reply)
         if reply.required_action is not ActionFlag.NONE:
             self._check_modification(command, reply, options)

@@ -2,8 +2,10 @@
 
 A new ``D`` packet for a stage replaces that stage's table. When the MTA moves back to an
 earlier stage (a new connection, HELO, MAIL or RCPT), the tables of later stages are stale and
-are dropped; an abort drops the per-message ones; a quit drops all. Lookups go from the most
-recently defined stage back, and accept names with or without braces.
+are dropped; an abort of an open message drops the per-message ones; a quit drops all. A
+message that ended with its verdict keeps its macros visible until the next MAIL, as in
+libmilter. Lookups go from the most recently defined stage back, and accept names with or
+without braces.
 """
 
 from __future__ import annotations

@@ -192,7 +192,7 @@ def negotiate(offer: Negotiate, needs: Requirements) -> NegotiationReply:
     _require(needs.required_actions & ~offered_actions, "action")
     _require(needs.required_protocol & ~offered_protocol, "protocol feature")
 
-    actions = needs.actions & offered_actions
+    actions = (needs.actions | needs.required_actions) & offered_actions
     macros = needs.macros if offered_actions & ActionFlag.SETSYMLIST else {}
     if macros:
         actions |= ActionFlag.SETSYMLIST
