@@ -4,6 +4,8 @@ The public API is re-exported here; the sans-IO protocol core lives in
 :mod:`milterapp.protocol`.
 """
 
+from milterapp.app import App, AppConfig
+from milterapp.context import Context, Message
 from milterapp.errors import (
     ActionNotNegotiated,
     ConnectionSpecError,
@@ -23,6 +25,7 @@ from milterapp.events import (
     Body,
     Connect,
     ConnectionClosed,
+    ConnectionOpened,
     Data,
     EndOfHeaders,
     EndOfMessage,
@@ -58,6 +61,8 @@ from milterapp.replies import (
     Skip,
     TempFail,
 )
+from milterapp.server import MilterServer, ServerOptions
+from milterapp.spec import ConnectionSpec
 
 __version__ = "0.1.0.dev0"
 
@@ -69,12 +74,17 @@ __all__ = [
     "AddHeader",
     "AddRecipient",
     "AddressFamily",
+    "App",
+    "AppConfig",
     "Body",
     "ChangeHeader",
     "ChangeSender",
     "Connect",
     "ConnectionClosed",
+    "ConnectionOpened",
+    "ConnectionSpec",
     "ConnectionSpecError",
+    "Context",
     "Continue",
     "Data",
     "DeleteRecipient",
@@ -92,7 +102,9 @@ __all__ = [
     "LocalProtocolError",
     "MacroStage",
     "Macros",
+    "Message",
     "MilterError",
+    "MilterServer",
     "Negotiate",
     "NegotiationError",
     "NegotiationReply",
@@ -107,6 +119,7 @@ __all__ = [
     "ReplaceBody",
     "ServerError",
     "ServerErrorKind",
+    "ServerOptions",
     "SetupError",
     "Shutdown",
     "Skip",

@@ -472,7 +472,7 @@ class App:
         ctx.log.error(
             "handler_failed",
             handler=handler.name,
-            event=name,
+            stage=name,
             reason=reason,
             timeout=handler.timeout,
             exc_info=exc,

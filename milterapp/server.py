@@ -285,17 +285,17 @@ class MilterServer:
                 return
             await self._session(reader, writer, connection, ctx)
         except asyncio.CancelledError:
-            if machine.awaiting_reply and machine.pending_command != "O":
-                # Shutdown ran out of grace: the MTA gets a temporary failure, not silence.
-                with contextlib.suppress(Exception):
-                    writer.write(machine.send(TempFail()))
+            # Shutdown ran out of grace: the MTA gets a temporary failure, not silence.
+            _tempfail_pending(machine, writer)
             ctx.log.info("connection_cancelled")
         except ProtocolError as exc:
             ctx.log.warning("protocol_error", error=str(exc))
         except (ConnectionError, TimeoutError) as exc:
             ctx.log.info("connection_lost", error=repr(exc))
         except Exception as exc:
+            # A bug of ours: this connection ends, fail-closed; the server goes on.
             ctx.log.error("connection_failed", exc_info=exc)
+            _tempfail_pending(machine, writer)
         finally:
             del self._connections[task]
             ctx.message.close()
@@ -395,7 +395,7 @@ class MilterServer:
             verdict = await app.dispatch(name, event, ctx)
         if not awaiting:
             if verdict is not None and not isinstance(verdict, Continue):
-                ctx.log.warning("reply_ignored", event=name, reply=repr(verdict))
+                ctx.log.warning("reply_ignored", stage=name, reply=repr(verdict))
             return b""
         return self._answer(machine, ctx, name, verdict)
 
@@ -466,11 +466,18 @@ class MilterServer:
         try:
             out.append(machine.send(verdict))
         except LocalProtocolError as exc:
-            ctx.log.error("reply_refused", event=name, reply=repr(verdict), error=str(exc))
+            ctx.log.error("reply_refused", stage=name, reply=repr(verdict), error=str(exc))
             out.append(machine.send(TempFail()))
         if was_message and machine.state is not ConnectionState.MESSAGE:
             ctx.new_message()
         return b"".join(out)
+
+
+def _tempfail_pending(machine: MilterConnection, writer: asyncio.StreamWriter) -> None:
+    """Answer a command still waiting with TempFail before the connection closes."""
+    if machine.awaiting_reply and machine.pending_command != "O":
+        with contextlib.suppress(Exception):
+            writer.write(machine.send(TempFail()))
 
 
 def _peer(writer: asyncio.StreamWriter) -> str:

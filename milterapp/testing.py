@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Final, Self
+from typing import Any, Final, Self
 
+from milterapp.app import App
 from milterapp.errors import ProtocolError
 from milterapp.events import Event, Negotiate, Quit
 from milterapp.protocol.mta import DEFAULT_OFFER, Answer, MtaConnection
 from milterapp.replies import NegotiationReply
+from milterapp.server import MilterServer
 from milterapp.spec import ConnectionSpec
 
-__all__ = ["Answer", "MtaClient"]
+__all__ = ["Answer", "MtaClient", "ServerThread"]
 
 _READ_SIZE: Final = 256 * 1024
 
@@ -127,3 +130,69 @@ class MtaClient:
         self.writer.close()
         with contextlib.suppress(OSError):
             await self.writer.wait_closed()
+
+
+class ServerThread:
+    """Serve an App in a background thread, for tests that drive it with blocking clients
+    (``smtplib`` through a real MTA, say).
+
+    ::
+
+        with ServerThread(app, "inet:0@[127.0.0.1]") as server:
+            host, port = server.address
+            ...  # the server stops gracefully when the block ends
+
+    Args:
+        app: the App to serve.
+        spec: where to listen (port 0: any free port).
+        **options: any field of :class:`milterapp.server.ServerOptions`.
+    """
+
+    def __init__(self, app: App, spec: str | None = None, **options: Any) -> None:
+        self.server = MilterServer(app, spec=spec, **options)
+        self._thread = threading.Thread(target=self._run, name=f"milter-{app.name}", daemon=True)
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def address(self) -> Any:
+        """The bound address: ``(host, port)`` for inet, the path for unix."""
+        return self.server.address
+
+    def _run(self) -> None:
+        async def main() -> None:
+            try:
+                await self.server.start()
+            except BaseException as exc:
+                self._error = exc
+                raise
+            finally:
+                self._started.set()
+            try:
+                await self.server.wait_stopped()
+            finally:
+                await self.server.close()
+
+        with contextlib.suppress(BaseException):
+            asyncio.run(main())
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Shut the server down gracefully and wait for its thread."""
+        self.server.request_stop()
+        self._thread.join(timeout)

@@ -1,0 +1,341 @@
+"""End to end: milterapp apps behind a real Postfix, over inet and over a unix socket.
+
+Each test serves its own App where the private Postfix expects its milter, sends mail with
+smtplib, and checks what Postfix replied, delivered, held or discarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import smtplib
+
+import pytest
+
+from milterapp import (
+    Context,
+    Discard,
+    EndOfMessage,
+    EnvFrom,
+    EnvRcpt,
+    Reject,
+    TempFail,
+)
+from milterapp.app import App
+from tests.e2e.conftest import Mta
+from tests.e2e.postfix import MAILBOX_NAMES
+
+SENDER = "sender@test.example"
+
+
+def message(subject: str, body: str = "Hello.\r\n", **headers: str) -> bytes:
+    head = "".join(f"{name.replace('_', '-')}: {value}\r\n" for name, value in headers.items())
+    return f"From: {SENDER}\r\nSubject: {subject}\r\n{head}\r\n{body}".encode()
+
+
+def send(
+    mta: Mta, recipients: list[str], data: bytes, *, sender: str = SENDER, port: int | None = None
+) -> dict[str, tuple[int, bytes]]:
+    with smtplib.SMTP("127.0.0.1", port or mta.postfix.smtp_port, timeout=60) as smtp:
+        return smtp.sendmail(sender, recipients, data)
+
+
+def mailbox(mta: Mta, name: str) -> str:
+    assert name in MAILBOX_NAMES, f"add {name!r} to MAILBOX_NAMES in tests/e2e/postfix.py"
+    return f"{name}-{mta.transport}"
+
+
+def address(mta: Mta, name: str) -> str:
+    return f"{mailbox(mta, name)}@example.org"
+
+
+def test_postfix_header_added(mta: Mta) -> None:
+    app = App("stamp")
+
+    @app.on("eom")
+    def stamp(event: EndOfMessage, ctx: Context) -> None:
+        ctx.add_header("X-Stamped", "yes")
+
+    with mta.milter(app):
+        send(mta, [address(mta, "added")], message("add"))
+    [delivered] = mta.postfix.wait_for_mail(mailbox(mta, "added"))
+    assert delivered.get_all("X-Stamped") == ["yes"]
+    assert delivered["Subject"] == "add"
+
+
+def test_postfix_header_changed_and_deleted(mta: Mta) -> None:
+    app = App("edit")
+
+    @app.on("eom")
+    def edit(event: EndOfMessage, ctx: Context) -> None:
+        ctx.change_header("Subject", "[tagged] change")
+        ctx.change_header("X-Twice", "second changed", index=2)
+        ctx.delete_header("X-Drop")
+
+    data = message("change", X_Twice="first", X_Drop="gone")
+    data = data.replace(b"X-Drop: gone\r\n", b"X-Twice: second\r\nX-Drop: gone\r\n")
+    with mta.milter(app):
+        send(mta, [address(mta, "changed")], data)
+    [delivered] = mta.postfix.wait_for_mail(mailbox(mta, "changed"))
+    assert delivered["Subject"] == "[tagged] change"
+    assert delivered.get_all("X-Twice") == ["first", "second changed"]
+    assert delivered.get_all("X-Drop") is None
+
+
+def test_postfix_header_inserted_at_top(mta: Mta) -> None:
+    app = App("insert")
+
+    @app.on("eom")
+    def insert(event: EndOfMessage, ctx: Context) -> None:
+        ctx.insert_header(0, "X-Top", "first")
+
+    with mta.milter(app):
+        send(mta, [address(mta, "inserted")], message("insert"))
+    [delivered] = mta.postfix.wait_for_mail(mailbox(mta, "inserted"))
+    delivery = ("Return-Path", "Delivered-To", "X-Original-To")  # added by virtual(8)
+    names = [name for name in delivered if name not in delivery]
+    assert names[0] == "X-Top"
+    assert names[1] == "Received"  # index 0 is above Postfix's own Received: header
+
+
+@pytest.mark.parametrize("size", [100, 1024 * 1024], ids=["small", "1MiB"])
+def test_postfix_body_replaced(mta: Mta, size: int) -> None:
+    app = App("replace")
+    line = b"replaced body line 0123456789 abcdefghijklmnopqrstuvwxyz\r\n"
+    new_body = (line * (size // len(line) + 1))[:size]
+    new_body = new_body[: size - 2] + b"\r\n"
+
+    @app.on("eom")
+    def replace(event: EndOfMessage, ctx: Context) -> None:
+        ctx.replace_body(new_body)
+
+    name = f"body{size}"
+    with mta.milter(app):
+        send(mta, [address(mta, name)], message("body", "original body\r\n"))
+    [delivered] = mta.postfix.wait_for_mail(mailbox(mta, name))
+    body = delivered.get_payload(decode=True)
+    assert isinstance(body, bytes)
+    assert body.replace(b"\r\n", b"\n") == new_body.replace(b"\r\n", b"\n")
+
+
+def test_postfix_recipient_added_and_deleted(mta: Mta) -> None:
+    app = App("recipients")
+    removed, kept, added = (address(mta, n) for n in ("removed", "kept", "archived"))
+
+    @app.on("eom")
+    def reroute(event: EndOfMessage, ctx: Context) -> None:
+        ctx.delete_recipient(f"<{removed}>")
+        ctx.add_recipient(f"<{added}>")
+
+    with mta.milter(app):
+        send(mta, [removed, kept], message("recipients"))
+    assert mta.postfix.wait_for_mail(mailbox(mta, "kept"))
+    [archived] = mta.postfix.wait_for_mail(mailbox(mta, "archived"))
+    assert archived["Subject"] == "recipients"
+    mta.postfix.wait_for_log(f"to=<{added}>")
+    assert mta.postfix.mailbox(mailbox(mta, "removed")) == []
+
+
+def test_postfix_sender_changed(mta: Mta) -> None:
+    app = App("sender")
+
+    @app.on("eom")
+    def change(event: EndOfMessage, ctx: Context) -> None:
+        ctx.change_sender("<bounces@test.example>")
+
+    with mta.milter(app):
+        send(mta, [address(mta, "sender")], message("sender"))
+    [delivered] = mta.postfix.wait_for_mail(mailbox(mta, "sender"))
+    assert delivered["Return-Path"] == "<bounces@test.example>"
+
+
+def test_postfix_quarantine_holds_message(mta: Mta) -> None:
+    app = App("quarantine")
+
+    @app.on("eom")
+    def hold(event: EndOfMessage, ctx: Context) -> None:
+        ctx.quarantine("suspicious attachment")
+
+    with mta.milter(app):
+        send(mta, [address(mta, "held")], message("hold me"))
+    held = mta.postfix.wait_for_queue("hold")
+    assert any(
+        recipient.get("address") == address(mta, "held")
+        for entry in held
+        for recipient in entry.get("recipients", [])  # type: ignore[union-attr]
+    )
+    assert "milter triggers HOLD action" in mta.postfix.log()
+    assert mta.postfix.mailbox(mailbox(mta, "held")) == []
+
+
+def test_postfix_discard(mta: Mta) -> None:
+    app = App("discard")
+
+    @app.on("eom")
+    def discard(event: EndOfMessage) -> Discard:
+        return Discard()
+
+    with mta.milter(app):
+        refused = send(mta, [address(mta, "discarded")], message("discard me"))
+    assert refused == {}  # the client is told the message was accepted
+    mta.postfix.wait_for_log("milter-discard")
+    assert mta.postfix.mailbox(mailbox(mta, "discarded")) == []
+
+
+def test_postfix_reject_at_mail_with_exact_reply(mta: Mta) -> None:
+    app = App("reject")
+
+    @app.on("envfrom")
+    def refuse(event: EnvFrom) -> Reject | None:
+        if event.domain == "spam.example":
+            return Reject(code=550, xcode="5.7.1", text="sender spam.example refused")
+        return None
+
+    with mta.milter(app), pytest.raises(smtplib.SMTPSenderRefused) as refused:
+        send(mta, [address(mta, "rejected")], message("reject"), sender="x@spam.example")
+    assert refused.value.smtp_code == 550
+    assert refused.value.smtp_error == b"5.7.1 sender spam.example refused"
+
+
+def test_postfix_tempfail_one_recipient_others_accepted(mta: Mta) -> None:
+    app = App("one-rcpt")
+    deferred, accepted = address(mta, "deferred"), address(mta, "accepted")
+
+    @app.on("envrcpt")
+    def check(event: EnvRcpt) -> TempFail | None:
+        if event.address == deferred:
+            return TempFail(code=451, xcode="4.2.1", text="mailbox busy, try later")
+        return None
+
+    with mta.milter(app):
+        refused = send(mta, [deferred, accepted], message("one recipient"))
+    assert refused == {deferred: (451, b"4.2.1 mailbox busy, try later")}
+    assert mta.postfix.wait_for_mail(mailbox(mta, "accepted"))
+    assert mta.postfix.mailbox(mailbox(mta, "deferred")) == []
+
+
+def test_postfix_multiline_reply(mta: Mta) -> None:
+    app = App("multiline")
+
+    @app.on("eom")
+    def refuse(event: EndOfMessage) -> Reject:
+        return Reject(code=550, xcode="5.7.1", text=["first line", "100% second line"])
+
+    with mta.milter(app), pytest.raises(smtplib.SMTPDataError) as refused:
+        send(mta, [address(mta, "multiline")], message("multi"))
+    assert refused.value.smtp_code == 550
+    assert refused.value.smtp_error == b"5.7.1 first line\n5.7.1 100% second line"
+
+
+def test_postfix_raising_handler_tempfails_then_next_message_is_fine(mta: Mta) -> None:
+    app = App("flaky")
+    calls = []
+
+    @app.on("eom")
+    def flaky(event: EndOfMessage, ctx: Context) -> None:
+        calls.append(ctx.message.queue_id)
+        if len(calls) == 1:
+            raise RuntimeError("bug in the first message")
+        ctx.add_header("X-Second", "ok")
+
+    target = address(mta, "flaky")
+    with mta.milter(app), smtplib.SMTP("127.0.0.1", mta.postfix.smtp_port, timeout=60) as smtp:
+        with pytest.raises(smtplib.SMTPDataError) as failed:
+            smtp.sendmail(SENDER, [target], message("first"))
+        assert failed.value.smtp_code == 451
+        smtp.rset()
+        assert smtp.sendmail(SENDER, [target], message("second")) == {}
+    [delivered] = mta.postfix.wait_for_mail(mailbox(mta, "flaky"))
+    assert delivered["Subject"] == "second"
+    assert delivered["X-Second"] == "ok"
+
+
+def test_postfix_several_messages_in_one_session(mta: Mta) -> None:
+    app = App("several")
+    seen: list[tuple[str, str | None]] = []
+
+    @app.on("eom")
+    def stamp(event: EndOfMessage, ctx: Context) -> None:
+        sender = ctx.message.sender.address if ctx.message.sender else "?"
+        seen.append((sender, ctx.message.queue_id))
+        ctx.add_header("X-Count", str(len(seen)))
+
+    @app.on("envfrom")
+    def keep(event: EnvFrom) -> None:
+        return None
+
+    target = address(mta, "several")
+    with mta.milter(app), smtplib.SMTP("127.0.0.1", mta.postfix.smtp_port, timeout=60) as smtp:
+        for number in range(3):
+            smtp.sendmail(f"s{number}@test.example", [target], message(f"msg {number}"))
+    delivered = mta.postfix.wait_for_mail(mailbox(mta, "several"), 3)
+    assert sorted(m["X-Count"] for m in delivered) == ["1", "2", "3"]
+    assert [sender for sender, _ in seen] == [f"s{n}@test.example" for n in range(3)]
+    assert len({queue_id for _, queue_id in seen}) == 3
+
+
+def test_postfix_macros_reach_handlers(mta: Mta) -> None:
+    app = App(
+        "macros",
+        macros={"envfrom": ["{client_addr}", "{mail_addr}"], "eom": ["i", "{client_name}"]},
+    )
+    seen: dict[str, str | None] = {}
+
+    @app.on("envfrom")
+    def at_mail(event: EnvFrom, ctx: Context) -> None:
+        seen["client_addr"] = ctx.macros.get("{client_addr}")
+        seen["mail_addr"] = ctx.macros.get("mail_addr")
+
+    @app.on("eom")
+    def at_eom(event: EndOfMessage, ctx: Context) -> None:
+        seen["queue_id"] = ctx.message.queue_id
+        seen["client_name"] = ctx.macros.get("client_name")
+        seen["j"] = ctx.macros.get("j")
+
+    with mta.milter(app):
+        send(mta, [address(mta, "macros")], message("macros"))
+    mta.postfix.wait_for_mail(mailbox(mta, "macros"))
+    assert seen["client_addr"] == "127.0.0.1"
+    assert seen["mail_addr"] == SENDER
+    assert seen["client_name"] == "localhost"
+    assert seen["j"] == "mx.test.example"
+    queue_id = seen["queue_id"]
+    assert queue_id
+    assert f"{queue_id}: " in mta.postfix.log()
+
+
+def test_postfix_slow_eom_kept_alive_by_progress(mta: Mta) -> None:
+    # This listener has milter_content_timeout=2s; the handler works for 3.5 s, and the
+    # server's progress packets every 0.5 s keep Postfix waiting.
+    app = App("slow", progress_interval=0.5)
+
+    @app.on("eom")
+    async def slow(event: EndOfMessage, ctx: Context) -> None:
+        await asyncio.sleep(3.5)  # the slow work itself, not synchronisation
+        ctx.add_header("X-Slow", "done")
+
+    with mta.milter(app):
+        send(mta, [address(mta, "slow")], message("slow"), port=mta.postfix.slow_port)
+    [delivered] = mta.postfix.wait_for_mail(mailbox(mta, "slow"))
+    assert delivered["X-Slow"] == "done"
+
+
+def test_postfix_200_concurrent_deliveries_each_stamped_once(mta: Mta) -> None:
+    app = App("load")
+
+    @app.on("eom")
+    def stamp(event: EndOfMessage, ctx: Context) -> None:
+        ctx.add_header("X-Load", ctx.message.queue_id or "none")
+
+    target = address(mta, "load")
+
+    def deliver(number: int) -> dict[str, tuple[int, bytes]]:
+        return send(mta, [target], message(f"load {number}"))
+
+    with mta.milter(app), concurrent.futures.ThreadPoolExecutor(200) as pool:
+        results = list(pool.map(deliver, range(200)))
+    assert results == [{}] * 200
+    delivered = mta.postfix.wait_for_mail(mailbox(mta, "load"), 200, timeout=120)
+    assert len(delivered) == 200
+    assert sorted(m["Subject"] for m in delivered) == sorted(f"load {n}" for n in range(200))
+    assert all(len(m.get_all("X-Load") or []) == 1 for m in delivered)
