@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import smtplib
 
 import pytest
@@ -23,7 +24,13 @@ from milterapp import (
 )
 from milterapp.app import App
 from tests.e2e.conftest import Mta
-from tests.e2e.postfix import MAILBOX_NAMES
+from tests.e2e.postfix import (
+    AUTH_PASSWORD,
+    AUTH_REALM,
+    AUTH_USER,
+    MAILBOX_NAMES,
+    sasl_available,
+)
 
 SENDER = "sender@test.example"
 
@@ -339,3 +346,23 @@ def test_postfix_200_concurrent_deliveries_each_stamped_once(mta: Mta) -> None:
     assert len(delivered) == 200
     assert sorted(m["Subject"] for m in delivered) == sorted(f"load {n}" for n in range(200))
     assert all(len(m.get_all("X-Load") or []) == 1 for m in delivered)
+
+
+def test_postfix_auth_macros_reach_handlers(mta: Mta) -> None:
+    if not sasl_available():
+        reason = "SMTP AUTH needs saslpasswd2 and the PLAIN mechanism (sasl2-bin, libsasl2-modules)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    app = App("auth", macros={"envfrom": ["{auth_type}", "{auth_authen}", "{auth_author}"]})
+    seen: dict[str, str | None] = {}
+
+    @app.on("envfrom")
+    def at_mail(event: EnvFrom, ctx: Context) -> None:
+        seen.update({name: ctx.macros.get(name) for name in ("auth_type", "{auth_authen}")})
+
+    with mta.milter(app), smtplib.SMTP("127.0.0.1", mta.postfix.smtp_port, timeout=60) as smtp:
+        smtp.login(AUTH_USER, AUTH_PASSWORD)
+        smtp.sendmail(SENDER, [address(mta, "authed")], message("auth"))
+    mta.postfix.wait_for_mail(mailbox(mta, "authed"))
+    assert seen == {"auth_type": "PLAIN", "{auth_authen}": f"{AUTH_USER}@{AUTH_REALM}"}
