@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeAlias, TypeVar, overload
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from milterapp.context import DEFAULT_SPOOL_THRESHOLD, Context
 from milterapp.errors import SetupError
@@ -45,6 +45,7 @@ from milterapp.replies import (
     Accept,
     Continue,
     Discard,
+    NegotiationReply,
     Reject,
     Shutdown,
     Skip,
@@ -167,6 +168,14 @@ class AppConfig(BaseModel):
     keep_message: bool = False
     spool_threshold: int = Field(default=DEFAULT_SPOOL_THRESHOLD, ge=0)
 
+    @field_validator("macros")
+    @classmethod
+    def _check_macros(
+        cls, value: dict[MacroStageName, tuple[str, ...]]
+    ) -> dict[MacroStageName, tuple[str, ...]]:
+        NegotiationReply(macros={_STAGES[stage]: names for stage, names in value.items()})
+        return value
+
 
 @dataclass(frozen=True, slots=True)
 class _Handler:
@@ -192,19 +201,31 @@ def _is_async(fn: Callable[..., Any]) -> bool:
 
 
 def _arity(fn: Callable[..., Any], name: str, allowed: Iterable[int]) -> int:
+    """Return how many positional arguments to pass ``fn``: the largest allowed that fits."""
     try:
-        parameters = inspect.signature(fn).parameters.values()
+        parameters = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError) as exc:
         raise SetupError(f"cannot inspect the signature of handler {name}: {exc}") from exc
-    if any(p.kind is p.VAR_POSITIONAL for p in parameters):
-        return max(allowed)
-    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    required = [p for p in positional if p.default is p.empty]
-    for count in sorted(allowed, reverse=True):
-        if len(required) <= count <= len(positional):
-            return count
     expected = " or ".join(f"{n} argument{'s' * (n != 1)}" for n in allowed)
+    keyword_only = [p.name for p in parameters if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
+    if keyword_only:
+        raise SetupError(
+            f"handler {name} has required keyword-only parameters {keyword_only}; "
+            f"it must take {expected} (event, ctx)"
+        )
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = sum(p.default is p.empty for p in positional)
+    variadic = any(p.kind is p.VAR_POSITIONAL for p in parameters)
+    for count in sorted(allowed, reverse=True):
+        if required <= count and (variadic or count <= len(positional)):
+            return count
     raise SetupError(f"handler {name} must take {expected} (event, ctx), not {len(positional)}")
+
+
+def _label(fn: Callable[..., Any]) -> str:
+    """A stable name for logs: the function's qualified name, or a callable's class name."""
+    name = getattr(fn, "__qualname__", None)
+    return name if isinstance(name, str) else type(fn).__qualname__
 
 
 class App:
@@ -254,7 +275,7 @@ class App:
         self._check_not_started(f"add a {canonical!r} handler")
         if not callable(handler):
             raise SetupError(f"handler for {canonical!r} must be callable, not {handler!r}")
-        label = getattr(handler, "__qualname__", None) or repr(handler)
+        label = _label(handler)
         arity = _arity(handler, label, (1, 2))
         if timeout is not None and timeout <= 0:
             raise SetupError(f"timeout of handler {label} must be positive, not {timeout}")
@@ -354,7 +375,7 @@ class App:
 
         def register(mapper: ErrorMapper) -> ErrorMapper:
             self._check_not_started("add an error mapper")
-            _arity(mapper, getattr(mapper, "__qualname__", repr(mapper)), (2,))
+            _arity(mapper, _label(mapper), (2,))
             self._error_mappers[exc_type] = mapper
             return mapper
 
@@ -395,7 +416,8 @@ class App:
             macros={_STAGES[stage]: names for stage, names in config.macros.items()},
             leading_space=config.leading_space,
             rejected_recipients=config.rejected_recipients,
-            skip="body" in handled,
+            # Skipping the body would cut what keep_message collects for end of message.
+            skip="body" in handled and not config.keep_message,
         )
 
     # --- lifecycle -----------------------------------------------------------------------

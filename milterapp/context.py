@@ -69,6 +69,9 @@ class Message:
             return
         if self._body is None:
             self._body = tempfile.SpooledTemporaryFile(max_size=self._spool_threshold)  # noqa: SIM115 - closed by close()
+            if self._spool_threshold == 0:  # max_size=0 would mean "never roll over"
+                self._body.rollover()
+        self._body.seek(0, io.SEEK_END)  # body() may have rewound it
         self._body.write(chunk)
 
     @property
@@ -99,13 +102,16 @@ class Message:
         for header in self.headers:
             # Without HDR_LEADSPC the MTA removed the space after the colon: put it back.
             separator = b":" if header.leading_space else b": "
-            value = header.raw_value.replace(b"\n", b"\r\n")
-            feeder.feed(header.raw_name + separator + value + b"\r\n")
-        feeder.feed(b"\r\n")
+            feeder.feed(header.raw_name + separator + header.raw_value + b"\n")
+        feeder.feed(b"\n")
         if self.body_kept:
-            body = self.body()
+            # The body comes with CRLF line endings; the email package works with LF.
+            body, carry = self.body(), b""
             while chunk := body.read(_READ_SIZE):
-                feeder.feed(chunk)
+                chunk = carry + chunk
+                carry = b"\r" if chunk.endswith(b"\r") else b""
+                feeder.feed(chunk[: len(chunk) - len(carry)].replace(b"\r\n", b"\n"))
+            feeder.feed(carry)
         result = feeder.close()
         assert isinstance(result, EmailMessage)
         return result
@@ -118,18 +124,19 @@ class Message:
 
 
 class _BodyStream:
-    """A replacement body read from a file when it is sent, not when it is queued."""
+    """A replacement body read from a file when it is sent, then closed."""
 
     def __init__(self, source: IO[bytes]) -> None:
         self.source = source
 
     def chunks(self, size: int) -> Iterator[ReplaceBody]:
-        first = True
-        while (chunk := self.source.read(size)) or first:
-            first = False
-            yield ReplaceBody(chunk=chunk)
-            if not chunk:
-                return
+        with self.source:
+            first = True
+            while (chunk := self.source.read(size)) or first:
+                first = False
+                yield ReplaceBody(chunk=chunk)
+                if not chunk:
+                    return
 
 
 class Context:
@@ -236,7 +243,11 @@ class Context:
         self._queue(ChangeHeader(name=name, value="", index=index), ActionFlag.CHGHDRS)
 
     def replace_body(self, body: bytes | IO[bytes]) -> None:
-        """Replace the body with bytes, or with a binary file read (in chunks) when sent."""
+        """Replace the body with bytes, or with an open binary file.
+
+        A file is read in chunks when the reply is sent, after the handler returned, and
+        closed then: hand it over open (not inside a ``with`` block that closes it first).
+        """
         if isinstance(body, bytes | bytearray | memoryview):
             self._queue(ReplaceBody(chunk=bytes(body)), ActionFlag.CHGBODY)
         else:

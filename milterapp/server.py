@@ -20,9 +20,9 @@ import sys
 from typing import Any, Final
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from milterapp.app import App
+from milterapp.app import App, CloseEvent
 from milterapp.context import Context
 from milterapp.errors import (
     LocalProtocolError,
@@ -58,7 +58,16 @@ from milterapp.logconfig import LogFormat, configure_logging
 from milterapp.protocol.constants import DEFAULT_MAX_DATA_SIZE, MAX_DATA_SIZE_1M
 from milterapp.protocol.machine import ConnectionState, MilterConnection
 from milterapp.protocol.negotiation import negotiate
-from milterapp.replies import Accept, Continue, Progress, Shutdown, TempFail, Verdict
+from milterapp.replies import (
+    Accept,
+    Continue,
+    Progress,
+    Reject,
+    Shutdown,
+    Skip,
+    TempFail,
+    Verdict,
+)
 from milterapp.spec import ConnectionSpec, default_connection_spec
 
 __all__ = [
@@ -145,13 +154,16 @@ def default_remove_unix_socket_on_close() -> bool:
 
 
 class _Connection:
-    """Bookkeeping of one connection task, for shutdown."""
+    """One connection task's state: its machine, the current session's context, and whether
+    it is idle (for shutdown) and its close handlers ran (exactly once per session)."""
 
-    __slots__ = ("idle", "machine")
+    __slots__ = ("closed", "ctx", "idle", "machine")
 
-    def __init__(self, machine: MilterConnection) -> None:
+    def __init__(self, machine: MilterConnection, ctx: Context) -> None:
         self.machine = machine
+        self.ctx = ctx
         self.idle = True
+        self.closed = False
 
 
 class MilterServer:
@@ -163,16 +175,20 @@ class MilterServer:
 
     def __init__(self, app: App, options: ServerOptions | None = None, **kwargs: Any) -> None:
         self.app = app
-        self.options = options if options is not None else ServerOptions(**kwargs)
+        if options is None:
+            options = ServerOptions.model_validate(_parsed_spec(kwargs))
+        self.options = options
         self.listener: Listener | None = None
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = asyncio.Event()
         self._stopping = False
+        self._started = False
+        self._closed = False
         self._connections: dict[asyncio.Task[Any], _Connection] = {}
         self._ids = itertools.count(1)
         self._requirements = app.requirements()  # again in start(), after registration
-        self.log: Any = None
+        self.log: Any = structlog.get_logger("milterapp").bind(app=app.name)
 
     @property
     def address(self) -> Any:
@@ -226,8 +242,11 @@ class MilterServer:
         except BaseException:
             self.app._stop = None
             if self.listener is not None:
+                self.listener.remove_on_close = True  # we made it; a failed start leaves none
                 self.listener.close()
+                self.listener = None
             raise
+        self._started = True
         self.log.info("listening")
 
     def request_stop(self) -> None:
@@ -249,7 +268,13 @@ class MilterServer:
         await self._stop.wait()
 
     async def close(self) -> None:
-        """Stop accepting, let messages in flight finish (grace period), then clean up."""
+        """Stop accepting, let messages in flight finish (grace period), then clean up.
+
+        Does nothing if the server did not start, or was closed already.
+        """
+        if not self._started or self._closed:
+            return
+        self._closed = True
         self._stopping = True
         if self._server is not None:
             self._server.close()
@@ -266,7 +291,8 @@ class MilterServer:
             await asyncio.wait(pending)
         if self.listener is not None:
             self.listener.close()
-        self.app._stop = None
+        if self.app._stop == self.request_stop:  # not a newer server's
+            self.app._stop = None
         self.log.info("stopped")
         await self.app.run_shutdown()
 
@@ -276,29 +302,30 @@ class MilterServer:
         machine = MilterConnection(max_data_size=self.options.max_data_size)
         task = asyncio.current_task()
         assert task is not None
-        connection = _Connection(machine)
+        connection = _Connection(machine, self._new_context(machine, _peer(writer), writer))
         self._connections[task] = connection
-        peer = _peer(writer)
-        ctx = self._new_context(machine, peer, writer)
         try:
             if self._stopping:
                 return
-            await self._session(reader, writer, connection, ctx)
+            await self._session(reader, writer, connection)
         except asyncio.CancelledError:
             # Shutdown ran out of grace: the MTA gets a temporary failure, not silence.
             _tempfail_pending(machine, writer)
-            ctx.log.info("connection_cancelled")
+            connection.ctx.log.info("connection_cancelled")
         except ProtocolError as exc:
-            ctx.log.warning("protocol_error", error=str(exc))
+            connection.ctx.log.warning("protocol_error", error=str(exc))
         except (ConnectionError, TimeoutError) as exc:
-            ctx.log.info("connection_lost", error=repr(exc))
+            connection.ctx.log.info("connection_lost", error=repr(exc))
         except Exception as exc:
             # A bug of ours: this connection ends, fail-closed; the server goes on.
-            ctx.log.error("connection_failed", exc_info=exc)
+            connection.ctx.log.error("connection_failed", exc_info=exc)
             _tempfail_pending(machine, writer)
         finally:
             del self._connections[task]
-            ctx.message.close()
+            if not connection.closed:  # however it ended, close handlers run once
+                with contextlib.suppress(Exception):
+                    await self._close_session(connection, ConnectionClosed())
+            connection.ctx.message.close()
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -319,43 +346,51 @@ class MilterServer:
             spool_threshold=config.spool_threshold if config.keep_message else None,
             progress=progress,
         )
+        ctx.options = machine.options  # known already when a connection is reused (QUIT_NC)
         return ctx
+
+    async def _close_session(self, connection: _Connection, event: CloseEvent) -> None:
+        connection.closed = True
+        await self.app.dispatch("close", event, connection.ctx)
 
     async def _session(
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         connection: _Connection,
-        ctx: Context,
     ) -> None:
         machine = connection.machine
         app = self.app
-        await app.dispatch("open", ConnectionOpened(peer=ctx.peer), ctx)
+        await app.dispatch("open", ConnectionOpened(peer=connection.ctx.peer), connection.ctx)
         timeout = self.options.timeout
         while True:
             connection.idle = machine.state is not ConnectionState.MESSAGE
             if self._stopping and connection.idle:
-                ctx.log.info("closing_for_shutdown")
-                await app.dispatch("close", ConnectionClosed(), ctx)
+                connection.ctx.log.info("closing_for_shutdown")
                 return
             try:
                 async with asyncio.timeout(timeout):
                     data = await reader.read(_READ_SIZE)
             except TimeoutError:
-                ctx.log.info("idle_timeout", timeout=timeout)
-                await app.dispatch("close", ConnectionClosed(), ctx)
+                connection.ctx.log.info("idle_timeout", timeout=timeout)
                 return
             connection.idle = False
             machine.receive_data(data)
             while (event := machine.next_event()) is not None:
-                out = await self._on_event(machine, ctx, event, writer)
+                if isinstance(event, Quit | QuitNoClose | ConnectionClosed):
+                    await self._close_session(connection, event)
+                    if not isinstance(event, QuitNoClose):
+                        await writer.drain()
+                        return
+                    # The same socket carries a new SMTP session from here.
+                    connection.ctx = self._new_context(machine, connection.ctx.peer, writer)
+                    connection.closed = False
+                    opened = ConnectionOpened(peer=connection.ctx.peer)
+                    await app.dispatch("open", opened, connection.ctx)
+                    continue
+                out = await self._on_event(machine, connection.ctx, event, writer)
                 if out:
                     writer.write(out)
-                if isinstance(event, Quit | ConnectionClosed):
-                    await writer.drain()
-                    return
-                if isinstance(event, QuitNoClose):
-                    ctx = self._new_context(machine, ctx.peer, writer)
             if writer.transport.get_write_buffer_size():
                 await writer.drain()
 
@@ -417,9 +452,6 @@ class MilterServer:
         if isinstance(event, Abort):
             await app.dispatch("abort", event, ctx)
             ctx.new_message()
-            return b""
-        if isinstance(event, Quit | QuitNoClose | ConnectionClosed):
-            await app.dispatch("close", event, ctx)
         return b""
 
     async def _end_of_message(
@@ -450,6 +482,8 @@ class MilterServer:
         self, machine: MilterConnection, ctx: Context, name: str, verdict: Verdict | Shutdown | None
     ) -> bytes:
         verdict = verdict or Continue()
+        if isinstance(verdict, Skip) and not (machine.options and machine.options.skip):
+            verdict = Continue()  # a hint we cannot pass on (e.g. keep_message needs the body)
         out: list[bytes] = []
         was_message = machine.state is ConnectionState.MESSAGE
         if name == "eom":
@@ -463,6 +497,8 @@ class MilterServer:
                     out.clear()
                     verdict = self.app.config.fallback
             ctx.enter_eom(False)
+        if name == "envrcpt" and isinstance(verdict, Reject | TempFail) and ctx.message.recipients:
+            ctx.message.recipients.pop()  # refused: the MTA will not deliver to it
         try:
             out.append(machine.send(verdict))
         except LocalProtocolError as exc:
@@ -503,7 +539,9 @@ async def serve(
         handle_signals: stop gracefully on SIGTERM and SIGINT (main thread only).
         **options: any field of :class:`ServerOptions`.
     """
-    server = MilterServer(app, ServerOptions.model_validate({"spec": spec, **options}))
+    server = MilterServer(
+        app, ServerOptions.model_validate(_parsed_spec({"spec": spec, **options}))
+    )
     await server.start()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
@@ -515,6 +553,22 @@ async def serve(
         for signum in signals:
             loop.remove_signal_handler(signum)
         await server.close()
+
+
+def _parsed_spec(options: dict[str, Any]) -> dict[str, Any]:
+    """Parse a spec string first, so a bad one raises ConnectionSpecError itself (one clear
+    line), not wrapped in a pydantic ValidationError."""
+    spec = options.get("spec")
+    if isinstance(spec, str):
+        return {**options, "spec": ConnectionSpec.parse(spec)}
+    return options
+
+
+def _one_line(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or 'options'}: {error['msg']}"
+        for error in exc.errors()
+    )
 
 
 def _spec_from_argv(argv: list[str]) -> str | None:
@@ -546,6 +600,6 @@ def run(
     except MilterError as exc:
         print(f"milterapp: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
-    except ValueError as exc:  # pydantic validation of the options
-        print(f"milterapp: error: invalid option: {exc}", file=sys.stderr)
+    except ValidationError as exc:  # pydantic validation of the options
+        print(f"milterapp: error: invalid option: {_one_line(exc)}", file=sys.stderr)
         raise SystemExit(1) from None
