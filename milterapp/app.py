@@ -490,6 +490,8 @@ class App:
         return result  # type: ignore[return-value]
 
     async def _failed(self, handler: _Handler, name: str, exc: Exception, ctx: Context) -> Result:
+        if ctx.raise_errors:
+            raise exc
         reason = "timed out" if isinstance(exc, TimeoutError) else "raised"
         ctx.log.error(
             "handler_failed",

@@ -179,6 +179,8 @@ class Context:
         self._modifications: list[Modification | _BodyStream] = []
         self._at_eom = False
         self.message = Message(macros, spool_threshold)
+        #: Let handler exceptions escape instead of the fallback reply (the testing kit).
+        self.raise_errors = False
 
     # --- bookkeeping, called by the server ---------------------------------------------
 

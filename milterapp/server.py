@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import os
 import signal
@@ -22,23 +21,16 @@ from typing import Any, Final
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from milterapp.app import App, CloseEvent
-from milterapp.context import Context
+from milterapp.app import App
 from milterapp.errors import (
-    LocalProtocolError,
     MilterError,
-    NegotiationError,
-    ProtocolError,
     ServerError,
     ServerErrorKind,
     SetupError,
 )
 from milterapp.events import (
-    Abort,
     Body,
     Connect,
-    ConnectionClosed,
-    ConnectionOpened,
     Data,
     EndOfHeaders,
     EndOfMessage,
@@ -47,27 +39,12 @@ from milterapp.events import (
     Event,
     Header,
     Helo,
-    Macros,
-    Negotiate,
-    Quit,
-    QuitNoClose,
     Unknown,
 )
 from milterapp.listener import Listener, adopt, open_listener, systemd_socket
 from milterapp.logconfig import LogFormat, configure_logging
 from milterapp.protocol.constants import DEFAULT_MAX_DATA_SIZE, MAX_DATA_SIZE_1M
-from milterapp.protocol.machine import ConnectionState, MilterConnection
-from milterapp.protocol.negotiation import negotiate
-from milterapp.replies import (
-    Accept,
-    Continue,
-    Progress,
-    Reject,
-    Shutdown,
-    Skip,
-    TempFail,
-    Verdict,
-)
+from milterapp.session import ConnectionHandler
 from milterapp.spec import ConnectionSpec, default_connection_spec
 
 __all__ = [
@@ -153,19 +130,6 @@ def default_remove_unix_socket_on_close() -> bool:
     return bool(ServerOptions.model_fields["remove_unix_socket_on_close"].default)
 
 
-class _Connection:
-    """One connection task's state: its machine, the current session's context, and whether
-    it is idle (for shutdown) and its close handlers ran (exactly once per session)."""
-
-    __slots__ = ("closed", "ctx", "idle", "machine")
-
-    def __init__(self, machine: MilterConnection, ctx: Context) -> None:
-        self.machine = machine
-        self.ctx = ctx
-        self.idle = True
-        self.closed = False
-
-
 class MilterServer:
     """Serves one App on one listening socket.
 
@@ -185,7 +149,7 @@ class MilterServer:
         self._stopping = False
         self._started = False
         self._closed = False
-        self._connections: dict[asyncio.Task[Any], _Connection] = {}
+        self._connections: dict[asyncio.Task[Any], ConnectionHandler] = {}
         self._ids = itertools.count(1)
         self._requirements = app.requirements()  # again in start(), after registration
         self.log: Any = structlog.get_logger("milterapp").bind(app=app.name)
@@ -299,230 +263,22 @@ class MilterServer:
     # --- one connection ------------------------------------------------------------------
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        machine = MilterConnection(max_data_size=self.options.max_data_size)
+        handler = ConnectionHandler(
+            self.app,
+            self._requirements,
+            conn_id=str(next(self._ids)),
+            timeout=self.options.timeout,
+            max_data_size=self.options.max_data_size,
+            stopping=lambda: self._stopping,
+        )
         task = asyncio.current_task()
         assert task is not None
-        connection = _Connection(machine, self._new_context(machine, _peer(writer), writer))
-        self._connections[task] = connection
+        self._connections[task] = handler
         try:
-            if self._stopping:
-                return
-            await self._session(reader, writer, connection)
-        except asyncio.CancelledError:
-            # Shutdown ran out of grace: the MTA gets a temporary failure, not silence.
-            _tempfail_pending(machine, writer)
-            connection.ctx.log.info("connection_cancelled")
-        except ProtocolError as exc:
-            connection.ctx.log.warning("protocol_error", error=str(exc))
-        except (ConnectionError, TimeoutError) as exc:
-            connection.ctx.log.info("connection_lost", error=repr(exc))
-        except Exception as exc:
-            # A bug of ours: this connection ends, fail-closed; the server goes on.
-            connection.ctx.log.error("connection_failed", exc_info=exc)
-            _tempfail_pending(machine, writer)
+            if not self._stopping:
+                await handler.run(reader, writer)
         finally:
             del self._connections[task]
-            if not connection.closed:  # however it ended, close handlers run once
-                with contextlib.suppress(Exception):
-                    await self._close_session(connection, ConnectionClosed())
-            connection.ctx.message.close()
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    def _new_context(
-        self, machine: MilterConnection, peer: str, writer: asyncio.StreamWriter
-    ) -> Context:
-        async def progress() -> None:
-            writer.write(machine.send(Progress()))
-            await writer.drain()
-
-        config = self.app.config
-        ctx = Context(
-            app_name=self.app.name,
-            conn_id=str(next(self._ids)),
-            peer=peer,
-            macros=machine.macros,
-            spool_threshold=config.spool_threshold if config.keep_message else None,
-            progress=progress,
-        )
-        ctx.options = machine.options  # known already when a connection is reused (QUIT_NC)
-        return ctx
-
-    async def _close_session(self, connection: _Connection, event: CloseEvent) -> None:
-        connection.closed = True
-        await self.app.dispatch("close", event, connection.ctx)
-
-    async def _session(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        connection: _Connection,
-    ) -> None:
-        machine = connection.machine
-        app = self.app
-        await app.dispatch("open", ConnectionOpened(peer=connection.ctx.peer), connection.ctx)
-        timeout = self.options.timeout
-        while True:
-            connection.idle = machine.state is not ConnectionState.MESSAGE
-            if self._stopping and connection.idle:
-                connection.ctx.log.info("closing_for_shutdown")
-                return
-            try:
-                async with asyncio.timeout(timeout):
-                    data = await reader.read(_READ_SIZE)
-            except TimeoutError:
-                connection.ctx.log.info("idle_timeout", timeout=timeout)
-                return
-            connection.idle = False
-            machine.receive_data(data)
-            while (event := machine.next_event()) is not None:
-                if isinstance(event, Quit | QuitNoClose | ConnectionClosed):
-                    await self._close_session(connection, event)
-                    if not isinstance(event, QuitNoClose):
-                        await writer.drain()
-                        return
-                    # The same socket carries a new SMTP session from here.
-                    connection.ctx = self._new_context(machine, connection.ctx.peer, writer)
-                    connection.closed = False
-                    opened = ConnectionOpened(peer=connection.ctx.peer)
-                    await app.dispatch("open", opened, connection.ctx)
-                    continue
-                out = await self._on_event(machine, connection.ctx, event, writer)
-                if out:
-                    writer.write(out)
-            if writer.transport.get_write_buffer_size():
-                await writer.drain()
-
-    async def _on_event(
-        self, machine: MilterConnection, ctx: Context, event: Event, writer: asyncio.StreamWriter
-    ) -> bytes:
-        app = self.app
-        name = _HANDLER_NAMES.get(type(event))
-        if name is None:
-            return await self._on_other(machine, ctx, event)
-        message = ctx.message
-        if name == "envfrom":
-            assert isinstance(event, EnvFrom)
-            ctx.new_message()
-            ctx.message.sender = event
-        elif name == "envrcpt":
-            assert isinstance(event, EnvRcpt)
-            message.recipients.append(event)
-        elif name == "header":
-            assert isinstance(event, Header)
-            message.headers.append(event)
-        elif name == "body":
-            assert isinstance(event, Body)
-            message.append_body(event.chunk)
-        elif name == "connect":
-            assert isinstance(event, Connect)
-            ctx.client = event
-            ctx.log = ctx.log.bind(client=str(event.address or event.hostname))
-        elif name == "helo":
-            assert isinstance(event, Helo)
-            ctx.helo = event.name
-        awaiting = machine.awaiting_reply
-        if name == "eom":
-            assert isinstance(event, EndOfMessage)
-            verdict = await self._end_of_message(machine, ctx, event, writer)
-        else:
-            verdict = await app.dispatch(name, event, ctx)
-        if not awaiting:
-            if verdict is not None and not isinstance(verdict, Continue):
-                ctx.log.warning("reply_ignored", stage=name, reply=repr(verdict))
-            return b""
-        return self._answer(machine, ctx, name, verdict)
-
-    async def _on_other(self, machine: MilterConnection, ctx: Context, event: Event) -> bytes:
-        app = self.app
-        if isinstance(event, Macros):
-            return b""
-        if isinstance(event, Negotiate):
-            await app.dispatch("negotiate", event, ctx)
-            try:
-                reply = negotiate(event, self._requirements)
-            except NegotiationError as exc:
-                # As libmilter: close without replying; the MTA applies its failure policy.
-                ctx.log.error("negotiation_failed", error=str(exc))
-                raise ConnectionAbortedError(str(exc)) from exc
-            out = machine.send(reply)
-            ctx.options = machine.options
-            return out
-        if isinstance(event, Abort):
-            await app.dispatch("abort", event, ctx)
-            ctx.new_message()
-        return b""
-
-    async def _end_of_message(
-        self,
-        machine: MilterConnection,
-        ctx: Context,
-        event: EndOfMessage,
-        writer: asyncio.StreamWriter,
-    ) -> Verdict | Shutdown | None:
-        app = self.app
-        if event.chunk:  # libmilter treats data in end of message as a last body chunk
-            ctx.message.append_body(event.chunk)
-            await app.dispatch("body", Body(chunk=event.chunk), ctx)
-        ctx.enter_eom(True)
-        task = asyncio.ensure_future(app.dispatch("eom", event, ctx))
-        try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=app.config.progress_interval)
-                if done:
-                    return task.result()
-                writer.write(machine.send(Progress()))
-                await writer.drain()
-        finally:
-            if not task.done():
-                task.cancel()
-
-    def _answer(
-        self, machine: MilterConnection, ctx: Context, name: str, verdict: Verdict | Shutdown | None
-    ) -> bytes:
-        verdict = verdict or Continue()
-        if isinstance(verdict, Skip) and not (machine.options and machine.options.skip):
-            verdict = Continue()  # a hint we cannot pass on (e.g. keep_message needs the body)
-        out: list[bytes] = []
-        was_message = machine.state is ConnectionState.MESSAGE
-        if name == "eom":
-            if isinstance(verdict, Continue | Accept):
-                try:
-                    options = machine.options
-                    size = options.max_data_size if options else 65535
-                    out.extend(machine.send(mod) for mod in ctx.take_modifications(size))
-                except (LocalProtocolError, OSError, ValueError) as exc:
-                    ctx.log.error("modification_failed", error=str(exc))
-                    out.clear()
-                    verdict = self.app.config.fallback
-            ctx.enter_eom(False)
-        if name == "envrcpt" and isinstance(verdict, Reject | TempFail) and ctx.message.recipients:
-            ctx.message.recipients.pop()  # refused: the MTA will not deliver to it
-        try:
-            out.append(machine.send(verdict))
-        except LocalProtocolError as exc:
-            ctx.log.error("reply_refused", stage=name, reply=repr(verdict), error=str(exc))
-            out.append(machine.send(TempFail()))
-        if was_message and machine.state is not ConnectionState.MESSAGE:
-            ctx.new_message()
-        return b"".join(out)
-
-
-def _tempfail_pending(machine: MilterConnection, writer: asyncio.StreamWriter) -> None:
-    """Answer a command still waiting with TempFail before the connection closes."""
-    if machine.awaiting_reply and machine.pending_command != "O":
-        with contextlib.suppress(Exception):
-            writer.write(machine.send(TempFail()))
-
-
-def _peer(writer: asyncio.StreamWriter) -> str:
-    name = writer.get_extra_info("peername")
-    if isinstance(name, tuple) and len(name) >= 2:
-        host = f"[{name[0]}]" if ":" in str(name[0]) else str(name[0])
-        return f"{host}:{name[1]}"
-    local = writer.get_extra_info("sockname")
-    return str(name or local or "unknown")
 
 
 async def serve(

@@ -46,6 +46,7 @@ LAYERS: dict[str, int] = {
     "milterapp.app": 4,
     "milterapp.server": 5,
     "milterapp.listener": 5,
+    "milterapp.session": 5,
     "milterapp.logconfig": 5,
     "milterapp.testing": 5,
     "milterapp.cli": 6,

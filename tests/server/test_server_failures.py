@@ -306,7 +306,7 @@ def test_connection_reused_after_quit_no_close_gets_a_new_session() -> None:
         ("open", "1"),
         ("connect-state", {}),
         ("close", "QuitNoClose"),
-        ("open", "2"),  # each session on the reused socket is opened and closed
+        ("open", "1.1"),  # each session on the reused socket is opened and closed
         ("connect-state", {}),  # a new session starts with empty state
         ("close", "Quit"),
     ]

@@ -1,0 +1,339 @@
+"""One MTA connection run through an App: bytes in, handlers, replies out.
+
+:class:`ConnectionHandler` drives a sans-IO :class:`MilterConnection` over an asyncio stream
+pair. The server makes one per accepted connection; the testing kit makes one per in-memory
+pipe, so tests exercise exactly the code that serves real MTAs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any, Final
+
+from milterapp.app import App, CloseEvent
+from milterapp.context import Context
+from milterapp.errors import LocalProtocolError, NegotiationError, ProtocolError
+from milterapp.events import (
+    Abort,
+    Body,
+    Connect,
+    ConnectionClosed,
+    ConnectionOpened,
+    Data,
+    EndOfHeaders,
+    EndOfMessage,
+    EnvFrom,
+    EnvRcpt,
+    Event,
+    Header,
+    Helo,
+    Macros,
+    Negotiate,
+    Quit,
+    QuitNoClose,
+    Unknown,
+)
+from milterapp.protocol.constants import DEFAULT_MAX_DATA_SIZE
+from milterapp.protocol.machine import ConnectionState, MilterConnection
+from milterapp.protocol.negotiation import Requirements, negotiate
+from milterapp.replies import (
+    Accept,
+    Continue,
+    Progress,
+    Reject,
+    Shutdown,
+    Skip,
+    TempFail,
+    Verdict,
+)
+
+__all__ = ["ConnectionHandler"]
+
+READ_SIZE: Final = 256 * 1024
+_HANDLER_NAMES: Final[dict[type[Event], str]] = {
+    Connect: "connect",
+    Helo: "helo",
+    EnvFrom: "envfrom",
+    EnvRcpt: "envrcpt",
+    Data: "data",
+    Unknown: "unknown",
+    Header: "header",
+    EndOfHeaders: "eoh",
+    Body: "body",
+    EndOfMessage: "eom",
+}
+
+
+class ConnectionHandler:
+    """Serves one MTA connection with an App.
+
+    Args:
+        app: the App whose handlers run.
+        requirements: what to negotiate (``app.requirements()``).
+        conn_id: the connection's id in logs and ``ctx.conn_id``.
+        timeout: seconds the MTA may stay silent between commands.
+        max_data_size: largest packet payload accepted (None: the negotiated size).
+        stopping: tells whether the server is shutting down (the connection then ends at
+            the next point where no message is in flight).
+        raise_errors: let handler exceptions escape instead of answering with the fallback
+            (tests); the first one is kept in :attr:`error`.
+
+    Attributes:
+        idle: True while waiting for the MTA with no message in flight.
+        closed: the current session's close handlers ran.
+        error: the exception that ended the connection abnormally, if any.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        requirements: Requirements,
+        *,
+        conn_id: str = "1",
+        timeout: float = 7210.0,
+        max_data_size: int | None = None,
+        stopping: Callable[[], bool] = lambda: False,
+        raise_errors: bool = False,
+    ) -> None:
+        self.app = app
+        self._requirements = requirements
+        self.conn_id = conn_id
+        self.timeout = timeout
+        self.machine = MilterConnection(max_data_size=max_data_size)
+        self._stopping = stopping
+        self.raise_errors = raise_errors
+        self.idle = True
+        self.closed = False
+        self.error: BaseException | None = None
+        self._sessions = 0
+        self.ctx: Context | None = None
+
+    async def run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve the connection until the MTA quits or closes, or the server stops."""
+        machine = self.machine
+        ctx = self._new_context(_peer(writer), writer)
+        try:
+            await self._session(reader, writer)
+        except asyncio.CancelledError:
+            # Shutdown ran out of grace: the MTA gets a temporary failure, not silence.
+            _tempfail_pending(machine, writer)
+            self._log().info("connection_cancelled")
+        except ProtocolError as exc:
+            self._log().warning("protocol_error", error=str(exc))
+            self.error = exc
+        except (ConnectionError, TimeoutError) as exc:
+            self._log().info("connection_lost", error=repr(exc))
+        except Exception as exc:  # noqa: BLE001 - logged below; one connection must not stop the server
+            # A bug of ours: this connection ends, fail-closed; the server goes on.
+            self._log().error("connection_failed", exc_info=exc)
+            _tempfail_pending(machine, writer)
+            self.error = exc
+        finally:
+            ctx = self.ctx or ctx
+            if not self.closed:  # however it ended, close handlers run once
+                with contextlib.suppress(Exception):
+                    await self._close_session(ConnectionClosed())
+            ctx.message.close()
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    def _log(self) -> Any:
+        assert self.ctx is not None
+        return self.ctx.log
+
+    def _new_context(self, peer: str, writer: asyncio.StreamWriter) -> Context:
+        """Start a session: a fresh context (one per SMTP session on this connection)."""
+        machine = self.machine
+
+        async def progress() -> None:
+            writer.write(machine.send(Progress()))
+            await writer.drain()
+
+        config = self.app.config
+        ctx = Context(
+            app_name=self.app.name,
+            conn_id=self.conn_id if not self._sessions else f"{self.conn_id}.{self._sessions}",
+            peer=peer,
+            macros=machine.macros,
+            spool_threshold=config.spool_threshold if config.keep_message else None,
+            progress=progress,
+        )
+        ctx.options = machine.options  # known already when a connection is reused (QUIT_NC)
+        ctx.raise_errors = self.raise_errors
+        self._sessions += 1
+        self.ctx = ctx
+        self.closed = False
+        return ctx
+
+    async def _close_session(self, event: CloseEvent) -> None:
+        assert self.ctx is not None
+        self.closed = True
+        await self.app.dispatch("close", event, self.ctx)
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        machine = self.machine
+        app = self.app
+        assert self.ctx is not None
+        await app.dispatch("open", ConnectionOpened(peer=self.ctx.peer), self.ctx)
+        timeout = self.timeout
+        while True:
+            self.idle = machine.state is not ConnectionState.MESSAGE
+            if self.idle and self._stopping():
+                self.ctx.log.info("closing_for_shutdown")
+                return
+            try:
+                async with asyncio.timeout(timeout):
+                    data = await reader.read(READ_SIZE)
+            except TimeoutError:
+                self.ctx.log.info("idle_timeout", timeout=timeout)
+                return
+            self.idle = False
+            machine.receive_data(data)
+            while (event := machine.next_event()) is not None:
+                if isinstance(event, Quit | QuitNoClose | ConnectionClosed):
+                    await self._close_session(event)
+                    if not isinstance(event, QuitNoClose):
+                        await writer.drain()
+                        return
+                    # The same socket carries a new SMTP session from here.
+                    ctx = self._new_context(self.ctx.peer, writer)
+                    await app.dispatch("open", ConnectionOpened(peer=ctx.peer), ctx)
+                    continue
+                out = await self._on_event(machine, self.ctx, event, writer)
+                if out:
+                    writer.write(out)
+            if writer.transport.get_write_buffer_size():
+                await writer.drain()
+
+    async def _on_event(
+        self, machine: MilterConnection, ctx: Context, event: Event, writer: asyncio.StreamWriter
+    ) -> bytes:
+        app = self.app
+        name = _HANDLER_NAMES.get(type(event))
+        if name is None:
+            return await self._on_other(machine, ctx, event)
+        message = ctx.message
+        if name == "envfrom":
+            assert isinstance(event, EnvFrom)
+            ctx.new_message()
+            ctx.message.sender = event
+        elif name == "envrcpt":
+            assert isinstance(event, EnvRcpt)
+            message.recipients.append(event)
+        elif name == "header":
+            assert isinstance(event, Header)
+            message.headers.append(event)
+        elif name == "body":
+            assert isinstance(event, Body)
+            message.append_body(event.chunk)
+        elif name == "connect":
+            assert isinstance(event, Connect)
+            ctx.client = event
+            ctx.log = ctx.log.bind(client=str(event.address or event.hostname))
+        elif name == "helo":
+            assert isinstance(event, Helo)
+            ctx.helo = event.name
+        awaiting = machine.awaiting_reply
+        if name == "eom":
+            assert isinstance(event, EndOfMessage)
+            verdict = await self._end_of_message(machine, ctx, event, writer)
+        else:
+            verdict = await app.dispatch(name, event, ctx)
+        if not awaiting:
+            if verdict is not None and not isinstance(verdict, Continue):
+                ctx.log.warning("reply_ignored", stage=name, reply=repr(verdict))
+            return b""
+        return self._answer(machine, ctx, name, verdict)
+
+    async def _on_other(self, machine: MilterConnection, ctx: Context, event: Event) -> bytes:
+        app = self.app
+        if isinstance(event, Macros):
+            return b""
+        if isinstance(event, Negotiate):
+            await app.dispatch("negotiate", event, ctx)
+            try:
+                reply = negotiate(event, self._requirements)
+            except NegotiationError as exc:
+                # As libmilter: close without replying; the MTA applies its failure policy.
+                ctx.log.error("negotiation_failed", error=str(exc))
+                raise ConnectionAbortedError(str(exc)) from exc
+            out = machine.send(reply)
+            ctx.options = machine.options
+            return out
+        if isinstance(event, Abort):
+            await app.dispatch("abort", event, ctx)
+            ctx.new_message()
+        return b""
+
+    async def _end_of_message(
+        self,
+        machine: MilterConnection,
+        ctx: Context,
+        event: EndOfMessage,
+        writer: asyncio.StreamWriter,
+    ) -> Verdict | Shutdown | None:
+        app = self.app
+        if event.chunk:  # libmilter treats data in end of message as a last body chunk
+            ctx.message.append_body(event.chunk)
+            await app.dispatch("body", Body(chunk=event.chunk), ctx)
+        ctx.enter_eom(True)
+        task = asyncio.ensure_future(app.dispatch("eom", event, ctx))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=app.config.progress_interval)
+                if done:
+                    return task.result()
+                writer.write(machine.send(Progress()))
+                await writer.drain()
+        finally:
+            if not task.done():
+                task.cancel()
+
+    def _answer(
+        self, machine: MilterConnection, ctx: Context, name: str, verdict: Verdict | Shutdown | None
+    ) -> bytes:
+        verdict = verdict or Continue()
+        if isinstance(verdict, Skip) and not (machine.options and machine.options.skip):
+            verdict = Continue()  # a hint we cannot pass on (e.g. keep_message needs the body)
+        out: list[bytes] = []
+        was_message = machine.state is ConnectionState.MESSAGE
+        if name == "eom":
+            if isinstance(verdict, Continue | Accept):
+                try:
+                    options = machine.options
+                    size = options.max_data_size if options else DEFAULT_MAX_DATA_SIZE
+                    out.extend(machine.send(mod) for mod in ctx.take_modifications(size))
+                except (LocalProtocolError, OSError, ValueError) as exc:
+                    ctx.log.error("modification_failed", error=str(exc))
+                    out.clear()
+                    verdict = self.app.config.fallback
+            ctx.enter_eom(False)
+        if name == "envrcpt" and isinstance(verdict, Reject | TempFail) and ctx.message.recipients:
+            ctx.message.recipients.pop()  # refused: the MTA will not deliver to it
+        try:
+            out.append(machine.send(verdict))
+        except LocalProtocolError as exc:
+            ctx.log.error("reply_refused", stage=name, reply=repr(verdict), error=str(exc))
+            out.append(machine.send(TempFail()))
+        if was_message and machine.state is not ConnectionState.MESSAGE:
+            ctx.new_message()
+        return b"".join(out)
+
+
+def _tempfail_pending(machine: MilterConnection, writer: asyncio.StreamWriter) -> None:
+    """Answer a command still waiting with TempFail before the connection closes."""
+    if machine.awaiting_reply and machine.pending_command != "O":
+        with contextlib.suppress(Exception):
+            writer.write(machine.send(TempFail()))
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    name = writer.get_extra_info("peername")
+    if isinstance(name, tuple) and len(name) >= 2:
+        host = f"[{name[0]}]" if ":" in str(name[0]) else str(name[0])
+        return f"{host}:{name[1]}"
+    local = writer.get_extra_info("sockname")
+    return str(name or local or "unknown")
