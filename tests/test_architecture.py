@@ -48,7 +48,7 @@ LAYERS: dict[str, int] = {
     "milterapp.listener": 5,
     "milterapp.session": 5,
     "milterapp.logconfig": 5,
-    "milterapp.testing": 5,
+    "milterapp.testing": 5,  # every module under milterapp/testing/ too (see layer_of)
     "milterapp.cli": 6,
     "milterapp.__main__": 6,
     # The package __init__ re-exports everything; its own imports are not checked, and only
@@ -115,6 +115,8 @@ def layer_of(module: str) -> int | None:
         return LAYERS[module]
     if module.startswith(PROTOCOL_PACKAGE + "."):
         return PROTOCOL_LAYER
+    if module.startswith("milterapp.testing."):
+        return LAYERS["milterapp.testing"]
     return None
 
 
