@@ -1,184 +1,213 @@
 """The ``milterapp`` command line (also ``python -m milterapp``).
 
-``milterapp demo`` plays the MTA's side of two SMTP transactions against a small milter,
-byte for byte through the protocol core, and prints the conversation.
+Commands: ``run`` serves an App from a module; ``send`` plays an MTA against any running
+milter with a message file; ``demo`` shows a milter at work; ``record`` records what an MTA
+and a milter say to each other. Setup errors are one line on stderr and a non-zero status.
 """
 
 from __future__ import annotations
 
 import argparse
-import ipaddress
+import asyncio
+import importlib
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from milterapp import (
-    AddHeader,
-    AddressFamily,
-    Body,
-    Connect,
-    Continue,
-    Data,
-    EndOfHeaders,
-    EndOfMessage,
-    EnvFrom,
-    EnvRcpt,
-    EsmtpArgs,
-    Event,
-    Header,
-    Helo,
-    Macros,
-    Negotiate,
-    Quit,
-    Reject,
-    __version__,
-)
-from milterapp.protocol.codec import decode_response, encode_command
-from milterapp.protocol.constants import ActionFlag, ProtocolFlag
-from milterapp.protocol.framing import FrameDecoder
-from milterapp.protocol.machine import MilterConnection
-from milterapp.protocol.negotiation import Requirements, negotiate
-from milterapp.replies import NegotiationReply, Reply
+from milterapp import __version__
+from milterapp.app import App
+from milterapp.errors import MilterError
+from milterapp.logconfig import configure_logging
 
 __all__ = ["main"]
 
-_BLOCKED_DOMAINS = frozenset({"blocked.example"})
-_NEEDS = Requirements(
-    events=frozenset({"envfrom", "header"}),
-    no_reply=frozenset({"header"}),
-    actions=ActionFlag.ADDHDRS,
-)
+
+class CommandError(Exception):
+    """A problem to report in one line, with the exit status to use."""
+
+    def __init__(self, message: str, status: int = 2) -> None:
+        super().__init__(message)
+        self.status = status
 
 
-def _demo_milter(event: Event) -> list[Reply]:
-    """The demo's filter: refuse blocked sender domains, stamp everything else."""
-    if isinstance(event, EnvFrom) and event.domain in _BLOCKED_DOMAINS:
-        return [Reject(code=550, xcode="5.7.1", text=f"mail from {event.domain} is refused")]
-    if isinstance(event, EndOfMessage):
-        return [AddHeader(name="X-Milterapp-Demo", value="checked"), Continue()]
-    return [Continue()]
+def load_app(target: str) -> App:
+    """Import ``module:attribute`` (attribute defaults to ``app``) and return the App."""
+    module_name, _, attribute = target.partition(":")
+    attribute = attribute or "app"
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # as `python -m` would, for local modules
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise CommandError(
+                f"module {module_name!r} not found (run from its directory?)"
+            ) from None
+        raise
+    app = getattr(module, attribute, None)
+    if not isinstance(app, App):
+        found = "nothing" if app is None else type(app).__name__
+        raise CommandError(f"{module_name}:{attribute} is {found}, not a milterapp App")
+    return app
 
 
-def _describe(event: Event) -> str:
-    """One line for a person: what the MTA said, in SMTP terms where there are some."""
-    match event:
-        case Negotiate():
-            return f"negotiate: version {event.version}, offers {event.actions!r}"
-        case Macros():
-            pairs = " ".join(f"{k}={v}" for k, v in event.values.items())
-            return f"macros for {event.stage!r}: {pairs}"
-        case Connect():
-            return f"connect from {event.hostname} [{event.address}]:{event.port}"
-        case Helo():
-            return f"EHLO {event.name}"
-        case EnvFrom():
-            return f"MAIL FROM:{event.raw} {' '.join(event.args.as_strings())}"
-        case EnvRcpt():
-            return f"RCPT TO:{event.raw}"
-        case Header():
-            return f"header {event.name}: {event.value}"
-        case Body():
-            return f"body chunk of {len(event.chunk)} bytes"
-    return type(event).__name__
+def _octal(text: str) -> int:
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode like 660") from None
 
 
-def _transaction(sender: str, recipient: str, subject: str) -> list[Event]:
-    headers = {"From": sender, "To": recipient, "Subject": subject}
-    return [
-        Macros(stage="M", values={"{mail_addr}": sender}),
-        EnvFrom(address=sender, args=EsmtpArgs.parse(["SIZE=120", "BODY=8BITMIME"])),
-        EnvRcpt(address=recipient),
-        Data(),
-        *(Header(name=name, value=value) for name, value in headers.items()),
-        EndOfHeaders(),
-        Body(chunk=b"Hello,\r\nthis is a sample message.\r\n"),
-        EndOfMessage(),
-    ]
-
-
-def _session() -> list[list[Event]]:
-    """The MTA's side, in groups: the MTA drops the rest of a group once it is refused."""
-    return [
-        [
-            Negotiate(version=6, actions=ActionFlag.ALL, protocol=ProtocolFlag.ALL),
-            Macros(stage="C", values={"j": "mx.example.net", "{daemon_name}": "smtpd"}),
-            Connect(
-                hostname="client.example.org",
-                family=AddressFamily.INET,
-                port=49974,
-                address=ipaddress.IPv4Address("192.0.2.10"),
-            ),
-            Helo(name="client.example.org"),
-        ],
-        _transaction("alice@example.org", "bob@example.net", "Lunch?"),
-        _transaction("spammer@blocked.example", "bob@example.net", "You won"),
-        [Quit()],
-    ]
-
-
-def _exchange(conn: MilterConnection, sent: Event, write: Callable[[str], object]) -> bool:
-    """Send one MTA command, print the milter's answers; return False if it refused."""
-    packet = encode_command(sent)
-    write(f"MTA    -> milter  {_describe(sent):<60} [{len(packet)} bytes]")
-    conn.receive_data(packet)
-    answered = FrameDecoder()
-    while (event := conn.next_event()) is not None:
-        if conn.awaiting_reply:
-            answers = [negotiate(event, _NEEDS)] if isinstance(event, Negotiate) else None
-            for reply in answers or _demo_milter(event):
-                answered.feed(conn.send(reply))
-    going_on = True
-    while (frame := answered.next_frame()) is not None:
-        reply = decode_response(*frame)
-        write(f"milter -> MTA     {type(reply).__name__}({_reply_fields(reply)})")
-        going_on = not isinstance(reply, Reject)
-    return going_on
-
-
-def run_demo(write: Callable[[str], object] = print) -> int:
-    """Play a Postfix-like MTA against the demo milter and print what crossed the wire."""
-    conn = MilterConnection()
-    write("milterapp demo: an MTA (Postfix-like) talks to a milter through the protocol core\n")
-    for group in _session():
-        for sent in group:
-            if not _exchange(conn, sent, write):
-                write("MTA: refused; the SMTP client is told why and this transaction ends\n")
-                break
-    write(
-        "\nWhat happened: the first message was accepted with the header"
-        " X-Milterapp-Demo added;\nthe second was refused at MAIL FROM with 550 5.7.1,"
-        " and the MTA skipped the rest of it.\n\nThe first message as the MTA delivers it:"
+def _add_server_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("server options (see docs/server.md)")
+    group.add_argument("--spec", help="where to listen, e.g. inet:10025@[127.0.0.1] or unix:/path")
+    group.add_argument("--backlog", type=int)
+    group.add_argument("--unix-socket-mode", type=_octal, metavar="MODE")
+    group.add_argument("--unix-socket-group", metavar="GROUP")
+    group.add_argument(
+        "--keep-stale-unix-socket",
+        dest="remove_unix_socket_on_create",
+        action="store_false",
+        default=None,
+        help="fail instead of removing a stale unix socket",
     )
-    write("  From: alice@example.org\n  To: bob@example.net\n  Subject: Lunch?")
-    write("  X-Milterapp-Demo: checked\n\n  Hello,\n  this is a sample message.")
-    return 0
-
-
-def _reply_fields(reply: Reply) -> str:
-    if isinstance(reply, NegotiationReply):
-        granted = "|".join(flag.name or "" for flag in ActionFlag if flag in reply.actions)
-        return f"version={reply.version}, actions={granted}, protocol=0x{reply.protocol:06x}"
-    data = reply.model_dump(exclude_defaults=True, exclude={"protocol", "actions"})
-    return ", ".join(f"{k}={v!r}" for k, v in data.items())
+    group.add_argument(
+        "--keep-unix-socket-on-close",
+        dest="remove_unix_socket_on_close",
+        action="store_false",
+        default=None,
+        help="leave the unix socket file when stopping",
+    )
+    group.add_argument("--timeout", type=float, help="idle seconds before a connection is closed")
+    group.add_argument("--shutdown-grace", type=float, help="seconds in-flight messages may take")
+    group.add_argument("--max-data-size", type=int, help="largest packet accepted, in bytes")
+    group.add_argument("--log-format", choices=["text", "json"], default="text")
+    group.add_argument("--log-level", default="INFO")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="milterapp", description="Write Postfix and Sendmail milters in Python."
+        prog="milterapp", description="Write, run and test Postfix and Sendmail milters."
     )
     parser.add_argument("--version", action="version", version=f"milterapp {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser(
-        "demo", help="show a sample conversation between an MTA and a milter", description=__doc__
+
+    run = commands.add_parser("run", help="serve an App", description="Serve module:app.")
+    run.add_argument("target", metavar="MODULE:APP", help="e.g. mymilter:app")
+    _add_server_options(run)
+
+    send = commands.add_parser(
+        "send",
+        help="send a message to any milter as an MTA would",
+        description="Talk to a running milter like Postfix or Sendmail and show its answers.",
     )
+    send.add_argument("message", type=Path, metavar="MESSAGE.eml")
+    send.add_argument("--spec", required=True, help="the milter, e.g. inet:10025@[127.0.0.1]")
+    send.add_argument("--from", dest="sender", default="sender@example.org")
+    send.add_argument("--to", dest="recipients", action="append", metavar="ADDR")
+    send.add_argument("--client-address", default="192.0.2.10")
+    send.add_argument("--client-name", default="client.example.org")
+    send.add_argument("--helo", default="client.example.org")
+    send.add_argument("--mta", choices=["postfix", "sendmail"], default="postfix")
+    send.add_argument("--json", action="store_true", help="print one JSON object")
+
+    demo = commands.add_parser("demo", help="show a milter at work (no setup needed)")
+    demo.add_argument("--wire", action="store_true", help="show the packets, without sockets")
+
+    record = commands.add_parser(
+        "record",
+        help="record an MTA's conversation with a milter",
+        description="Proxy between an MTA and a milter, writing every packet to a file.",
+    )
+    record.add_argument("--listen", required=True, help="where the MTA connects")
+    record.add_argument("--upstream", required=True, help="the milter")
+    record.add_argument("--out", required=True, type=Path, help="the recording (JSON lines)")
     return parser
 
 
+def _server_options(args: argparse.Namespace) -> dict[str, Any]:
+    names = (
+        "backlog",
+        "unix_socket_mode",
+        "unix_socket_group",
+        "remove_unix_socket_on_create",
+        "remove_unix_socket_on_close",
+        "timeout",
+        "shutdown_grace",
+        "max_data_size",
+    )
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _run(args: argparse.Namespace) -> int:
+    app = load_app(args.target)
+    spec = args.spec or os.environ.get("MILTERAPP_SPEC")
+    app.run(spec, log_format=args.log_format, log_level=args.log_level, **_server_options(args))
+    return 0
+
+
+def _send(args: argparse.Namespace) -> int:
+    from milterapp.testing.client import AsyncMilterTestClient
+
+    try:
+        data = args.message.read_bytes()
+    except OSError as exc:
+        raise CommandError(f"cannot read {args.message}: {exc.strerror}") from None
+
+    async def exchange() -> Any:
+        client = AsyncMilterTestClient(target=args.spec, mta=args.mta)
+        async with client:
+            await client.connect(
+                client_address=args.client_address, client_name=args.client_name, helo=args.helo
+            )
+            return await client.send_message(
+                data, sender=args.sender, recipients=args.recipients or ["recipient@example.net"]
+            )
+
+    try:
+        result = asyncio.run(exchange())
+    except (ConnectionError, FileNotFoundError) as exc:
+        raise CommandError(f"cannot talk to the milter at {args.spec}: {exc}", 1) from None
+    from milterapp.testing.report import print_result
+
+    print_result(result, data, sender=args.sender, as_json=args.json, write=print)
+    return 0
+
+
+def _record(args: argparse.Namespace) -> int:
+    from milterapp.testing.record import record_sync
+
+    configure_logging("text", "INFO")
+    record_sync(args.listen, args.upstream, args.out)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit code."""
+    """Run the command line; return the exit status."""
     args = _parser().parse_args(argv)
-    if args.command == "demo":
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "send":
+            return _send(args)
+        if args.command == "record":
+            return _record(args)
+        configure_logging("text", "WARNING")
+        if args.wire:
+            from milterapp.wiredemo import run_wire_demo
+
+            return run_wire_demo()
+        from milterapp.demo import run_demo
+
         return run_demo()
-    return 2  # pragma: no cover - argparse refuses unknown commands first
+    except CommandError as exc:
+        print(f"milterapp: error: {exc}", file=sys.stderr)
+        return exc.status
+    except MilterError as exc:
+        print(f"milterapp: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

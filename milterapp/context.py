@@ -57,6 +57,16 @@ class Message:
         self._spool_threshold = spool_threshold
         self._body: IO[bytes] | None = None
 
+    # Own attributes are part of the API (ctx.message.score = 5); these two methods also tell
+    # type checkers so, and make a typo a clear error.
+    def __getattr__(self, name: str) -> Any:
+        raise AttributeError(
+            f"ctx.message has no attribute {name!r}: set it first (ctx.message.{name} = ...)"
+        )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+
     @property
     def queue_id(self) -> str | None:
         """The MTA's queue id (macro ``i``) once the MTA has sent it."""

@@ -216,7 +216,10 @@ class MilterServer:
     def request_stop(self) -> None:
         """Ask for a graceful shutdown; safe from any thread and from signal handlers."""
         loop = self._loop
-        if loop is None or loop.is_closed():
+        if loop is None:  # not started yet: called from the thread that will start it
+            self._stop.set()
+            return
+        if loop.is_closed():
             return
         try:
             running = asyncio.get_running_loop()
@@ -298,12 +301,13 @@ async def serve(
     server = MilterServer(
         app, ServerOptions.model_validate(_parsed_spec({"spec": spec, **options}))
     )
-    await server.start()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
+    # Before start(): a signal that arrives while starting still stops the server cleanly.
     for signum in signals:
         loop.add_signal_handler(signum, server.request_stop)
     try:
+        await server.start()
         await server.wait_stopped()
     finally:
         for signum in signals:

@@ -50,6 +50,8 @@ LAYERS: dict[str, int] = {
     "milterapp.logconfig": 5,
     "milterapp.testing": 5,  # every module under milterapp/testing/ too (see layer_of)
     "milterapp.cli": 6,
+    "milterapp.demo": 6,
+    "milterapp.wiredemo": 6,
     "milterapp.__main__": 6,
     # The package __init__ re-exports everything; its own imports are not checked, and only
     # top-layer modules may import from it (anything lower would be an import cycle).
