@@ -155,10 +155,19 @@ class Connect(Event):
     port: int | None = Field(default=None, ge=0, le=65535)
     address: IPAddress | str | None = None
 
-    @field_validator("address", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _parse_address(cls, value: object) -> object:
-        return _ip_address(value)
+    def _parse_address(cls, data: Any) -> Any:
+        # An address given as text becomes an ipaddress object for INET/INET6 (never for a
+        # unix socket path, which may look like anything).
+        if isinstance(data, dict) and data.get("family") in (
+            AddressFamily.INET,
+            AddressFamily.INET6,
+            "4",
+            "6",
+        ):
+            return {**data, "address": _ip_address(data.get("address"))}
+        return data
 
     @model_validator(mode="after")
     def _check_family(self) -> Connect:

@@ -19,6 +19,10 @@ __all__ = ["LogFormat", "configure_logging"]
 LogFormat: TypeAlias = Literal["text", "json"]
 
 
+def _stderr_logger(*args: object) -> structlog.PrintLogger:
+    return structlog.PrintLogger(file=sys.stderr)
+
+
 def configure_logging(log_format: LogFormat = "text", level: str | int = "INFO") -> None:
     """Send structlog events to stderr as ``key=value`` text or JSON, from ``level`` up."""
     if isinstance(level, str):
@@ -40,6 +44,8 @@ def configure_logging(log_format: LogFormat = "text", level: str | int = "INFO")
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # Resolve sys.stderr when each logger is made, not now: it may be replaced later
+        # (test runners capture it), and a closed one would break every later log call.
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
