@@ -7,7 +7,8 @@ import re
 
 from milterapp import App, Context, EndOfMessage
 
-CARD = re.compile(rb"\b(?:\d[ -]?){13,16}\b")
+# 13 to 16 digits, single spaces or dashes allowed between them (not after the last one).
+CARD = re.compile(rb"\b\d(?:[ -]?\d){12,15}\b")
 
 app = App("redact", keep_message=True)
 
