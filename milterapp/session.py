@@ -176,22 +176,31 @@ class ConnectionHandler:
         await self.app.dispatch("close", event, self.ctx)
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        machine = self.machine
         app = self.app
         assert self.ctx is not None
         await app.dispatch("open", ConnectionOpened(peer=self.ctx.peer), self.ctx)
-        timeout = self.timeout
+        idle = _IdleTimer(self.timeout, writer)
+        try:
+            await self._serve(reader, writer, idle)
+        finally:
+            idle.cancel()
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, idle: _IdleTimer
+    ) -> None:
+        machine = self.machine
+        app = self.app
+        assert self.ctx is not None
         while True:
             self.idle = machine.state is not ConnectionState.MESSAGE
             if self.idle and self._stopping():
                 self.ctx.log.info("closing_for_shutdown")
                 return
-            try:
-                async with asyncio.timeout(timeout):
-                    data = await reader.read(READ_SIZE)
-            except TimeoutError:
-                self.ctx.log.info("idle_timeout", timeout=timeout)
+            data = await reader.read(READ_SIZE)
+            if idle.expired:
+                self.ctx.log.info("idle_timeout", timeout=self.timeout)
                 return
+            idle.touch()
             self.idle = False
             machine.receive_data(data)
             while (event := machine.next_event()) is not None:
@@ -330,6 +339,38 @@ def _tempfail_pending(machine: MilterConnection, writer: asyncio.StreamWriter) -
     if machine.awaiting_reply and machine.pending_command != "O":
         with contextlib.suppress(Exception):
             writer.write(machine.send(TempFail()))
+
+
+class _IdleTimer:
+    """Closes the connection after ``timeout`` seconds without data from the MTA.
+
+    One timer per period, not one per read: a read only records the time (the per-read
+    ``asyncio.timeout`` cost about a tenth of the server's time under load).
+    """
+
+    __slots__ = ("_handle", "_last", "_loop", "_timeout", "_writer", "expired")
+
+    def __init__(self, timeout: float, writer: asyncio.StreamWriter) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._timeout = timeout
+        self._writer = writer
+        self._last = self._loop.time()
+        self.expired = False
+        self._handle = self._loop.call_later(timeout, self._check)
+
+    def touch(self) -> None:
+        self._last = self._loop.time()
+
+    def _check(self) -> None:
+        left = self._last + self._timeout - self._loop.time()
+        if left > 0:
+            self._handle = self._loop.call_later(left, self._check)
+            return
+        self.expired = True
+        self._writer.transport.close()  # the pending read then returns end of file
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 def _no_delay(writer: asyncio.StreamWriter) -> None:

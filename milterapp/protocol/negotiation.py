@@ -194,6 +194,10 @@ def negotiate(offer: Negotiate, needs: Requirements) -> NegotiationReply:
 
     actions = (needs.actions | needs.required_actions) & offered_actions
     macros = needs.macros if offered_actions & ActionFlag.SETSYMLIST else {}
+    if MacroStage.EOM in macros and MacroStage.EOH not in macros:
+        # Sendmail uses a milter's end-of-message list only if it also sent an end-of-header
+        # list (milter.c picks the EOM list by the EOH flag; seen with Sendmail 8.17).
+        macros = {**macros, MacroStage.EOH: ()}
     if macros:
         actions |= ActionFlag.SETSYMLIST
 

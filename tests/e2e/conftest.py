@@ -85,3 +85,43 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         mta = item.funcargs.get("mta") if hasattr(item, "funcargs") else None
         if isinstance(mta, Mta):
             report.sections.append(("postfix maillog", mta.postfix.log()[-20000:]))
+
+
+@pytest.fixture(scope="session", params=["inet", "unix"])
+def sendmail_mta(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A private Sendmail 8.17 calling a milter over inet, then over a unix socket.
+
+    Sendmail is unpacked, not installed (tests/e2e/sendmail.py); a failed test that used
+    this fixture gets Sendmail's logs in its report.
+    """
+    from tests.e2e.sendmail import (
+        Sendmail,
+        SendmailLogReporter,
+        SendmailMta,
+        sendmail_available,
+    )
+
+    reason = sendmail_available()
+    if reason:
+        _skip_or_fail(reason)
+    transport: str = request.param
+    root = Path(tempfile.mkdtemp(prefix="sm-", dir="/tmp"))  # short: unix path limit
+    try:
+        if transport == "inet":
+            port = free_port()
+            milter_spec, sendmail_spec = f"inet:{port}@[127.0.0.1]", f"inet:{port}@127.0.0.1"
+        else:
+            path = root / "milter.sock"
+            milter_spec, sendmail_spec = f"unix:{path}", f"local:{path}"
+        sendmail = Sendmail(root=root / "sendmail", milter=sendmail_spec)
+        sendmail.start()
+        mta = SendmailMta(sendmail, milter_spec, transport)
+        reporter = SendmailLogReporter(mta)
+        request.config.pluginmanager.register(reporter)
+        try:
+            yield mta
+        finally:
+            request.config.pluginmanager.unregister(reporter)
+            sendmail.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -260,8 +260,15 @@ def test_negotiate_macros_requested_per_stage() -> None:
     reply = negotiate(POSTFIX_OFFER, Requirements(macros=macros))
 
     assert reply.actions & ActionFlag.SETSYMLIST
-    assert reply.macros == macros
+    # An empty end-of-header list comes with the end-of-message one: Sendmail ignores an EOM
+    # list sent alone (confirmed by tests/e2e/test_sendmail.py).
+    assert reply.macros == {**macros, MacroStage.EOH: ()}
     session_options(POSTFIX_OFFER, reply)
+
+
+def test_negotiate_keeps_an_explicit_eoh_list_with_eom() -> None:
+    macros = {MacroStage.EOM: ("i",), MacroStage.EOH: ("{mail_addr}",)}
+    assert negotiate(POSTFIX_OFFER, Requirements(macros=macros)).macros == macros
 
 
 def test_negotiate_macros_dropped_without_setsymlist() -> None:
