@@ -18,7 +18,7 @@ from typing import Any
 
 from milterapp import __version__
 from milterapp.app import App
-from milterapp.errors import MilterError
+from milterapp.errors import MilterError, ProtocolError
 from milterapp.logconfig import configure_logging
 
 __all__ = ["main"]
@@ -84,7 +84,12 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--shutdown-grace", type=float, help="seconds in-flight messages may take")
     group.add_argument("--max-data-size", type=int, help="largest packet accepted, in bytes")
     group.add_argument("--log-format", choices=["text", "json"], default="text")
-    group.add_argument("--log-level", default="INFO")
+    group.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -112,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--helo", default="client.example.org")
     send.add_argument("--mta", choices=["postfix", "sendmail"], default="postfix")
     send.add_argument("--json", action="store_true", help="print one JSON object")
+    send.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for each answer (30)"
+    )
 
     demo = commands.add_parser("demo", help="show a milter at work (no setup needed)")
     demo.add_argument("--wire", action="store_true", help="show the packets, without sockets")
@@ -157,7 +165,7 @@ def _send(args: argparse.Namespace) -> int:
         raise CommandError(f"cannot read {args.message}: {exc.strerror}") from None
 
     async def exchange() -> Any:
-        client = AsyncMilterTestClient(target=args.spec, mta=args.mta)
+        client = AsyncMilterTestClient(target=args.spec, mta=args.mta, timeout=args.timeout)
         async with client:
             await client.connect(
                 client_address=args.client_address, client_name=args.client_name, helo=args.helo
@@ -170,6 +178,11 @@ def _send(args: argparse.Namespace) -> int:
         result = asyncio.run(exchange())
     except (ConnectionError, FileNotFoundError) as exc:
         raise CommandError(f"cannot talk to the milter at {args.spec}: {exc}", 1) from None
+    except TimeoutError:
+        message = f"the milter at {args.spec} did not answer within {args.timeout:g} s"
+        raise CommandError(message, 1) from None
+    except ProtocolError as exc:
+        raise CommandError(f"the milter at {args.spec} broke the protocol: {exc}", 1) from None
     from milterapp.testing.report import print_result
 
     print_result(result, data, sender=args.sender, as_json=args.json, write=print)
@@ -187,6 +200,15 @@ def _record(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except BrokenPipeError:
+        # Output piped into `head` and the like: stop quietly, as other tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         if args.command == "run":
             return _run(args)

@@ -165,3 +165,45 @@ def test_run_serves_a_module_app_until_sigterm(tmp_path: Path) -> None:
             process.terminate()
             assert process.wait(timeout=30) == 0
     assert not socket_path.exists()
+
+
+def test_record_command_records_until_sigterm(tmp_path: Path) -> None:
+    from milterapp.testing.record import load_recording
+
+    out = tmp_path / "session.jsonl"
+    listen = f"unix:{tmp_path}/proxy.sock"
+    with ServerThread(guard_app(), "inet:0@[127.0.0.1]") as server:
+        host, port = server.address
+        upstream = f"inet:{port}@[{host}]"
+        process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [
+                sys.executable,
+                "-m",
+                "milterapp",
+                "record",
+                "--listen",
+                listen,
+                "--upstream",
+                upstream,
+                "--out",
+                str(out),
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        with process:
+            try:
+                assert process.stderr is not None
+                while "recording" not in (line := process.stderr.readline()):
+                    assert line, "the recorder exited before listening"
+                message = tmp_path / "m.eml"
+                message.write_bytes(b"Subject: hi\r\n\r\nhello\r\n")
+                assert main(["send", "--spec", listen, str(message)]) == 0
+            finally:
+                process.terminate()
+                assert process.wait(timeout=30) == 0
+    recording = load_recording(out)
+    assert len(recording.connections) == 1
+    commands = [p.cmd for p in recording.connections[0].packets if p.dir == "mta"]
+    assert commands[0] == "O"
+    assert "E" in commands

@@ -154,6 +154,13 @@ def test_every_block_language_has_a_rule() -> None:
 
 def test_markers_are_known_and_on_python_blocks() -> None:
     problems = []
+    for path in FILES:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines, 1):
+            if _MARKER.match(line) and not (number < len(lines) and _FENCE.match(lines[number])):
+                problems.append(
+                    f"{path.relative_to(ROOT)}:{number}: a marker not followed by a fence"
+                )
     for block in BLOCKS:
         if block.verb is None:
             continue

@@ -195,6 +195,9 @@ class AsyncMilterTestClient:
             client = await MtaClient.connect(self.target, timeout=self.timeout)
             self._reader, self._writer = client.reader, client.writer
         await self._send(self.mta.offer)
+        reply = self.mta.reply
+        if reply is not None and reply.macros:  # the MTA now sends the lists the milter asked for
+            self.profile = self.profile.with_requested_macros(reply.macros)
 
     async def close(self) -> None:
         """Quit, close the connection, and re-raise a handler error the milter hit."""
@@ -297,16 +300,28 @@ class AsyncMilterTestClient:
         except ValueError as exc:
             raise ValueError(f"the message to send is malformed: {exc}") from None
         self._queue_ids += 1
-        extra = {**self.facts.extra, **{k: dict(v) for k, v in (macros or {}).items()}}
+        session_extra = self.facts.extra
+        extra = {**session_extra, **{k: dict(v) for k, v in (macros or {}).items()}}
+        # The profile decides at which stages the queue id is visible (Postfix: after the
+        # first accepted recipient; Sendmail: from MAIL on).
         self.facts = self.facts.model_copy(
-            update={"sender": sender, "queue_id": None, "extra": extra, "recipient": None}
+            update={
+                "sender": sender,
+                "queue_id": f"Q{self._queue_ids:09X}",
+                "accepted_recipients": 0,
+                "recipient": None,
+                "extra": extra,
+            }
         )
-        result = MessageResult()
-        outcome = await self._envelope(result, sender, recipients, list(mail_args))
-        if outcome is None:
-            outcome = await self._content(result, headers, body)
-        result.verdict, result.stage = outcome
-        await self._end_message(result, sender, headers, body)
+        try:
+            result = MessageResult()
+            outcome = await self._envelope(result, sender, recipients, list(mail_args))
+            if outcome is None:
+                outcome = await self._content(result, headers, body)
+            result.verdict, result.stage = outcome
+            await self._end_message(result, sender, headers, body)
+        finally:
+            self.facts = self.facts.model_copy(update={"extra": session_extra})
         return result
 
     async def _envelope(
@@ -318,9 +333,8 @@ class AsyncMilterTestClient:
             return answer.verdict or Continue(), "envfrom"
         accepted = 0
         for recipient in recipients:
-            if accepted and self.profile.queue_id_from_rcpt and self.facts.queue_id is None:
-                self.facts = self.facts.model_copy(update={"queue_id": f"Q{self._queue_ids:09X}"})
-            self.facts = self.facts.model_copy(update={"recipient": recipient})
+            update = {"recipient": recipient, "accepted_recipients": accepted}
+            self.facts = self.facts.model_copy(update=update)
             answer = await self._command(EnvRcpt.from_raw(f"<{recipient}>"), "envrcpt", result)
             verdict: Verdict | Shutdown = (
                 answer.verdict if answer and answer.verdict else Continue()
@@ -332,8 +346,7 @@ class AsyncMilterTestClient:
                 accepted += 1
         if not accepted:  # every recipient refused: no DATA
             return next(iter(result.recipients.values()), Reject()), "envrcpt"
-        if self.facts.queue_id is None:
-            self.facts = self.facts.model_copy(update={"queue_id": f"Q{self._queue_ids:09X}"})
+        self.facts = self.facts.model_copy(update={"accepted_recipients": accepted})
         return None
 
     async def _content(

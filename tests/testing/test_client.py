@@ -173,3 +173,58 @@ def test_async_client_against_a_server_over_a_socket() -> None:
 def test_client_needs_exactly_one_of_app_or_target() -> None:
     with pytest.raises(ValueError, match="either an App"):
         AsyncMilterTestClient()
+
+
+def test_client_sends_the_macros_the_app_asked_for() -> None:
+    app = App("macros", macros={"envfrom": ["{client_addr}"]})
+    seen: list[str | None] = []
+
+    @app.on("envfrom")
+    def mail(event: EnvFrom, ctx: Context) -> None:
+        seen.append(ctx.macros.get("client_addr"))
+
+    with MilterTestClient(app) as client:
+        client.connect(client_address="198.51.100.7")
+        client.send_message(MESSAGE)
+    assert seen == ["198.51.100.7"]
+
+
+def test_client_queue_id_timing_follows_the_mta() -> None:
+    def recorder() -> tuple[App, list[tuple[str, str | None]]]:
+        app = App("queue-id")
+        seen: list[tuple[str, str | None]] = []
+
+        @app.on("envfrom")
+        def mail(event: EnvFrom, ctx: Context) -> None:
+            seen.append(("mail", ctx.macros.get("i")))
+
+        @app.on("envrcpt")
+        def rcpt(event: EnvRcpt, ctx: Context) -> None:
+            seen.append(("rcpt", ctx.macros.get("i")))
+
+        return app, seen
+
+    postfix_app, postfix_seen = recorder()
+    with MilterTestClient(postfix_app) as client:
+        client.send_message(MESSAGE, recipients=["a@example.net", "b@example.net"])
+    sendmail_app, sendmail_seen = recorder()
+    with MilterTestClient(sendmail_app, mta="sendmail") as client:
+        client.send_message(MESSAGE, recipients=["a@example.net"])
+    # Postfix: no queue id at MAIL and the first RCPT, then it is known.
+    assert [value is not None for _, value in postfix_seen] == [False, False, True]
+    # Sendmail: known from MAIL on.
+    assert all(value is not None for _, value in sendmail_seen)
+
+
+def test_client_per_message_macros_do_not_leak_into_the_next_message() -> None:
+    app = App("leak")
+    seen: list[str | None] = []
+
+    @app.on("envfrom")
+    def mail(event: EnvFrom, ctx: Context) -> None:
+        seen.append(ctx.macros.get("{auth_authen}"))
+
+    with MilterTestClient(app) as client:
+        client.send_message(MESSAGE, macros={"M": {"{auth_authen}": "alice"}})
+        client.send_message(MESSAGE)
+    assert seen == ["alice", None]
