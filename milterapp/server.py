@@ -28,19 +28,6 @@ from milterapp.errors import (
     ServerErrorKind,
     SetupError,
 )
-from milterapp.events import (
-    Body,
-    Connect,
-    Data,
-    EndOfHeaders,
-    EndOfMessage,
-    EnvFrom,
-    EnvRcpt,
-    Event,
-    Header,
-    Helo,
-    Unknown,
-)
 from milterapp.listener import Listener, adopt, open_listener, systemd_socket
 from milterapp.logconfig import LogFormat, configure_logging
 from milterapp.protocol.constants import DEFAULT_MAX_DATA_SIZE, MAX_DATA_SIZE_1M
@@ -58,18 +45,6 @@ __all__ = [
 ]
 
 _READ_SIZE: Final = 256 * 1024
-_HANDLER_NAMES: Final[dict[type[Event], str]] = {
-    Connect: "connect",
-    Helo: "helo",
-    EnvFrom: "envfrom",
-    EnvRcpt: "envrcpt",
-    Data: "data",
-    Unknown: "unknown",
-    Header: "header",
-    EndOfHeaders: "eoh",
-    Body: "body",
-    EndOfMessage: "eom",
-}
 
 
 class ServerOptions(BaseModel):
