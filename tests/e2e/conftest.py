@@ -20,7 +20,8 @@ import pytest
 
 from milterapp.app import App
 from milterapp.testing import ServerThread
-from tests.e2e.postfix import Postfix, free_port, postfix_available
+from tests.e2e.common import free_port
+from tests.e2e.postfix import Postfix, postfix_available
 
 
 @dataclass

@@ -14,12 +14,16 @@ import json
 import os
 import pwd
 import shutil
-import socket
 import subprocess
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
+from typing import TypeVar
+
+from tests.e2e.common import free_port, poll
+
+T = TypeVar("T")
 
 POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
 POSTQUEUE = shutil.which("postqueue") or "/usr/sbin/postqueue"
@@ -74,13 +78,6 @@ def sasl_available() -> bool:
     )
     has_plain = any(Path(d).glob("libplain.so*") for d in plugins if Path(d).is_dir())
     return os.path.exists(SASLPASSWD) and has_plain
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -312,17 +309,8 @@ class Postfix:
         self._poll(lambda: [1] if text in self.log() else [], 1, timeout, f"{text!r} in the log")
         return self.log()
 
-    def _poll(self, read, count: int, timeout: float, what: str):  # type: ignore[no-untyped-def]
-        # Delivery happens in Postfix's own processes: polling its results is the only way
-        # to observe it; the interval is short and the wait bounded.
-        deadline = time.monotonic() + timeout
-        while True:
-            items = read()
-            if len(items) >= count:
-                return items
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}\n--- maillog ---\n{self.log()}")
-            time.sleep(0.05)
+    def _poll(self, read: Callable[[], list[T]], count: int, timeout: float, what: str) -> list[T]:
+        return poll(read, count, timeout, what, self.log)
 
 
 def _parse(data: bytes) -> EmailMessage:

@@ -40,6 +40,7 @@ import pytest
 
 from milterapp.app import App
 from milterapp.testing import ServerThread
+from tests.e2e.common import free_port, poll
 from tests.e2e.smtpsink import Delivery, SmtpSink
 
 #: Where .ci/run unpacks the Sendmail packages.
@@ -75,13 +76,6 @@ def sendmail_available() -> str | None:
     if os.geteuid() != 0:
         return "a private Sendmail needs root here (namespaces, bind mounts, port binding)"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -363,16 +357,7 @@ exec "$@"
         return result.stdout + result.stderr
 
     def _poll(self, read: Callable[[], list[T]], count: int, timeout: float, what: str) -> list[T]:
-        # Delivery happens in Sendmail's own processes: polling its results is the only way
-        # to observe it; the interval is short and the wait bounded.
-        deadline = time.monotonic() + timeout
-        while True:
-            items = read()
-            if len(items) >= count:
-                return items
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}\n{self.log()}")
-            time.sleep(0.05)
+        return poll(read, count, timeout, what, self.log)
 
 
 def _accepts(port: int) -> bool:

@@ -23,6 +23,7 @@ from milterapp import (
     TempFail,
 )
 from milterapp.app import App
+from tests.e2e.common import SENDER, message
 from tests.e2e.conftest import Mta
 from tests.e2e.postfix import (
     AUTH_PASSWORD,
@@ -31,13 +32,6 @@ from tests.e2e.postfix import (
     MAILBOX_NAMES,
     sasl_available,
 )
-
-SENDER = "sender@test.example"
-
-
-def message(subject: str, body: str = "Hello.\r\n", **headers: str) -> bytes:
-    head = "".join(f"{name.replace('_', '-')}: {value}\r\n" for name, value in headers.items())
-    return f"From: {SENDER}\r\nSubject: {subject}\r\n{head}\r\n{body}".encode()
 
 
 def send(

@@ -25,14 +25,8 @@ from milterapp import (
 )
 from milterapp.app import App
 from milterapp.events import Connect
+from tests.e2e.common import SENDER, message
 from tests.e2e.sendmail import HOSTNAME, SendmailMta
-
-SENDER = "sender@test.example"
-
-
-def message(subject: str, body: str = "Hello.\r\n", **headers: str) -> bytes:
-    head = "".join(f"{name.replace('_', '-')}: {value}\r\n" for name, value in headers.items())
-    return f"From: {SENDER}\r\nSubject: {subject}\r\n{head}\r\n{body}".encode()
 
 
 def send(
