@@ -13,7 +13,7 @@ import asyncio
 import inspect
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Final, Literal, TypeAlias, TypeVar, overload
+from typing import Any, Final, Literal, TypeAlias, TypeVar, get_args, overload
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -31,6 +31,7 @@ from milterapp.events import (
     EnvFrom,
     EnvRcpt,
     Event,
+    EventName,
     Header,
     Helo,
     Negotiate,
@@ -56,23 +57,8 @@ from milterapp.replies import (
 
 __all__ = ["ALIASES", "EVENT_NAMES", "App", "AppConfig", "CloseEvent", "HandlerName"]
 
-#: Canonical handler names, in the order events arrive.
-EVENT_NAMES: Final = (
-    "negotiate",
-    "open",
-    "connect",
-    "helo",
-    "envfrom",
-    "envrcpt",
-    "data",
-    "unknown",
-    "header",
-    "eoh",
-    "body",
-    "eom",
-    "abort",
-    "close",
-)
+#: Canonical handler names, in the order events arrive (see :data:`milterapp.events.EventName`).
+EVENT_NAMES: Final[tuple[str, ...]] = get_args(EventName)
 #: milter-manager's signal names (and a few spellings people type) for the same events.
 ALIASES: Final = {
     "connection-established": "open",

@@ -411,10 +411,11 @@ class ConnectionClosed(Event):
     command: ClassVar[bytes] = b""
 
 
-#: Literal names of the events that reach applications, in protocol order.
+#: Literal names of the events that reach applications, in the order they arrive (``unknown``
+#: may come at any point after ``connect``; ``abort`` ends a message instead of ``eom``).
 EventName: TypeAlias = Literal[
-    "negotiate",
     "open",
+    "negotiate",
     "connect",
     "helo",
     "envfrom",

@@ -41,9 +41,9 @@ def handler(event: Event) -> None:
 
 
 def test_event_names_and_aliases() -> None:
-    assert EVENT_NAMES == (
-        "negotiate",
+    assert EVENT_NAMES == (  # the order events arrive: the connection opens, then negotiation
         "open",
+        "negotiate",
         "connect",
         "helo",
         "envfrom",
