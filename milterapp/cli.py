@@ -60,6 +60,16 @@ def _octal(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode like 660") from None
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 def _add_server_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server options (see docs/server.md)")
     group.add_argument("--spec", help="where to listen, e.g. inet:10025@[127.0.0.1] or unix:/path")
@@ -83,6 +93,9 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--timeout", type=float, help="idle seconds before a connection is closed")
     group.add_argument("--shutdown-grace", type=float, help="seconds in-flight messages may take")
     group.add_argument("--max-data-size", type=int, help="largest packet accepted, in bytes")
+    group.add_argument(
+        "--workers", type=_positive, default=1, metavar="N", help="processes serving (Linux; 1)"
+    )
     group.add_argument("--log-format", choices=["text", "json"], default="text")
     group.add_argument(
         "--log-level",
@@ -152,7 +165,13 @@ def _server_options(args: argparse.Namespace) -> dict[str, Any]:
 def _run(args: argparse.Namespace) -> int:
     app = load_app(args.target)
     spec = args.spec or os.environ.get("MILTERAPP_SPEC")
-    app.run(spec, log_format=args.log_format, log_level=args.log_level, **_server_options(args))
+    app.run(
+        spec,
+        workers=args.workers,
+        log_format=args.log_format,
+        log_level=args.log_level,
+        **_server_options(args),
+    )
     return 0
 
 

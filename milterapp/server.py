@@ -318,6 +318,7 @@ def run(
     app: App,
     spec: str | ConnectionSpec | None = None,
     *,
+    workers: int = 1,
     log_format: LogFormat = "text",
     log_level: str = "INFO",
     **options: Any,
@@ -327,14 +328,28 @@ def run(
     ``spec`` defaults to ``--spec`` on the command line, then ``$MILTERAPP_SPEC``, then the
     loopback default. Configures logging (key=value on stderr, or JSON). A setup problem
     (bad spec, address in use, failing startup hook) is one line on stderr and exit code 1.
+    ``workers`` above 1 forks that many processes to serve the socket (Linux; see
+    :mod:`milterapp.workers`).
     """
     configure_logging(log_format, log_level)
     spec = spec or _spec_from_argv(sys.argv[1:]) or os.environ.get("MILTERAPP_SPEC") or None
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        message = f"workers: must be a whole number, at least 1 (not {workers!r})"
+        print(f"milterapp: error: invalid option: {message}", file=sys.stderr)
+        raise SystemExit(1)
     try:
-        asyncio.run(serve(app, spec, handle_signals=True, **options))
+        if workers == 1:
+            asyncio.run(serve(app, spec, handle_signals=True, **options))
+            return
+        from milterapp.workers import run_workers  # deferred: workers builds on this module
+
+        server_options = ServerOptions.model_validate(_parsed_spec({"spec": spec, **options}))
+        status = run_workers(app, server_options, workers)
     except MilterError as exc:
         print(f"milterapp: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     except ValidationError as exc:  # pydantic validation of the options
         print(f"milterapp: error: invalid option: {_one_line(exc)}", file=sys.stderr)
         raise SystemExit(1) from None
+    if status:
+        raise SystemExit(status)

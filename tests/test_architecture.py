@@ -48,6 +48,7 @@ LAYERS: dict[str, int] = {
     "milterapp.listener": 5,
     "milterapp.session": 5,
     "milterapp.logconfig": 5,
+    "milterapp.workers": 5,
     "milterapp.testing": 5,  # every module under milterapp/testing/ too (see layer_of)
     "milterapp.cli": 6,
     "milterapp.demo": 6,

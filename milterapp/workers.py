@@ -1,0 +1,240 @@
+"""Worker processes: N forked processes serve one listening socket (Linux only).
+
+The parent opens the socket once (and alone removes a unix socket file at the end), then
+forks the workers. Each worker runs the app's startup hooks, serves the inherited socket
+with asyncio as a single-process server does, and runs the shutdown hooks when it stops.
+The parent only supervises: a worker that dies is logged (``worker_died``) and replaced,
+with a growing delay while workers die young; after more than ``MAX_FAST_DEATHS`` such
+deaths in a row it stops everything and exits 1. SIGTERM or SIGINT to the parent is passed
+to every worker as SIGTERM; they drain gracefully, then the socket is closed and removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Final, NoReturn
+
+import structlog
+
+from milterapp.app import App
+from milterapp.errors import MilterError, SetupError
+from milterapp.listener import Listener, adopt, open_listener, systemd_socket
+from milterapp.server import ServerOptions, serve
+
+__all__ = ["MAX_FAST_DEATHS", "YOUNG", "run_workers"]
+
+#: A worker that dies less than this many seconds after it started died young.
+YOUNG: Final = 1.0
+#: More young deaths in a row than this is a crash loop: the parent gives up.
+MAX_FAST_DEATHS: Final = 5
+#: Seconds the parent waits beyond ``shutdown_grace`` before it SIGKILLs a worker.
+_KILL_MARGIN: Final = 10.0
+_STOP_SIGNALS: Final = frozenset({signal.SIGTERM, signal.SIGINT})
+_SIGNALS: Final = _STOP_SIGNALS | {signal.SIGCHLD}
+
+
+@dataclass
+class _Worker:
+    slot: int
+    started: float
+
+
+def open_shared_listener(options: ServerOptions) -> Listener:
+    """Open the socket the workers share, as a single-process server would open it."""
+    if options.listen_socket is not None:
+        return adopt(options.listen_socket)
+    if options.socket_activation and (inherited := systemd_socket()) is not None:
+        return adopt(inherited)
+    return open_listener(
+        options.spec,
+        backlog=options.backlog,
+        unix_socket_mode=options.unix_socket_mode,
+        unix_socket_group=options.unix_socket_group,
+        remove_unix_socket_on_create=options.remove_unix_socket_on_create,
+        remove_unix_socket_on_close=options.remove_unix_socket_on_close,
+    )
+
+
+def run_workers(app: App, options: ServerOptions, count: int) -> int:
+    """Serve ``app`` with ``count`` worker processes until SIGTERM or SIGINT.
+
+    Returns the exit status: 0 after a graceful stop, 1 after a crash loop.
+
+    Raises:
+        SetupError: not on Linux.
+        ServerError: the socket cannot be opened.
+    """
+    if sys.platform != "linux":
+        raise SetupError("workers > 1 needs Linux (fork() and sigwaitinfo()); use workers=1")
+    listener = open_shared_listener(options)
+    # Blocked signals wait for sigwaitinfo(): none is lost between fork() and the wait.
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    supervisor = _Supervisor(app, options, listener, count, old_mask)
+    try:
+        return supervisor.run()
+    except BaseException:
+        supervisor.stop_workers()  # never leave workers behind, whatever went wrong
+        raise
+    finally:
+        listener.close()
+        while signal.sigtimedwait(_SIGNALS, 0) is not None:
+            pass  # a second SIGTERM or Ctrl-C during the stop must not kill us once unblocked
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+class _Supervisor:
+    def __init__(
+        self,
+        app: App,
+        options: ServerOptions,
+        listener: Listener,
+        count: int,
+        old_mask: Iterable[int],
+    ) -> None:
+        self.app = app
+        self.options = options
+        self.listener = listener
+        self.count = count
+        self.old_mask = old_mask
+        self.workers: dict[int, _Worker] = {}
+        self.restarts: list[tuple[float, int]] = []  # (when, slot)
+        self.young_deaths = 0
+        self.log: Any = structlog.get_logger("milterapp").bind(
+            app=app.name, listen=listener.description
+        )
+
+    def run(self) -> int:
+        self.log.info("workers_starting", workers=self.count)
+        for slot in range(1, self.count + 1):
+            self._spawn(slot)
+        while True:
+            info = self._wait(self._next_restart())
+            if info is not None and info.si_signo in _STOP_SIGNALS:
+                self.log.info("stopping", signal=signal.Signals(info.si_signo).name)
+                self.stop_workers()
+                self.log.info("stopped")
+                return 0
+            self._reap()
+            if self.young_deaths > MAX_FAST_DEATHS:
+                self.stop_workers()
+                print(
+                    f"milterapp: error: workers died within {YOUNG:g} s of starting "
+                    f"{self.young_deaths} times in a row; stopping (see the log above)",
+                    file=sys.stderr,
+                )
+                return 1
+            self._restart_due()
+
+    def _wait(self, deadline: float | None) -> signal.struct_siginfo | None:
+        if deadline is None:
+            return signal.sigwaitinfo(_SIGNALS)
+        return signal.sigtimedwait(_SIGNALS, max(0.0, deadline - time.monotonic()))
+
+    def _next_restart(self) -> float | None:
+        return min(when for when, _ in self.restarts) if self.restarts else None
+
+    def _reap(self) -> None:
+        """Collect every worker that exited; schedule its replacement."""
+        while self.workers:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            lived = time.monotonic() - worker.started
+            self.young_deaths = self.young_deaths + 1 if lived < YOUNG else 0
+            delay = min(0.1 * 2 ** (self.young_deaths - 1), 2.0) if self.young_deaths else 0.0
+            self.log.warning(
+                "worker_died",
+                pid=pid,
+                worker=worker.slot,
+                status=_describe(status),
+                lived=round(lived, 3),
+                restart_in=delay,
+            )
+            self.restarts.append((time.monotonic() + delay, worker.slot))
+
+    def _restart_due(self) -> None:
+        now = time.monotonic()
+        due = [slot for when, slot in self.restarts if when <= now]
+        self.restarts = [(when, slot) for when, slot in self.restarts if when > now]
+        for slot in due:
+            self._spawn(slot)
+
+    def _spawn(self, slot: int) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the worker; coverage does not follow fork()
+            _worker_main(self.app, self.options, self.listener, slot, self.old_mask)
+        self.workers[pid] = _Worker(slot, time.monotonic())
+        self.log.info("worker_started", pid=pid, worker=slot)
+
+    def stop_workers(self) -> None:
+        """SIGTERM every worker and wait until all have exited (SIGKILL after the grace)."""
+        self.restarts.clear()
+        for pid in self.workers:
+            _signal(pid, signal.SIGTERM)
+        deadline: float | None = time.monotonic() + self.options.shutdown_grace + _KILL_MARGIN
+        while self.workers:
+            for pid in list(self.workers):
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    del self.workers[pid]
+                    if status:
+                        self.log.warning("worker_exit", pid=pid, status=_describe(status))
+            if not self.workers:
+                return
+            if deadline is None:
+                signal.sigwaitinfo({signal.SIGCHLD})
+            elif (remaining := deadline - time.monotonic()) > 0:
+                signal.sigtimedwait({signal.SIGCHLD}, remaining)
+            else:
+                for pid in self.workers:
+                    self.log.warning("worker_killed", pid=pid)
+                    _signal(pid, signal.SIGKILL)
+                deadline = None
+
+
+def _worker_main(
+    app: App, options: ServerOptions, listener: Listener, slot: int, mask: Iterable[int]
+) -> NoReturn:  # pragma: no cover - runs in the forked worker
+    status = 1
+    try:
+        for signum in _SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        structlog.contextvars.bind_contextvars(worker=slot, pid=os.getpid())
+        worker_options = {
+            **dict(options),
+            "listen_socket": listener.sock,
+            "socket_activation": False,
+        }
+        asyncio.run(serve(app, handle_signals=True, **worker_options))
+        status = 0
+    except MilterError as exc:
+        print(f"milterapp: error: worker {slot}: {exc}", file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - log anything, then os._exit() below
+        structlog.get_logger("milterapp").exception("worker_crashed", app=app.name)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+
+def _signal(pid: int, signum: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):  # exited already; waitpid() collects it
+        os.kill(pid, signum)
+
+
+def _describe(status: int) -> str:
+    code = os.waitstatus_to_exitcode(status)
+    return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
