@@ -218,6 +218,9 @@ class ConnectionHandler:
                     writer.write(out)
             if writer.transport.get_write_buffer_size():
                 await writer.drain()
+            elif writer.transport.is_closing() and not idle.expired:
+                # The MTA reset the connection: stop running handlers for a peer that is gone.
+                raise ConnectionResetError("the MTA closed the connection")
 
     async def _on_event(
         self, machine: MilterConnection, ctx: Context, event: Event, writer: asyncio.StreamWriter
