@@ -94,6 +94,19 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--shutdown-grace", type=float, help="seconds in-flight messages may take")
     group.add_argument("--max-data-size", type=int, help="largest packet accepted, in bytes")
     group.add_argument(
+        "--max-connections", type=int, metavar="N", help="connections served at once (0: no limit)"
+    )
+    group.add_argument(
+        "--max-macros-per-packet", type=int, metavar="N", help="macros in one D packet (256)"
+    )
+    group.add_argument("--max-headers", type=int, metavar="N", help="headers per message (1000)")
+    group.add_argument(
+        "--max-header-size", type=int, metavar="BYTES", help="largest header (262144)"
+    )
+    group.add_argument(
+        "--max-recipients", type=int, metavar="N", help="recipients per message (1000)"
+    )
+    group.add_argument(
         "--workers", type=_positive, default=1, metavar="N", help="processes serving (Linux; 1)"
     )
     group.add_argument("--log-format", choices=["text", "json"], default="text")
@@ -158,6 +171,11 @@ def _server_options(args: argparse.Namespace) -> dict[str, Any]:
         "timeout",
         "shutdown_grace",
         "max_data_size",
+        "max_connections",
+        "max_macros_per_packet",
+        "max_headers",
+        "max_header_size",
+        "max_recipients",
     )
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
@@ -31,7 +32,14 @@ from milterapp.errors import (
 from milterapp.listener import Listener, adopt, open_listener, systemd_socket
 from milterapp.logconfig import LogFormat, configure_logging
 from milterapp.protocol.constants import DEFAULT_MAX_DATA_SIZE, MAX_DATA_SIZE_1M
-from milterapp.session import ConnectionHandler
+from milterapp.session import (
+    DEFAULT_MAX_HEADER_SIZE,
+    DEFAULT_MAX_HEADERS,
+    DEFAULT_MAX_MACROS_PER_PACKET,
+    DEFAULT_MAX_RECIPIENTS,
+    ConnectionHandler,
+    _peer,
+)
 from milterapp.spec import ConnectionSpec, default_connection_spec
 
 __all__ = [
@@ -65,6 +73,23 @@ class ServerOptions(BaseModel):
         max_data_size: largest packet payload accepted from the MTA. 1 MiB by default:
             Postfix sends each header in one packet whatever its size, and its
             header_size_limit is 100 KiB by default. None accepts only the negotiated size.
+        max_connections: most connections served at once; one more is closed before
+            negotiation (the MTA applies its failure policy: mail is deferred) and logged
+            as ``connection_refused_limit``. Each worker process counts its own.
+        max_macros_per_packet: most macros in one ``D`` packet; more is a protocol error
+            that closes that connection (logged as ``limit_exceeded``).
+        max_headers: most headers per message; the message is then tempfailed
+            (452 4.3.4 "too many headers").
+        max_header_size: largest header in bytes, name and value; a larger one tempfails
+            its message (452 4.3.4 "header too large").
+        max_recipients: most recipients per message; each one above is tempfailed
+            (452 4.5.3 "too many recipients") and not added to ``ctx.message.recipients``.
+
+    Each limit is off when 0. A message over a limit is answered at the command that went
+    over it if the MTA expects a reply to it, else at the next of its commands that does
+    (at the latest, end of message); its handlers no longer run, and the connection goes on
+    with the next message. Every limit hit is logged as ``limit_exceeded`` with the limit's
+    name and value.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
@@ -80,6 +105,11 @@ class ServerOptions(BaseModel):
     listen_socket: socket.socket | None = None
     socket_activation: bool = True
     max_data_size: int | None = Field(default=MAX_DATA_SIZE_1M, ge=DEFAULT_MAX_DATA_SIZE)
+    max_connections: int = Field(default=1000, ge=0)
+    max_macros_per_packet: int = Field(default=DEFAULT_MAX_MACROS_PER_PACKET, ge=0)
+    max_headers: int = Field(default=DEFAULT_MAX_HEADERS, ge=0)
+    max_header_size: int = Field(default=DEFAULT_MAX_HEADER_SIZE, ge=0)
+    max_recipients: int = Field(default=DEFAULT_MAX_RECIPIENTS, ge=0)
 
     @field_validator("spec", mode="before")
     @classmethod
@@ -241,12 +271,21 @@ class MilterServer:
     # --- one connection ------------------------------------------------------------------
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        options = self.options
+        limit = options.max_connections
+        if limit and len(self._connections) >= limit:
+            await self._refuse(writer, limit)
+            return
         handler = ConnectionHandler(
             self.app,
             self._requirements,
             conn_id=str(next(self._ids)),
-            timeout=self.options.timeout,
-            max_data_size=self.options.max_data_size,
+            timeout=options.timeout,
+            max_data_size=options.max_data_size,
+            max_macros_per_packet=options.max_macros_per_packet,
+            max_headers=options.max_headers,
+            max_header_size=options.max_header_size,
+            max_recipients=options.max_recipients,
             stopping=lambda: self._stopping,
         )
         task = asyncio.current_task()
@@ -257,6 +296,19 @@ class MilterServer:
                 await handler.run(reader, writer)
         finally:
             del self._connections[task]
+
+    async def _refuse(self, writer: asyncio.StreamWriter, limit: int) -> None:
+        """Close a connection above ``max_connections`` before negotiation: the MTA then
+        applies its failure policy (Postfix: milter_default_action, tempfail by default)."""
+        self.log.warning(
+            "connection_refused_limit",
+            connections=len(self._connections),
+            limit=limit,
+            peer=_peer(writer),
+        )
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
 
 
 async def serve(

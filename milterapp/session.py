@@ -15,7 +15,12 @@ from typing import Any, Final
 
 from milterapp.app import App, CloseEvent
 from milterapp.context import Context
-from milterapp.errors import LocalProtocolError, NegotiationError, ProtocolError
+from milterapp.errors import (
+    LocalProtocolError,
+    NegotiationError,
+    ProtocolError,
+    RemoteProtocolError,
+)
 from milterapp.events import (
     Abort,
     Body,
@@ -50,9 +55,35 @@ from milterapp.replies import (
     Verdict,
 )
 
-__all__ = ["ConnectionHandler"]
+__all__ = [
+    "DEFAULT_MAX_HEADERS",
+    "DEFAULT_MAX_HEADER_SIZE",
+    "DEFAULT_MAX_MACROS_PER_PACKET",
+    "DEFAULT_MAX_RECIPIENTS",
+    "HEADER_TOO_LARGE",
+    "TOO_MANY_HEADERS",
+    "TOO_MANY_RECIPIENTS",
+    "ConnectionHandler",
+]
 
 READ_SIZE: Final = 256 * 1024
+
+#: Limits per connection and per message (0: no limit); see :class:`ConnectionHandler`.
+DEFAULT_MAX_MACROS_PER_PACKET: Final = 256
+DEFAULT_MAX_HEADERS: Final = 1000
+DEFAULT_MAX_HEADER_SIZE: Final = 256 * 1024
+DEFAULT_MAX_RECIPIENTS: Final = 1000
+
+# The replies when a limit is hit. Temporary: the limits protect this milter's resources, the
+# mail itself may be fine (and a milter fails closed: nothing passes unchecked). 452 with
+# X.5.3 is the SMTP answer to one recipient too many (RFC 5321 4.5.3.1.10, RFC 3463); 452
+# ("insufficient system storage") with X.3.4 ("message too big for system") says a message
+# is over what the system takes, temporarily.
+TOO_MANY_RECIPIENTS: Final = TempFail(code=452, xcode="4.5.3", text="too many recipients")
+TOO_MANY_HEADERS: Final = TempFail(code=452, xcode="4.3.4", text="too many headers")
+HEADER_TOO_LARGE: Final = TempFail(code=452, xcode="4.3.4", text="header too large")
+#: Commands of a message that a refused message no longer runs handlers for.
+_MESSAGE_STAGES: Final = frozenset({"envrcpt", "data", "header", "eoh", "body", "eom"})
 _HANDLER_NAMES: Final[dict[type[Event], str]] = {
     Connect: "connect",
     Helo: "helo",
@@ -76,6 +107,15 @@ class ConnectionHandler:
         conn_id: the connection's id in logs and ``ctx.conn_id``.
         timeout: seconds the MTA may stay silent between commands.
         max_data_size: largest packet payload accepted (None: the negotiated size).
+        max_macros_per_packet: most name/value pairs in one ``D`` packet; more is a protocol
+            error that closes the connection.
+        max_headers: most headers per message; the next one tempfails the message.
+        max_header_size: largest header (name and value, in bytes); a larger one tempfails
+            the message.
+        max_recipients: most recipients per message; each one above is tempfailed alone.
+            Every limit is off when 0. A message that went over a limit is answered
+            TempFail at the first of its commands that expects a reply (the exceeding
+            one if it does), its handlers no longer run, and the next message is served.
         stopping: tells whether the server is shutting down (the connection then ends at
             the next point where no message is in flight).
         raise_errors: let handler exceptions escape instead of answering with the fallback
@@ -95,6 +135,10 @@ class ConnectionHandler:
         conn_id: str = "1",
         timeout: float = 7210.0,
         max_data_size: int | None = None,
+        max_macros_per_packet: int = DEFAULT_MAX_MACROS_PER_PACKET,
+        max_headers: int = DEFAULT_MAX_HEADERS,
+        max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
+        max_recipients: int = DEFAULT_MAX_RECIPIENTS,
         stopping: Callable[[], bool] = lambda: False,
         raise_errors: bool = False,
     ) -> None:
@@ -103,6 +147,12 @@ class ConnectionHandler:
         self.conn_id = conn_id
         self.timeout = timeout
         self.machine = MilterConnection(max_data_size=max_data_size)
+        self.max_macros_per_packet = max_macros_per_packet
+        self.max_headers = max_headers
+        self.max_header_size = max_header_size
+        self.max_recipients = max_recipients
+        # The message that went over a limit, and the reply it gets (at most one at a time).
+        self._refused: tuple[object, TempFail] | None = None
         self._stopping = stopping
         self.raise_errors = raise_errors
         self.idle = True
@@ -230,15 +280,33 @@ class ConnectionHandler:
         if name is None:
             return await self._on_other(machine, ctx, event)
         message = ctx.message
+        refused = self._refused
+        if refused is not None and name in _MESSAGE_STAGES:
+            if refused[0] is message:  # over a limit already: answer at the first chance
+                return self._refuse(machine, ctx, refused[1]) if machine.awaiting_reply else b""
+            self._refused = None  # that message is over
         if name == "envfrom":
             assert isinstance(event, EnvFrom)
             ctx.new_message()
             ctx.message.sender = event
         elif name == "envrcpt":
             assert isinstance(event, EnvRcpt)
+            limit = self.max_recipients
+            if limit and len(message.recipients) >= limit:
+                return self._over_limit(
+                    machine, ctx, name, "max_recipients", limit, TOO_MANY_RECIPIENTS
+                )
             message.recipients.append(event)
         elif name == "header":
             assert isinstance(event, Header)
+            limit = self.max_headers
+            if limit and len(message.headers) >= limit:
+                return self._over_limit(machine, ctx, name, "max_headers", limit, TOO_MANY_HEADERS)
+            limit = self.max_header_size
+            if limit and (size := _header_size(event, limit)) > limit:
+                return self._over_limit(
+                    machine, ctx, name, "max_header_size", limit, HEADER_TOO_LARGE, size=size
+                )
             message.headers.append(event)
         elif name == "body":
             assert isinstance(event, Body)
@@ -262,9 +330,48 @@ class ConnectionHandler:
             return b""
         return self._answer(machine, ctx, name, verdict)
 
+    def _over_limit(
+        self,
+        machine: MilterConnection,
+        ctx: Context,
+        stage: str,
+        limit: str,
+        value: int,
+        reply: TempFail,
+        **facts: Any,
+    ) -> bytes:
+        """A command went over a limit: log it, and refuse it or its whole message."""
+        ctx.log.warning("limit_exceeded", limit=limit, value=value, stage=stage, **facts)
+        if stage == "envrcpt" and machine.awaiting_reply:
+            return self._refuse(machine, ctx, reply)  # only this recipient: the message goes on
+        # Without a reply to this command, the whole message gets one later (fail closed).
+        self._refused = (ctx.message, reply)
+        return self._refuse(machine, ctx, reply) if machine.awaiting_reply else b""
+
+    def _refuse(self, machine: MilterConnection, ctx: Context, reply: TempFail) -> bytes:
+        """Answer the pending command with ``reply``, without running handlers."""
+        was_message = machine.state is ConnectionState.MESSAGE
+        out = machine.send(reply)
+        if was_message and machine.state is not ConnectionState.MESSAGE:
+            ctx.new_message()
+        return out
+
     async def _on_other(self, machine: MilterConnection, ctx: Context, event: Event) -> bytes:
         app = self.app
         if isinstance(event, Macros):
+            limit = self.max_macros_per_packet
+            if limit and len(event.values) > limit:
+                ctx.log.warning(
+                    "limit_exceeded",
+                    limit="max_macros_per_packet",
+                    value=limit,
+                    count=len(event.values),
+                    stage=event.stage,
+                )
+                raise RemoteProtocolError(
+                    f"{len(event.values)} macros in one packet, above the limit of {limit}",
+                    command="D",
+                )
             return b""
         if isinstance(event, Negotiate):
             await app.dispatch("negotiate", event, ctx)
@@ -335,6 +442,14 @@ class ConnectionHandler:
         if was_message and machine.state is not ConnectionState.MESSAGE:
             ctx.new_message()
         return b"".join(out)
+
+
+def _header_size(event: Header, limit: int) -> int:
+    """The header's size in bytes as received, computed exactly only near ``limit``."""
+    size = len(event.name) + len(event.value)  # characters: at least a quarter of the bytes
+    if 4 * size <= limit:
+        return size
+    return len(event.raw_name) + len(event.raw_value)
 
 
 def _tempfail_pending(machine: MilterConnection, writer: asyncio.StreamWriter) -> None:
