@@ -9,10 +9,14 @@ layer, by tests and by the MTA-side tools alike. ``tests/test_architecture.py`` 
 Modules:
     constants    command and response bytes, action and protocol flags, limits
     framing      incremental packet decoder and packet encoder
-    codec        payloads to models and back, in both directions
+    payload      the payload cursor and string helpers the codecs share
+    commands     MTA commands: payloads to event models and back
+    responses    milter responses: reply models to packets and back
+    codec        one import for both directions (commands and responses)
     negotiation  the negotiation reply computed from the MTA's offer and the app's needs
     macros       macro tables per stage, as libmilter keeps them
     machine      MilterConnection, the milter-side connection state machine
+    mta          MtaConnection, the MTA side of the same conversation
 
 This ``__init__`` deliberately imports nothing, so that the model modules can import
 ``milterapp.protocol.constants`` without an import cycle.

@@ -1,0 +1,229 @@
+"""MTA commands: payloads to event models (the milter side) and back (the MTA side).
+
+Every decoding error is a :class:`RemoteProtocolError` naming the command letter, the field and
+the byte offset; nothing else escapes (``IndexError``, ``UnicodeDecodeError``, ``struct.error``
+and pydantic's ``ValidationError`` are translated).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from typing import Final
+
+from pydantic import ValidationError
+
+from milterapp.events import (
+    Abort,
+    AddressFamily,
+    Body,
+    Connect,
+    Data,
+    EndOfHeaders,
+    EndOfMessage,
+    EnvFrom,
+    EnvRcpt,
+    EsmtpArgs,
+    Event,
+    Header,
+    Helo,
+    Macros,
+    Negotiate,
+    Quit,
+    QuitNoClose,
+    Unknown,
+    decode_text,
+    strip_brackets,
+)
+from milterapp.protocol.constants import (
+    ActionFlag,
+    Command,
+    ProtocolFlag,
+)
+from milterapp.protocol.framing import encode_frame
+from milterapp.protocol.payload import (
+    IPV6_PREFIX,
+    OPTNEG,
+    U16,
+    Reader,
+    cstrings,
+    first_error,
+    single_string,
+)
+
+__all__ = ["decode_command", "encode_command"]
+
+
+# --- MTA -> milter: decoding -------------------------------------------------------------
+
+
+def _decode_optneg(r: Reader) -> Event:
+    # libmilter reads the first 12 bytes and ignores any more; so do we.
+    if len(r.payload) < OPTNEG.size:
+        raise r.fail(f"negotiation payload is {len(r.payload)} bytes; needs 12")
+    version, actions, protocol = OPTNEG.unpack_from(r.payload)
+    return Negotiate(version=version, actions=ActionFlag(actions), protocol=ProtocolFlag(protocol))
+
+
+def _decode_macro(r: Reader) -> Event:
+    if not r.payload:
+        raise r.fail("macro packet lacks its stage letter")
+    stage = chr(r.payload[0])
+    r.pos = 1
+    strings = r.strings("macro name or value")
+    if len(strings) % 2:
+        raise r.fail(f"macro {decode_text(strings[-1])!r} has no value")
+    texts = [s.decode("utf-8", "surrogateescape") for s in strings]
+    return Macros(stage=stage, values=dict(zip(texts[::2], texts[1::2], strict=True)))
+
+
+def _decode_connect(r: Reader) -> Event:
+    hostname = decode_text(r.string("hostname"))
+    if r.pos >= len(r.payload):
+        raise r.fail("family byte missing")
+    letter = chr(r.payload[r.pos])
+    try:
+        family = AddressFamily(letter)
+    except ValueError:
+        raise r.fail(f"unknown address family {letter!r}; expected U, L, 4 or 6") from None
+    r.pos += 1
+    if family is AddressFamily.UNKNOWN:
+        r.end()
+        return Connect(hostname=hostname, family=family)
+    port = r.uint(U16, "port")
+    at = r.pos
+    text = decode_text(r.string("address"))
+    r.end()
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | str
+    try:
+        if family is AddressFamily.INET:
+            address = ipaddress.IPv4Address(text)
+        elif family is AddressFamily.INET6:
+            # Sendmail writes "IPv6:2001:db8::1"; Postfix the bare address (§3).
+            if text[: len(IPV6_PREFIX)].lower() == IPV6_PREFIX:
+                text = text[len(IPV6_PREFIX) :]
+            address = ipaddress.IPv6Address(text)
+        else:
+            address = text
+    except ValueError:
+        raise r.fail(f"bad {family.name} address {text!r}", at) from None
+    return Connect(hostname=hostname, family=family, port=port, address=address)
+
+
+def _decode_envelope(r: Reader, model: type[EnvFrom] | type[EnvRcpt]) -> Event:
+    argv = [decode_text(s) for s in r.strings("address or ESMTP argument")]
+    if not argv:
+        raise r.fail("address missing")
+    return model(address=strip_brackets(argv[0]), raw=argv[0], args=EsmtpArgs.parse(argv[1:]))
+
+
+def _decode_header(r: Reader, leading_space: bool) -> Event:
+    parts = r.payload.split(b"\x00")
+    if len(parts) != 3 or parts[2] or not parts[0]:
+        # Not the common shape: parse field by field to say exactly what is wrong.
+        if not r.string("header name"):
+            raise r.fail("empty header name", 0)
+        r.string("header value")
+        r.end()
+    return Header(
+        name=parts[0].decode("utf-8", "surrogateescape"),
+        value=parts[1].decode("utf-8", "surrogateescape"),
+        leading_space=leading_space,
+    )
+
+
+def _empty(model: type[Event]) -> Callable[[Reader], Event]:
+    def decode(r: Reader) -> Event:
+        r.end()
+        return model()
+
+    return decode
+
+
+_COMMAND_DECODERS: Final[dict[int, Callable[[Reader], Event]]] = {
+    ord(Command.OPTNEG.value): _decode_optneg,
+    ord(Command.MACRO.value): _decode_macro,
+    ord(Command.CONNECT.value): _decode_connect,
+    ord(Command.HELO.value): lambda r: Helo(name=single_string(r, "HELO name")),
+    ord(Command.MAIL.value): lambda r: _decode_envelope(r, EnvFrom),
+    ord(Command.RCPT.value): lambda r: _decode_envelope(r, EnvRcpt),
+    ord(Command.DATA.value): _empty(Data),
+    ord(Command.EOH.value): _empty(EndOfHeaders),
+    ord(Command.BODY.value): lambda r: Body(chunk=r.payload),
+    ord(Command.BODYEOB.value): lambda r: EndOfMessage(chunk=r.payload),
+    ord(Command.UNKNOWN.value): lambda r: Unknown(line=single_string(r, "command line")),
+    ord(Command.ABORT.value): _empty(Abort),
+    ord(Command.QUIT.value): _empty(Quit),
+    ord(Command.QUIT_NC.value): _empty(QuitNoClose),
+}
+_HEADER_BYTE: Final = ord(Command.HEADER.value)
+
+
+def decode_command(command: int, payload: bytes, *, leading_space: bool = False) -> Event:
+    """Decode one MTA command packet into its event model.
+
+    Args:
+        command: the command byte (``ord("M")``).
+        payload: the bytes after the command byte.
+        leading_space: HDR_LEADSPC was negotiated (recorded on :class:`Header` events).
+
+    Raises:
+        RemoteProtocolError: unknown command letter or malformed payload.
+    """
+    r = Reader(chr(command), payload)
+    try:
+        if command == _HEADER_BYTE:
+            return _decode_header(r, leading_space)
+        decoder = _COMMAND_DECODERS.get(command)
+        if decoder is None:
+            raise r.fail(f"unknown command byte 0x{command:02x}", 0)
+        return decoder(r)
+    except ValidationError as exc:
+        raise r.fail(f"invalid content: {first_error(exc)}", 0) from None
+
+
+# --- MTA -> milter: encoding (the MTA side) ----------------------------------------------
+
+
+def _payload_connect(event: Connect) -> bytes:
+    head = cstrings(event.hostname) + event.family.value.encode()
+    if event.family is AddressFamily.UNKNOWN:
+        return head
+    return head + U16.pack(event.port or 0) + cstrings(str(event.address))
+
+
+def _payload_macros(event: Macros) -> bytes:
+    pairs = [part for item in event.values.items() for part in item]
+    return event.stage.encode("latin-1") + cstrings(*pairs)
+
+
+def _command_payload(event: Event) -> bytes:
+    match event:
+        case Negotiate():
+            return OPTNEG.pack(event.version, event.actions, event.protocol)
+        case Macros():
+            return _payload_macros(event)
+        case Connect():
+            return _payload_connect(event)
+        case Helo():
+            return cstrings(event.name)
+        case EnvFrom() | EnvRcpt():
+            return cstrings(event.raw, *event.args.as_strings())
+        case Header():
+            return cstrings(event.name, event.value)
+        case Body() | EndOfMessage():
+            return event.chunk
+        case Unknown():
+            return cstrings(event.line)
+        case Data() | EndOfHeaders() | Abort() | Quit() | QuitNoClose():
+            return b""
+    raise TypeError(f"{type(event).__name__} has no packet form")
+
+
+def encode_command(event: Event) -> bytes:
+    """Return the whole packet the MTA sends for ``event``.
+
+    Raises:
+        TypeError: the event has no packet form (:class:`~milterapp.events.ConnectionClosed`).
+    """
+    return encode_frame(event.command, _command_payload(event))
