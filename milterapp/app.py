@@ -11,33 +11,31 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
-from typing import Any, Final, Literal, TypeAlias, TypeVar, get_args, overload
+from collections.abc import Callable
+from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from milterapp.context import DEFAULT_SPOOL_THRESHOLD, Context
 from milterapp.errors import SetupError
 from milterapp.events import (
-    Abort,
-    Body,
-    Connect,
-    ConnectionClosed,
-    ConnectionOpened,
-    Data,
-    EndOfHeaders,
-    EndOfMessage,
-    EnvFrom,
-    EnvRcpt,
     Event,
-    EventName,
-    Header,
-    Helo,
-    Negotiate,
-    Quit,
-    QuitNoClose,
-    Unknown,
+)
+from milterapp.handlers import (
+    ALIASES,
+    EVENT_NAMES,
+    CloseEvent,
+    ErrorMapper,
+    HandlerName,
+    HandlerSpec,
+    Hook,
+    MacroStageName,
+    Registration,
+    Result,
+    canonical_name,
+    handler_label,
+    is_async,
+    positional_arity,
 )
 from milterapp.protocol.constants import ActionFlag, MacroStage
 from milterapp.protocol.negotiation import OPTIONAL_EVENTS, OptionalEvent, Requirements
@@ -56,22 +54,6 @@ from milterapp.replies import (
 )
 
 __all__ = ["ALIASES", "EVENT_NAMES", "App", "AppConfig", "CloseEvent", "HandlerName"]
-
-#: Canonical handler names, in the order events arrive (see :data:`milterapp.events.EventName`).
-EVENT_NAMES: Final[tuple[str, ...]] = get_args(EventName)
-#: milter-manager's signal names (and a few spellings people type) for the same events.
-ALIASES: Final = {
-    "connection-established": "open",
-    "envelope-from": "envfrom",
-    "envelope-recipient": "envrcpt",
-    "end-of-header": "eoh",
-    "end-of-headers": "eoh",
-    "end-of-message": "eom",
-    "finished": "close",
-}
-HandlerName: TypeAlias = str
-MacroStageName: TypeAlias = Literal["connect", "helo", "envfrom", "envrcpt", "data", "eoh", "eom"]
-CloseEvent: TypeAlias = Quit | QuitNoClose | ConnectionClosed
 
 _OBSERVERS: Final = frozenset({"negotiate", "open", "abort", "close"})
 _CONNECTION_REPLIES: Final = (Continue, Accept, Reject, TempFail, Shutdown)
@@ -92,33 +74,6 @@ _STAGES: Final[dict[str, MacroStage]] = {
     "eoh": MacroStage.EOH,
     "eom": MacroStage.EOM,
 }
-
-Result: TypeAlias = Verdict | Shutdown | None
-MaybeAwaitable: TypeAlias = Result | Awaitable[Result]
-E = TypeVar("E", bound=Event)
-#: A handler of events of type E: ``(event, ctx)`` or ``(event)``, plain or async.
-Handler: TypeAlias = Callable[[E, Context], MaybeAwaitable] | Callable[[E], MaybeAwaitable]
-
-NegotiateH = TypeVar("NegotiateH", bound=Handler[Negotiate])
-OpenH = TypeVar("OpenH", bound=Handler[ConnectionOpened])
-ConnectH = TypeVar("ConnectH", bound=Handler[Connect])
-HeloH = TypeVar("HeloH", bound=Handler[Helo])
-EnvFromH = TypeVar("EnvFromH", bound=Handler[EnvFrom])
-EnvRcptH = TypeVar("EnvRcptH", bound=Handler[EnvRcpt])
-DataH = TypeVar("DataH", bound=Handler[Data])
-UnknownH = TypeVar("UnknownH", bound=Handler[Unknown])
-HeaderH = TypeVar("HeaderH", bound=Handler[Header])
-EohH = TypeVar("EohH", bound=Handler[EndOfHeaders])
-BodyH = TypeVar("BodyH", bound=Handler[Body])
-EomH = TypeVar("EomH", bound=Handler[EndOfMessage])
-AbortH = TypeVar("AbortH", bound=Handler[Abort])
-CloseH = TypeVar(
-    "CloseH",
-    bound=Callable[[CloseEvent, Context], MaybeAwaitable] | Callable[[CloseEvent], MaybeAwaitable],
-)
-AnyH = TypeVar("AnyH", bound=Callable[..., Any])
-Hook = TypeVar("Hook", bound=Callable[[], Awaitable[None] | None])
-ErrorMapper = TypeVar("ErrorMapper", bound=Callable[..., Any])
 
 
 class AppConfig(BaseModel):
@@ -163,58 +118,7 @@ class AppConfig(BaseModel):
         return value
 
 
-@dataclass(frozen=True, slots=True)
-class _Handler:
-    fn: Callable[..., Any]
-    name: str
-    is_async: bool
-    takes_ctx: bool
-    timeout: float | None
-
-
-def _canonical(name: str) -> str:
-    canonical = ALIASES.get(name, name)
-    if canonical not in EVENT_NAMES:
-        valid = ", ".join((*EVENT_NAMES, *ALIASES))
-        raise SetupError(f"unknown event name {name!r}; valid names: {valid}")
-    return canonical
-
-
-def _is_async(fn: Callable[..., Any]) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004 - a callable object with async __call__
-    )
-
-
-def _arity(fn: Callable[..., Any], name: str, allowed: Iterable[int]) -> int:
-    """Return how many positional arguments to pass ``fn``: the largest allowed that fits."""
-    try:
-        parameters = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError) as exc:
-        raise SetupError(f"cannot inspect the signature of handler {name}: {exc}") from exc
-    expected = " or ".join(f"{n} argument{'s' * (n != 1)}" for n in allowed)
-    keyword_only = [p.name for p in parameters if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
-    if keyword_only:
-        raise SetupError(
-            f"handler {name} has required keyword-only parameters {keyword_only}; "
-            f"it must take {expected} (event, ctx)"
-        )
-    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    required = sum(p.default is p.empty for p in positional)
-    variadic = any(p.kind is p.VAR_POSITIONAL for p in parameters)
-    for count in sorted(allowed, reverse=True):
-        if required <= count and (variadic or count <= len(positional)):
-            return count
-    raise SetupError(f"handler {name} must take {expected} (event, ctx), not {len(positional)}")
-
-
-def _label(fn: Callable[..., Any]) -> str:
-    """A stable name for logs: the function's qualified name, or a callable's class name."""
-    name = getattr(fn, "__qualname__", None)
-    return name if isinstance(name, str) else type(fn).__qualname__
-
-
-class App:
+class App(Registration):
     """A milter application: handlers per event, options, and what to ask the MTA for.
 
     Args:
@@ -225,7 +129,7 @@ class App:
     def __init__(self, name: str, **options: Any) -> None:
         self.name = name
         self.config = AppConfig(**options)
-        self._handlers: dict[str, list[_Handler]] = {}
+        self._handlers: dict[str, list[HandlerSpec]] = {}
         self._error_mappers: dict[type[BaseException], Callable[..., Any]] = {}
         self._startup: list[Callable[[], Any]] = []
         self._shutdown: list[Callable[[], Any]] = []
@@ -257,98 +161,22 @@ class App:
             SetupError: unknown event name, a handler that takes neither ``(event)`` nor
                 ``(event, ctx)``, or the app is already serving.
         """
-        canonical = _canonical(name)
+        canonical = canonical_name(name)
         self._check_not_started(f"add a {canonical!r} handler")
         if not callable(handler):
             raise SetupError(f"handler for {canonical!r} must be callable, not {handler!r}")
-        label = _label(handler)
-        arity = _arity(handler, label, (1, 2))
+        label = handler_label(handler)
+        arity = positional_arity(handler, label, (1, 2))
         if timeout is not None and timeout <= 0:
             raise SetupError(f"timeout of handler {label} must be positive, not {timeout}")
-        entry = _Handler(
+        entry = HandlerSpec(
             fn=handler,
             name=label,
-            is_async=_is_async(handler),
+            is_async=is_async(handler),
             takes_ctx=arity == 2,
             timeout=timeout if timeout is not None else self.config.handler_timeout,
         )
         self._handlers.setdefault(canonical, []).append(entry)
-
-    @overload
-    def on(
-        self, name: Literal["negotiate"], *, timeout: float | None = None
-    ) -> Callable[[NegotiateH], NegotiateH]: ...
-    @overload
-    def on(
-        self, name: Literal["open", "connection-established"], *, timeout: float | None = None
-    ) -> Callable[[OpenH], OpenH]: ...
-    @overload
-    def on(
-        self, name: Literal["connect"], *, timeout: float | None = None
-    ) -> Callable[[ConnectH], ConnectH]: ...
-    @overload
-    def on(
-        self, name: Literal["helo"], *, timeout: float | None = None
-    ) -> Callable[[HeloH], HeloH]: ...
-    @overload
-    def on(
-        self, name: Literal["envfrom", "envelope-from"], *, timeout: float | None = None
-    ) -> Callable[[EnvFromH], EnvFromH]: ...
-    @overload
-    def on(
-        self, name: Literal["envrcpt", "envelope-recipient"], *, timeout: float | None = None
-    ) -> Callable[[EnvRcptH], EnvRcptH]: ...
-    @overload
-    def on(
-        self, name: Literal["data"], *, timeout: float | None = None
-    ) -> Callable[[DataH], DataH]: ...
-    @overload
-    def on(
-        self, name: Literal["unknown"], *, timeout: float | None = None
-    ) -> Callable[[UnknownH], UnknownH]: ...
-    @overload
-    def on(
-        self, name: Literal["header"], *, timeout: float | None = None
-    ) -> Callable[[HeaderH], HeaderH]: ...
-    @overload
-    def on(
-        self,
-        name: Literal["eoh", "end-of-header", "end-of-headers"],
-        *,
-        timeout: float | None = None,
-    ) -> Callable[[EohH], EohH]: ...
-    @overload
-    def on(
-        self, name: Literal["body"], *, timeout: float | None = None
-    ) -> Callable[[BodyH], BodyH]: ...
-    @overload
-    def on(
-        self, name: Literal["eom", "end-of-message"], *, timeout: float | None = None
-    ) -> Callable[[EomH], EomH]: ...
-    @overload
-    def on(
-        self, name: Literal["abort"], *, timeout: float | None = None
-    ) -> Callable[[AbortH], AbortH]: ...
-    @overload
-    def on(
-        self, name: Literal["close", "finished"], *, timeout: float | None = None
-    ) -> Callable[[CloseH], CloseH]: ...
-    @overload
-    def on(self, name: str, *, timeout: float | None = None) -> Callable[[AnyH], AnyH]: ...
-    def on(self, name: str, *, timeout: float | None = None) -> Callable[[AnyH], AnyH]:
-        """Register the decorated function for event ``name``; it is returned unchanged.
-
-        Names: negotiate, open, connect, helo, envfrom, envrcpt, data, unknown, header, eoh,
-        body, eom, abort, close, and milter-manager's aliases (connection-established,
-        envelope-from, envelope-recipient, end-of-header, end-of-message, finished).
-        """
-        _canonical(name)  # fail at decoration time, before the function is even defined
-
-        def register(handler: AnyH) -> AnyH:
-            self.add_handler(name, handler, timeout=timeout)
-            return handler
-
-        return register
 
     def on_error(self, exc_type: type[BaseException]) -> Callable[[ErrorMapper], ErrorMapper]:
         """Map exceptions of ``exc_type`` (and subclasses) raised by handlers to a reply.
@@ -361,7 +189,7 @@ class App:
 
         def register(mapper: ErrorMapper) -> ErrorMapper:
             self._check_not_started("add an error mapper")
-            _arity(mapper, _label(mapper), (2,))
+            positional_arity(mapper, handler_label(mapper), (2,))
             self._error_mappers[exc_type] = mapper
             return mapper
 
@@ -381,7 +209,7 @@ class App:
 
     def handles(self, name: str) -> bool:
         """Whether any handler is registered for event ``name``."""
-        return bool(self._handlers.get(_canonical(name)))
+        return bool(self._handlers.get(canonical_name(name)))
 
     # --- negotiation ---------------------------------------------------------------------
 
@@ -450,7 +278,7 @@ class App:
             return None
         return decide(results)
 
-    async def _run(self, handler: _Handler, name: str, event: Event, ctx: Context) -> Result:
+    async def _run(self, handler: HandlerSpec, name: str, event: Event, ctx: Context) -> Result:
         args = (event, ctx) if handler.takes_ctx else (event,)
         try:
             if handler.is_async:
@@ -465,7 +293,7 @@ class App:
         except Exception as exc:  # noqa: BLE001 - every handler failure must fail closed
             return await self._failed(handler, name, exc, ctx)
 
-    def _check_result(self, handler: _Handler, name: str, result: object) -> Result:
+    def _check_result(self, handler: HandlerSpec, name: str, result: object) -> Result:
         if result is None:
             return None
         if name in _OBSERVERS:
@@ -475,7 +303,9 @@ class App:
             raise TypeError(f"returned {result!r}, which is not a valid {name!r} reply ({valid})")
         return result  # type: ignore[return-value]
 
-    async def _failed(self, handler: _Handler, name: str, exc: Exception, ctx: Context) -> Result:
+    async def _failed(
+        self, handler: HandlerSpec, name: str, exc: Exception, ctx: Context
+    ) -> Result:
         if ctx.raise_errors:
             raise exc
         reason = "timed out" if isinstance(exc, TimeoutError) else "raised"

@@ -43,6 +43,7 @@ LAYERS: dict[str, int] = {
     "milterapp.protocol.macros": 2,
     # 3 to 6: the framework, its drivers and its command line.
     "milterapp.context": 3,
+    "milterapp.handlers": 4,
     "milterapp.app": 4,
     "milterapp.server": 5,
     "milterapp.listener": 5,
