@@ -86,6 +86,7 @@ class Child:
     def __init__(self, process: asyncio.subprocess.Process) -> None:
         self.process = process
         self.lines: list[str] = []
+        self.worker_pids: set[int] = set()
 
     async def line(self, predicate: Callable[[str], bool]) -> str:
         """Read stderr until a line matches ``predicate``; return it."""
@@ -105,6 +106,7 @@ class Child:
             match = PID.search(line)
             assert match, line
             pids.append(int(match[1]))
+        self.worker_pids.update(pids)
         return pids
 
     async def stop(self) -> str:
@@ -129,12 +131,18 @@ async def parent(*args: str, cwd: Path | None = None) -> AsyncIterator[Child]:
         env=child_env(),
         cwd=cwd,
     )
+    child = Child(process)
     try:
-        yield Child(process)
+        yield child
     finally:
         if process.returncode is None:
-            process.kill()  # its workers see their listening socket still open; kill them too
-            await process.wait()
+            # A failed test: kill the parent and every worker it started, or orphaned workers
+            # would hold the stderr pipe open and wait() would never return.
+            process.kill()
+            for pid in child.worker_pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            await asyncio.wait_for(process.wait(), 30)
 
 
 async def stamp(target: str | tuple[str, int], clients: list[MtaClient]) -> int:
