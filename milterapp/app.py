@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -53,7 +53,15 @@ from milterapp.replies import (
     decide,
 )
 
-__all__ = ["ALIASES", "EVENT_NAMES", "App", "AppConfig", "CloseEvent", "HandlerName"]
+__all__ = [
+    "ALIASES",
+    "EVENT_NAMES",
+    "App",
+    "AppConfig",
+    "CloseEvent",
+    "HandlerName",
+    "Pending",
+]
 
 _OBSERVERS: Final = frozenset({"negotiate", "open", "abort", "close"})
 _CONNECTION_REPLIES: Final = (Continue, Accept, Reject, TempFail, Shutdown)
@@ -74,6 +82,15 @@ _STAGES: Final[dict[str, MacroStage]] = {
     "eoh": MacroStage.EOH,
     "eom": MacroStage.EOM,
 }
+
+
+class Pending:
+    """The rest of a dispatch, to be awaited: see :meth:`App.dispatch_now`."""
+
+    __slots__ = ("awaitable",)
+
+    def __init__(self, awaitable: Coroutine[Any, Any, Verdict | Shutdown | None]) -> None:
+        self.awaitable = awaitable
 
 
 class AppConfig(BaseModel):
@@ -265,12 +282,65 @@ class App(Registration):
         Returns None when no handler is registered (the server then answers Continue).
         Observers (negotiate, open, abort, close) always give None.
         """
+        result = self.dispatch_now(name, event, ctx)
+        if isinstance(result, Pending):
+            return await result.awaitable
+        return result
+
+    def dispatch_now(
+        self, name: str, event: Event, ctx: Context
+    ) -> Verdict | Shutdown | Pending | None:
+        """As :meth:`dispatch`, but without a coroutine while every handler is plain.
+
+        Plain handlers run at once and their combined reply is returned. From the first
+        handler that is async, returns an awaitable, raises or gives an invalid reply, the
+        rest of the work is returned as a :class:`Pending` to await: the connection handler
+        serves most commands of a plain-function app without creating a coroutine.
+        """
         handlers = self._handlers.get(name)
         if not handlers:
             return None
         results: list[Result] = []
-        for handler in handlers:
-            result = await self._run(handler, name, event, ctx)
+        for index, handler in enumerate(handlers):
+            if handler.is_async:
+                return Pending(self._dispatch_from(name, event, ctx, handlers, index, results))
+            try:
+                result = handler.fn(event, ctx) if handler.takes_ctx else handler.fn(event)
+                if result is not None:
+                    if inspect.isawaitable(result):  # a plain function that returned a coroutine
+                        return Pending(
+                            self._dispatch_from(name, event, ctx, handlers, index, results, result)
+                        )
+                    result = self._check_result(handler, name, result)
+            except Exception as exc:  # noqa: BLE001 - handled (fail closed) by _dispatch_from
+                return Pending(self._dispatch_from(name, event, ctx, handlers, index, results, exc))
+            results.append(result)
+            if isinstance(result, RESTRICTIVE):
+                break
+        if name in _OBSERVERS:
+            return None
+        return decide(results)
+
+    async def _dispatch_from(
+        self,
+        name: str,
+        event: Event,
+        ctx: Context,
+        handlers: list[HandlerSpec],
+        index: int,
+        results: list[Result],
+        started: object = None,
+    ) -> Verdict | Shutdown | None:
+        """Go on with handlers from ``index``; ``started`` is what that one already gave:
+        an awaitable to finish, or the exception it raised."""
+        for position in range(index, len(handlers)):
+            handler = handlers[position]
+            if position == index and isinstance(started, Exception):
+                result = await self._failed(handler, name, started, ctx)
+            elif position == index and started is not None:
+                result = await self._finish(handler, name, started, ctx)
+            else:
+                result = await self._run(handler, name, event, ctx)
             results.append(result)
             if isinstance(result, RESTRICTIVE):
                 break
@@ -281,14 +351,20 @@ class App(Registration):
     async def _run(self, handler: HandlerSpec, name: str, event: Event, ctx: Context) -> Result:
         args = (event, ctx) if handler.takes_ctx else (event,)
         try:
-            if handler.is_async:
+            result = handler.fn(*args)
+        except Exception as exc:  # noqa: BLE001 - every handler failure must fail closed
+            return await self._failed(handler, name, exc, ctx)
+        return await self._finish(handler, name, result, ctx)
+
+    async def _finish(
+        self, handler: HandlerSpec, name: str, result: object, ctx: Context
+    ) -> Result:
+        """Await what a handler returned if it is awaitable (bounded by its timeout), then
+        check the reply."""
+        try:
+            if inspect.isawaitable(result):
                 async with asyncio.timeout(handler.timeout):
-                    result = await handler.fn(*args)
-            else:
-                result = handler.fn(*args)
-                if inspect.isawaitable(result):  # a plain function that returned a coroutine
-                    async with asyncio.timeout(handler.timeout):
-                        result = await result
+                    result = await result
             return self._check_result(handler, name, result)
         except Exception as exc:  # noqa: BLE001 - every handler failure must fail closed
             return await self._failed(handler, name, exc, ctx)

@@ -20,6 +20,7 @@ from milterapp import __version__
 from milterapp.app import App
 from milterapp.errors import MilterError, ProtocolError
 from milterapp.logconfig import configure_logging
+from milterapp.loops import LOOP_NAMES
 
 __all__ = ["main"]
 
@@ -107,7 +108,25 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
         "--max-recipients", type=int, metavar="N", help="recipients per message (1000)"
     )
     group.add_argument(
+        "--read-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="time for a command to arrive whole once begun (60; 0: no limit)",
+    )
+    group.add_argument(
+        "--write-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="time the MTA may leave replies unread (60; 0: no limit)",
+    )
+    group.add_argument(
         "--workers", type=_positive, default=1, metavar="N", help="processes serving (Linux; 1)"
+    )
+    group.add_argument(
+        "--loop",
+        choices=LOOP_NAMES,
+        default="auto",
+        help="event loop: uvloop when installed (auto), asyncio's, or uvloop",
     )
     group.add_argument("--log-format", choices=["text", "json"], default="text")
     group.add_argument(
@@ -169,6 +188,8 @@ def _server_options(args: argparse.Namespace) -> dict[str, Any]:
         "remove_unix_socket_on_create",
         "remove_unix_socket_on_close",
         "timeout",
+        "read_timeout",
+        "write_timeout",
         "shutdown_grace",
         "max_data_size",
         "max_connections",
@@ -186,6 +207,7 @@ def _run(args: argparse.Namespace) -> int:
     app.run(
         spec,
         workers=args.workers,
+        loop=args.loop,
         log_format=args.log_format,
         log_level=args.log_level,
         **_server_options(args),

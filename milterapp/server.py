@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import os
 import signal
 import socket
 import sys
-from typing import Any, Final
+from typing import Any
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -29,17 +28,21 @@ from milterapp.errors import (
     ServerErrorKind,
     SetupError,
 )
-from milterapp.listener import Listener, adopt, open_listener, systemd_socket
-from milterapp.logconfig import LogFormat, configure_logging
-from milterapp.protocol.constants import DEFAULT_MAX_DATA_SIZE, MAX_DATA_SIZE_1M
-from milterapp.session import (
+from milterapp.limits import (
     DEFAULT_MAX_HEADER_SIZE,
     DEFAULT_MAX_HEADERS,
     DEFAULT_MAX_MACROS_PER_PACKET,
     DEFAULT_MAX_RECIPIENTS,
-    ConnectionHandler,
-    _peer,
+    DEFAULT_READ_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    DEFAULT_WRITE_TIMEOUT,
+    Limits,
 )
+from milterapp.listener import Listener, adopt, open_listener, systemd_socket
+from milterapp.logconfig import LogFormat, configure_logging
+from milterapp.loops import loop_factory, loop_name, run_in_loop
+from milterapp.protocol.constants import DEFAULT_MAX_DATA_SIZE, MAX_DATA_SIZE_1M
+from milterapp.session import ConnectionHandler, _peer
 from milterapp.spec import ConnectionSpec, default_connection_spec
 
 __all__ = [
@@ -51,8 +54,6 @@ __all__ = [
     "run",
     "serve",
 ]
-
-_READ_SIZE: Final = 256 * 1024
 
 
 class ServerOptions(BaseModel):
@@ -67,6 +68,10 @@ class ServerOptions(BaseModel):
             file that is not a socket) before creating ours.
         remove_unix_socket_on_close: remove our unix socket when the server stops.
         timeout: seconds a connection may stay idle between commands before it is closed.
+        read_timeout: seconds a command may take to arrive whole once its first byte came
+            (a peer trickling bytes is dropped, logged as ``read_timeout``); 0: no limit.
+        write_timeout: seconds the MTA may leave our replies unread before the connection
+            is dropped (logged as ``write_timeout``); 0: no limit.
         shutdown_grace: seconds in-flight messages get to finish at shutdown.
         listen_socket: a socket that is already bound and listening, used instead of spec.
         socket_activation: use the socket systemd passes (LISTEN_FDS), when there is one.
@@ -100,7 +105,9 @@ class ServerOptions(BaseModel):
     unix_socket_group: str | int | None = None
     remove_unix_socket_on_create: bool = True
     remove_unix_socket_on_close: bool = True
-    timeout: float = Field(default=7210.0, gt=0)
+    timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0)
+    read_timeout: float = Field(default=DEFAULT_READ_TIMEOUT, ge=0)
+    write_timeout: float = Field(default=DEFAULT_WRITE_TIMEOUT, ge=0)
     shutdown_grace: float = Field(default=30.0, ge=0)
     listen_socket: socket.socket | None = None
     socket_activation: bool = True
@@ -154,7 +161,8 @@ class MilterServer:
         self._stopping = False
         self._started = False
         self._closed = False
-        self._connections: dict[asyncio.Task[Any], ConnectionHandler] = {}
+        self._connections: set[ConnectionHandler] = set()
+        self._limits = Limits()
         self._ids = itertools.count(1)
         self._requirements = app.requirements()  # again in start(), after registration
         self.log: Any = structlog.get_logger("milterapp").bind(app=app.name)
@@ -205,8 +213,18 @@ class MilterServer:
                 await self.app.run_startup()
             except Exception as exc:
                 raise SetupError(f"startup hook of {self.app.name!r} failed: {exc!r}") from exc
-            self._server = await asyncio.start_server(
-                self._handle, sock=self.listener.sock, limit=_READ_SIZE
+            options = self.options
+            self._limits = Limits(
+                timeout=options.timeout,
+                read_timeout=options.read_timeout,
+                write_timeout=options.write_timeout,
+                max_macros_per_packet=options.max_macros_per_packet,
+                max_headers=options.max_headers,
+                max_header_size=options.max_header_size,
+                max_recipients=options.max_recipients,
+            )
+            self._server = await self._loop.create_server(
+                self._new_connection, sock=self.listener.sock
             )
         except BaseException:
             self.app._stop = None
@@ -216,7 +234,7 @@ class MilterServer:
                 self.listener = None
             raise
         self._started = True
-        self.log.info("listening")
+        self.log.info("listening", loop=loop_name(self._loop))
 
     def request_stop(self) -> None:
         """Ask for a graceful shutdown; safe from any thread and from signal handlers."""
@@ -250,16 +268,15 @@ class MilterServer:
         self._stopping = True
         if self._server is not None:
             self._server.close()
-        for task, connection in list(self._connections.items()):
-            if connection.idle:
-                task.cancel()
-        pending = set(self._connections)
+        for connection in list(self._connections):
+            connection.stop()  # idle ones close now, the others after their message
+        pending = {connection.done for connection in self._connections}
         if pending:
             self.log.info("draining", connections=len(pending))
             _, pending = await asyncio.wait(pending, timeout=self.options.shutdown_grace)
-        for task in pending:
-            task.cancel()
         if pending:
+            for connection in list(self._connections):
+                connection.abort()
             await asyncio.wait(pending)
         if self.listener is not None:
             self.listener.close()
@@ -270,45 +287,35 @@ class MilterServer:
 
     # --- one connection ------------------------------------------------------------------
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        options = self.options
-        limit = options.max_connections
-        if limit and len(self._connections) >= limit:
-            await self._refuse(writer, limit)
-            return
-        handler = ConnectionHandler(
+    def _new_connection(self) -> ConnectionHandler:
+        return ConnectionHandler(
             self.app,
             self._requirements,
             conn_id=str(next(self._ids)),
-            timeout=options.timeout,
-            max_data_size=options.max_data_size,
-            max_macros_per_packet=options.max_macros_per_packet,
-            max_headers=options.max_headers,
-            max_header_size=options.max_header_size,
-            max_recipients=options.max_recipients,
-            stopping=lambda: self._stopping,
+            limits=self._limits,
+            max_data_size=self.options.max_data_size,
+            admit=self._admit,
         )
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections[task] = handler
-        try:
-            if not self._stopping:
-                await handler.run(reader, writer)
-        finally:
-            del self._connections[task]
 
-    async def _refuse(self, writer: asyncio.StreamWriter, limit: int) -> None:
-        """Close a connection above ``max_connections`` before negotiation: the MTA then
-        applies its failure policy (Postfix: milter_default_action, tempfail by default)."""
-        self.log.warning(
-            "connection_refused_limit",
-            connections=len(self._connections),
-            limit=limit,
-            peer=_peer(writer),
-        )
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+    def _admit(self, handler: ConnectionHandler) -> bool:
+        """Track a new connection, or refuse it (over ``max_connections``, or stopping)."""
+        if self._stopping:
+            return False
+        limit = self.options.max_connections
+        if limit and len(self._connections) >= limit:
+            # Closed before negotiation: the MTA applies its failure policy (Postfix:
+            # milter_default_action, tempfail by default).
+            assert handler.transport is not None
+            self.log.warning(
+                "connection_refused_limit",
+                connections=len(self._connections),
+                limit=limit,
+                peer=_peer(handler.transport),
+            )
+            return False
+        self._connections.add(handler)
+        handler.done.add_done_callback(lambda _: self._connections.discard(handler))
+        return True
 
 
 async def serve(
@@ -373,6 +380,7 @@ def run(
     workers: int = 1,
     log_format: LogFormat = "text",
     log_level: str = "INFO",
+    loop: str = "auto",
     **options: Any,
 ) -> None:
     """Serve ``app`` until SIGTERM or SIGINT; for scripts.
@@ -381,7 +389,8 @@ def run(
     loopback default. Configures logging (key=value on stderr, or JSON). A setup problem
     (bad spec, address in use, failing startup hook) is one line on stderr and exit code 1.
     ``workers`` above 1 forks that many processes to serve the socket (Linux; see
-    :mod:`milterapp.workers`).
+    :mod:`milterapp.workers`). ``loop`` picks the event loop: ``auto`` (uvloop when
+    installed), ``asyncio`` or ``uvloop`` (see :mod:`milterapp.loops`).
     """
     configure_logging(log_format, log_level)
     spec = spec or _spec_from_argv(sys.argv[1:]) or os.environ.get("MILTERAPP_SPEC") or None
@@ -390,13 +399,14 @@ def run(
         print(f"milterapp: error: invalid option: {message}", file=sys.stderr)
         raise SystemExit(1)
     try:
+        loop_factory(loop)  # an unknown loop, or uvloop missing: fail before anything starts
         if workers == 1:
-            asyncio.run(serve(app, spec, handle_signals=True, **options))
+            run_in_loop(serve(app, spec, handle_signals=True, **options), loop)
             return
         from milterapp.workers import run_workers  # deferred: workers builds on this module
 
         server_options = ServerOptions.model_validate(_parsed_spec({"spec": spec, **options}))
-        status = run_workers(app, server_options, workers)
+        status = run_workers(app, server_options, workers, loop=loop)
     except MilterError as exc:
         print(f"milterapp: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -11,7 +11,6 @@ to every worker as SIGTERM; they drain gracefully, then the socket is closed and
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -26,6 +25,7 @@ import structlog
 from milterapp.app import App
 from milterapp.errors import MilterError, SetupError
 from milterapp.listener import Listener, adopt, open_listener, systemd_socket
+from milterapp.loops import run_in_loop
 from milterapp.server import ServerOptions, serve
 
 __all__ = ["MAX_FAST_DEATHS", "YOUNG", "run_workers"]
@@ -62,7 +62,7 @@ def open_shared_listener(options: ServerOptions) -> Listener:
     )
 
 
-def run_workers(app: App, options: ServerOptions, count: int) -> int:
+def run_workers(app: App, options: ServerOptions, count: int, *, loop: str = "auto") -> int:
     """Serve ``app`` with ``count`` worker processes until SIGTERM or SIGINT.
 
     Returns the exit status: 0 after a graceful stop, 1 after a crash loop.
@@ -76,7 +76,7 @@ def run_workers(app: App, options: ServerOptions, count: int) -> int:
     listener = open_shared_listener(options)
     # Blocked signals wait for sigwaitinfo(): none is lost between fork() and the wait.
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-    supervisor = _Supervisor(app, options, listener, count, old_mask)
+    supervisor = _Supervisor(app, options, listener, count, old_mask, loop)
     try:
         return supervisor.run()
     except BaseException:
@@ -97,8 +97,10 @@ class _Supervisor:
         listener: Listener,
         count: int,
         old_mask: Iterable[int],
+        loop: str = "auto",
     ) -> None:
         self.app = app
+        self.loop = loop
         self.options = options
         self.listener = listener
         self.count = count
@@ -174,7 +176,7 @@ class _Supervisor:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the worker; coverage does not follow fork()
-            _worker_main(self.app, self.options, self.listener, slot, self.old_mask)
+            _worker_main(self.app, self.options, self.listener, slot, self.old_mask, self.loop)
         self.workers[pid] = _Worker(slot, time.monotonic())
         self.log.info("worker_started", pid=pid, worker=slot)
 
@@ -205,7 +207,12 @@ class _Supervisor:
 
 
 def _worker_main(
-    app: App, options: ServerOptions, listener: Listener, slot: int, mask: Iterable[int]
+    app: App,
+    options: ServerOptions,
+    listener: Listener,
+    slot: int,
+    mask: Iterable[int],
+    loop: str,
 ) -> NoReturn:  # pragma: no cover - runs in the forked worker
     status = 1
     try:
@@ -218,7 +225,7 @@ def _worker_main(
             "listen_socket": listener.sock,
             "socket_activation": False,
         }
-        asyncio.run(serve(app, handle_signals=True, **worker_options))
+        run_in_loop(serve(app, handle_signals=True, **worker_options), loop)
         status = 0
     except MilterError as exc:
         print(f"milterapp: error: worker {slot}: {exc}", file=sys.stderr)

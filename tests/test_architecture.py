@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     "milterapp.events": 1,
     "milterapp.replies": 1,
     "milterapp.spec": 1,
+    "milterapp.limits": 1,
     # 2: the sans-IO core. Every other module under milterapp/protocol/ is layer 2 as well.
     "milterapp.protocol.framing": 2,
     "milterapp.protocol.codec": 2,
@@ -48,7 +49,9 @@ LAYERS: dict[str, int] = {
     "milterapp.server": 5,
     "milterapp.listener": 5,
     "milterapp.session": 5,
+    "milterapp.steps": 5,
     "milterapp.logconfig": 5,
+    "milterapp.loops": 5,
     "milterapp.workers": 5,
     "milterapp.testing": 5,  # every module under milterapp/testing/ too (see layer_of)
     "milterapp.cli": 6,

@@ -139,6 +139,12 @@ class MilterConnection:
         """Letter of the command waiting for a reply, if any."""
         return None if self._pending is None else chr(self._pending)
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet decoded: after the events ran out, a command still
+        arriving."""
+        return self._frames.buffered
+
     def receive_data(self, data: bytes) -> None:
         """Feed bytes read from the MTA; ``b""`` means the MTA closed the connection."""
         if data:

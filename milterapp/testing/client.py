@@ -48,7 +48,7 @@ from milterapp.replies import (
 from milterapp.session import ConnectionHandler
 from milterapp.spec import ConnectionSpec
 from milterapp.testing.delivery import DeliveredMessage, apply, parse_message
-from milterapp.testing.pipe import memory_pipe
+from milterapp.testing.pipe import connect_protocol
 from milterapp.testing.profiles import MtaProfile, SessionFacts, profile
 
 __all__ = ["AsyncMilterTestClient", "MessageResult", "MilterTestClient", "StageReply"]
@@ -158,7 +158,6 @@ class AsyncMilterTestClient:
         self.raise_errors = raise_errors
         self.timeout = timeout
         self.handler: ConnectionHandler | None = None
-        self._task: asyncio.Task[None] | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._connected = False
@@ -179,15 +178,12 @@ class AsyncMilterTestClient:
     async def open(self) -> None:
         """Open the connection (in memory, or to the target) and negotiate."""
         if self.app is not None:
-            (self._reader, self._writer), (milter_reader, milter_writer) = memory_pipe(
-                "mta", "milter"
-            )
             if not self.app._started:
                 await self.app.run_startup()
             self.handler = ConnectionHandler(
                 self.app, self.app.requirements(), raise_errors=self.raise_errors
             )
-            self._task = asyncio.create_task(self.handler.run(milter_reader, milter_writer))
+            self._reader, self._writer = connect_protocol(self.handler, "mta", "milter")
         else:
             from milterapp.testing.sockets import MtaClient
 
@@ -207,8 +203,8 @@ class AsyncMilterTestClient:
                 with contextlib.suppress(ConnectionError):  # the milter may have gone already
                     writer.write(self.mta.send(Quit(), force=True))
             writer.close()
-        if self._task is not None:
-            await asyncio.wait_for(self._task, self.timeout)
+        if self.handler is not None:
+            await asyncio.wait_for(asyncio.shield(self.handler.done), self.timeout)
         self._raise_handler_error()
 
     def _raise_handler_error(self) -> None:
@@ -228,8 +224,8 @@ class AsyncMilterTestClient:
             async with asyncio.timeout(self.timeout):
                 data = await self._reader.read(256 * 1024)
             if not data:
-                if self._task is not None:
-                    await asyncio.wait_for(self._task, self.timeout)
+                if self.handler is not None:
+                    await asyncio.wait_for(asyncio.shield(self.handler.done), self.timeout)
                 self._raise_handler_error()
             self.mta.receive_data(data)
         self._raise_handler_error()  # the handler failed: its answer is only the fallback

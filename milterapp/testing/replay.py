@@ -24,7 +24,7 @@ from milterapp.protocol.framing import FrameDecoder
 from milterapp.protocol.mta import MtaConnection
 from milterapp.protocol.negotiation import SessionOptions
 from milterapp.session import ConnectionHandler
-from milterapp.testing.pipe import memory_pipe
+from milterapp.testing.pipe import connect_protocol
 from milterapp.testing.recording import (
     MAX_PACKET,
     RecordedConnection,
@@ -217,13 +217,12 @@ async def _replay_connection(
     connection: RecordedConnection, app: App, mta_side_check: bool, wait: float
 ) -> list[ComparedAnswer]:
     recorded = _recorded_answers(connection)
-    # The MTA's end is ours: what we write there, the handler reads from its own end.
-    (output, mta), (reader, writer) = memory_pipe("replay", "replay")
     # As the server runs it: same limit on MTA packets, handler errors answered by fallback.
     handler = ConnectionHandler(
         app, app.requirements(), conn_id=str(connection.conn), max_data_size=MAX_DATA_SIZE_1M
     )
-    task = asyncio.create_task(handler.run(reader, writer))
+    # The MTA's end is ours: what we write there, the handler reads from its own end.
+    output, mta = connect_protocol(handler, "replay", "replay")
     side = _AppSide(output, mta_side_check, wait)
     results: list[ComparedAnswer] = []
 
@@ -247,7 +246,8 @@ async def _replay_connection(
     commands = [packet for packet in connection.packets if packet.dir == "mta"]
     try:
         for number, command in enumerate(commands, 1):
-            if writer.is_closing():  # the handler closed the connection: it reads no more
+            if handler.transport is None or handler.transport.is_closing():
+                # the handler closed the connection: it reads no more
                 break
             side.sent(command)
             mta.write(command.frame())  # as recorded, one command at a time
@@ -275,10 +275,10 @@ async def _replay_connection(
         extra.extend(side.turns.partial)
         if extra or side.error is not None:
             compare(len(commands) + 1, None, extra, side.take_error() or "unexpected packets")
-        await asyncio.wait({task}, timeout=wait)
+        await asyncio.wait({handler.done}, timeout=wait)
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        handler.abort()  # a handler still stuck is stopped
+        await asyncio.wait({handler.done}, timeout=wait)
         mta.close()
     if connection.error is not None or not connection.closed:
         # The recording stops early: what came after its last answer cannot be judged.

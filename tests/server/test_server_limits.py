@@ -13,9 +13,9 @@ from milterapp.app import App
 from milterapp.cli import _parser, _server_options
 from milterapp.context import Context
 from milterapp.events import EndOfMessage, EnvRcpt, Header, Macros
+from milterapp.limits import HEADER_TOO_LARGE, TOO_MANY_HEADERS, TOO_MANY_RECIPIENTS
 from milterapp.replies import Continue
 from milterapp.server import ServerOptions
-from milterapp.session import HEADER_TOO_LARGE, TOO_MANY_HEADERS, TOO_MANY_RECIPIENTS
 from tests.server.support import (
     CLIENT,
     connect,
