@@ -64,6 +64,7 @@ __all__ = [
 ]
 
 _OBSERVERS: Final = frozenset({"negotiate", "open", "abort", "close"})
+_CONTINUE: Final = Continue()  # what handlers that all returned None give
 _CONNECTION_REPLIES: Final = (Continue, Accept, Reject, TempFail, Shutdown)
 _MESSAGE_REPLIES: Final = (*_CONNECTION_REPLIES, Discard)
 _VALID_REPLIES: Final[dict[str, tuple[type, ...]]] = {
@@ -301,6 +302,7 @@ class App(Registration):
         if not handlers:
             return None
         results: list[Result] = []
+        opinions = False  # a handler returned something other than None
         for index, handler in enumerate(handlers):
             if handler.is_async:
                 return Pending(self._dispatch_from(name, event, ctx, handlers, index, results))
@@ -312,6 +314,7 @@ class App(Registration):
                             self._dispatch_from(name, event, ctx, handlers, index, results, result)
                         )
                     result = self._check_result(handler, name, result)
+                    opinions = True
             except Exception as exc:  # noqa: BLE001 - handled (fail closed) by _dispatch_from
                 return Pending(self._dispatch_from(name, event, ctx, handlers, index, results, exc))
             results.append(result)
@@ -319,7 +322,7 @@ class App(Registration):
                 break
         if name in _OBSERVERS:
             return None
-        return decide(results)
+        return decide(results) if opinions else _CONTINUE
 
     async def _dispatch_from(
         self,

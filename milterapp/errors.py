@@ -5,7 +5,8 @@
     MilterError(Exception)
     ├── ProtocolError                 the milter conversation broke
     │   ├── RemoteProtocolError       the MTA sent something malformed or out of order
-    │   │   └── FrameTooLargeError    a packet length above the allowed maximum (or zero)
+    │   │   ├── FrameTooLargeError    a packet length above the allowed maximum (or zero)
+    │   │   └── LimitExceededError    a packet over a configured limit (macros per packet)
     │   └── LocalProtocolError        we tried to send something the protocol forbids now
     │       └── ActionNotNegotiated   a modification whose action the MTA did not grant
     ├── NegotiationError              the MTA cannot offer what the application requires
@@ -24,6 +25,7 @@ __all__ = [
     "ActionNotNegotiated",
     "ConnectionSpecError",
     "FrameTooLargeError",
+    "LimitExceededError",
     "LocalProtocolError",
     "MilterError",
     "NegotiationError",
@@ -64,6 +66,22 @@ class RemoteProtocolError(ProtocolError):
 
 class FrameTooLargeError(RemoteProtocolError):
     """A packet announced a length of zero or above the allowed maximum."""
+
+
+class LimitExceededError(RemoteProtocolError):
+    """A packet went over a configured limit; the connection closes.
+
+    Attributes:
+        limit: the limit's name (``"max_macros_per_packet"``).
+        value: the limit's value.
+        count: what the packet had.
+    """
+
+    def __init__(self, message: str, *, limit: str, value: int, count: int, command: str):
+        super().__init__(message, command=command)
+        self.limit = limit
+        self.value = value
+        self.count = count
 
 
 class LocalProtocolError(ProtocolError):

@@ -21,7 +21,7 @@ from typing import Any, cast
 
 from milterapp.app import App
 from milterapp.context import Context
-from milterapp.errors import ProtocolError
+from milterapp.errors import LimitExceededError, ProtocolError
 from milterapp.events import ConnectionClosed, Quit, QuitNoClose
 from milterapp.limits import Limits
 from milterapp.protocol.machine import ConnectionState, MilterConnection
@@ -67,7 +67,11 @@ class ConnectionHandler(asyncio.Protocol):
         self.app = app
         self.conn_id = conn_id
         self.limits = limits or Limits()
-        self.machine = MilterConnection(max_data_size=max_data_size)
+        self.machine = MilterConnection(
+            max_data_size=max_data_size,
+            macro_events=False,
+            max_macros_per_packet=self.limits.max_macros_per_packet,
+        )
         self.steps = Steps(app, requirements, self.machine, self.limits)
         self.raise_errors = raise_errors
         self.idle = True
@@ -285,6 +289,8 @@ class ConnectionHandler(asyncio.Protocol):
 
     def _fail(self, exc: Exception) -> None:
         """End the connection after an error: the MTA may get TempFail, the server goes on."""
+        if isinstance(exc, LimitExceededError):
+            self._log().warning("limit_exceeded", limit=exc.limit, value=exc.value, count=exc.count)
         if isinstance(exc, ProtocolError):
             self._log().warning("protocol_error", error=str(exc))
             self.error = exc

@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from milterapp.app import App, CloseEvent, Pending
 from milterapp.context import Context
-from milterapp.errors import LocalProtocolError, NegotiationError, RemoteProtocolError
+from milterapp.errors import LocalProtocolError, NegotiationError
 from milterapp.events import (
     Abort,
     Body,
@@ -172,20 +172,7 @@ class Steps:
         ctx = self.ctx
         assert ctx is not None
         if isinstance(event, Macros):
-            limit = self.limits.max_macros_per_packet
-            if limit and len(event.values) > limit:
-                ctx.log.warning(
-                    "limit_exceeded",
-                    limit="max_macros_per_packet",
-                    value=limit,
-                    count=len(event.values),
-                    stage=event.stage,
-                )
-                raise RemoteProtocolError(
-                    f"{len(event.values)} macros in one packet, above the limit of {limit}",
-                    command="D",
-                )
-            return b""
+            return b""  # the machine keeps them (and applies max_macros_per_packet)
         if isinstance(event, Negotiate):
             observed = self.app.dispatch_now("negotiate", event, ctx)
             if isinstance(observed, Pending):
@@ -264,6 +251,8 @@ class Steps:
 
     def _answer(self, name: str, verdict: Outcome) -> bytes:
         machine = self.machine
+        if (verdict is None or verdict.__class__ is Continue) and name != "eom":
+            return machine.send_continue()  # the common case, without allocation
         ctx = self.ctx
         assert ctx is not None
         verdict = verdict or Continue()

@@ -51,7 +51,7 @@ from milterapp.protocol.payload import (
     single_string,
 )
 
-__all__ = ["decode_command", "encode_command"]
+__all__ = ["decode_command", "decode_macros", "encode_command"]
 
 
 # --- MTA -> milter: decoding -------------------------------------------------------------
@@ -65,16 +65,28 @@ def _decode_optneg(r: Reader) -> Event:
     return Negotiate(version=version, actions=ActionFlag(actions), protocol=ProtocolFlag(protocol))
 
 
-def _decode_macro(r: Reader) -> Event:
-    if not r.payload:
+def decode_macros(payload: bytes) -> tuple[str, dict[str, str]]:
+    """Decode a ``D`` payload into its stage letter and its values, without a model.
+
+    Raises:
+        RemoteProtocolError: no stage letter (or a zero byte), or a name without a value.
+    """
+    r = Reader("D", payload)
+    if not payload:
         raise r.fail("macro packet lacks its stage letter")
-    stage = chr(r.payload[0])
+    if not payload[0]:
+        raise r.fail("invalid content: the stage letter is a zero byte", 0)
     r.pos = 1
     strings = r.strings("macro name or value")
     if len(strings) % 2:
         raise r.fail(f"macro {decode_text(strings[-1])!r} has no value")
     texts = [s.decode("utf-8", "surrogateescape") for s in strings]
-    return Macros(stage=stage, values=dict(zip(texts[::2], texts[1::2], strict=True)))
+    return chr(payload[0]), dict(zip(texts[::2], texts[1::2], strict=True))
+
+
+def _decode_macro(r: Reader) -> Event:
+    stage, values = decode_macros(r.payload)
+    return Macros(stage=stage, values=values)
 
 
 def _decode_connect(r: Reader) -> Event:

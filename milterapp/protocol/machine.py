@@ -33,6 +33,7 @@ from typing import Final
 
 from milterapp.errors import (
     ActionNotNegotiated,
+    LimitExceededError,
     LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
@@ -45,6 +46,7 @@ from milterapp.events import (
     Negotiate,
 )
 from milterapp.protocol.codec import decode_command, encode_response
+from milterapp.protocol.commands import decode_macros
 from milterapp.protocol.constants import ActionFlag
 from milterapp.protocol.framing import FrameDecoder
 from milterapp.protocol.macros import STAGE_ORDER, MacroTable
@@ -95,6 +97,7 @@ _LEGAL: Final[dict[int, tuple[type[Reply], ...]]] = {
     **{command: _MESSAGE_VERDICTS for command in _RANK},
     _B: (*_MESSAGE_VERDICTS, Skip),
 }
+_CONTINUE_PACKET: Final = encode_response(Continue())
 #: Verdicts after which the message (or, at C/H, the connection) is over; per command.
 _RECIPIENT_LEVEL: Final = (Continue, Reject, TempFail)
 
@@ -105,10 +108,22 @@ class MilterConnection:
     Args:
         max_data_size: largest incoming payload to accept. None (the default) means the
             negotiated maximum (64 KiB unless the MTA offered more and we accepted).
+        macro_events: hand out a :class:`Macros` event for each ``D`` packet. When False,
+            macros only go into :attr:`macros` (the server's way: no model per packet).
+        max_macros_per_packet: most name/value pairs in one ``D`` packet (0: no limit);
+            more raises :class:`~milterapp.errors.LimitExceededError`.
     """
 
-    def __init__(self, *, max_data_size: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_data_size: int | None = None,
+        macro_events: bool = True,
+        max_macros_per_packet: int = 0,
+    ) -> None:
         self._limit = max_data_size
+        self._macro_events = macro_events
+        self._max_macros = max_macros_per_packet
         self._frames = FrameDecoder() if max_data_size is None else FrameDecoder(max_data_size)
         # Events decoded but not yet handed out, each with the command byte it makes us owe a
         # reply to (None for synthesised aborts and commands that need no reply).
@@ -183,6 +198,9 @@ class MilterConnection:
                     return self._close(ConnectionClosed())
                 return None
             command, payload = frame
+            if command == _D and not self._macro_events:
+                self._define_macros(*decode_macros(payload))
+                continue
             event = decode_command(command, payload, leading_space=self._leading_space)
             if not self._advance(command, event):
                 continue
@@ -217,11 +235,7 @@ class MilterConnection:
             raise self._fail(command, "option negotiation happens once per connection")
         elif command == _D:
             assert isinstance(event, Macros)
-            if event.stage == "M":
-                # A new transaction's MAIL macros while a message is open: the old message
-                # ended without an abort. End it now, so its abort comes before these macros.
-                self._abort_open_message()
-            self.macros.define(event.stage, event.values)
+            self._define_macros(event.stage, event.values)
         elif command == _Q:
             self._quit()
         elif command == _K:
@@ -250,6 +264,24 @@ class MilterConnection:
         else:
             self._advance_message(command)
         return True
+
+    def _define_macros(self, stage: str, values: dict[str, str]) -> None:
+        if self.state is ConnectionState.NEGOTIATING:
+            raise self._fail(_D, "expected option negotiation first")
+        limit = self._max_macros
+        if limit and len(values) > limit:
+            raise LimitExceededError(
+                f"{len(values)} macros in one packet, above the limit of {limit}",
+                limit="max_macros_per_packet",
+                value=limit,
+                count=len(values),
+                command="D",
+            )
+        if stage == "M":
+            # A new transaction's MAIL macros while a message is open: the old message
+            # ended without an abort. End it now, so its abort comes before these macros.
+            self._abort_open_message()
+        self.macros.define(stage, values)
 
     def _quit(self) -> None:
         if self.state is ConnectionState.MESSAGE:
@@ -353,6 +385,18 @@ class MilterConnection:
         self._pending = None
         self._after_verdict(command, reply)
         return encode_response(reply)
+
+    def send_continue(self) -> bytes:
+        """``send(Continue())``, without the checks only other replies need.
+
+        Continue is a valid answer to every command that expects one, and only at end of
+        message (where it ends the message) does it change more than the pending command.
+        """
+        command = self._pending
+        if command is None or command in (_O, _E) or self.options is None:
+            return self.send(Continue())  # raises, or ends the message
+        self._pending = None
+        return _CONTINUE_PACKET
 
     def _send_negotiation(self, command: int, reply: NegotiationReply) -> bytes:
         if command != _O:
