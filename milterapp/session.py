@@ -7,8 +7,9 @@ MTAs.
 
 Plain-function handlers run inside ``data_received``: the reply is written before the
 callback returns, without a task, a future or a coroutine. The first handler that needs
-awaiting moves the rest of the work to a task, and reading pauses until it is done (the MTA
-waits for our reply anyway). See docs/architecture.md for why.
+awaiting moves the rest of the work to a task, and the next events wait until it is done (the
+MTA waits for our reply anyway, so reading goes on, and pauses only if a flood of commands that
+need no reply piles up). See docs/architecture.md for why.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Callable, Coroutine
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from milterapp.app import App
 from milterapp.context import Context
@@ -30,6 +31,10 @@ from milterapp.replies import Progress, TempFail
 from milterapp.steps import Step, Steps
 
 __all__ = ["ConnectionHandler"]
+
+#: Bytes the MTA may send ahead while a handler runs before reading pauses: a packet of the
+#: largest size we accept, and more.
+_BUFFER_LIMIT: Final = 2 * 1024 * 1024
 
 
 class ConnectionHandler(asyncio.Protocol):
@@ -83,7 +88,8 @@ class ConnectionHandler(asyncio.Protocol):
         self._admit = admit
         self._sessions = 0
         self._out: list[bytes] = []
-        self._task: asyncio.Task[bytes] | None = None  # awaiting handlers; reading paused
+        self._task: asyncio.Task[bytes] | None = None  # awaiting handlers
+        self._reading_paused = False
         self._stopping = False  # the server is shutting down
         self._ending = False  # the connection is being closed; nothing more is processed
         self._ended = False  # ...and the close handlers ran
@@ -126,6 +132,12 @@ class ConnectionHandler(asyncio.Protocol):
             return
         if self._task is None:
             self._process()
+        elif not self._reading_paused and self.machine.buffered > _BUFFER_LIMIT:
+            # A handler runs and the MTA keeps sending (commands that need no reply): hold
+            # further reads until the handler is done, so memory stays bounded.
+            self._reading_paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         if not self._ending:
@@ -241,9 +253,8 @@ class ConnectionHandler(asyncio.Protocol):
         """Await ``step`` in a task; reading waits (the MTA waits for our reply anyway)."""
         self._flush()
         self.idle = False
-        assert self.transport is not None
-        if not self._lost:
-            self.transport.pause_reading()
+        # Reading goes on: the MTA waits for our reply before it sends a command that needs
+        # one, and data_received pauses it if commands that need none pile up.
         task = self._loop.create_task(step)
         self._task = task
         task.add_done_callback(self._step_done)
@@ -267,8 +278,9 @@ class ConnectionHandler(asyncio.Protocol):
             if self._ending:
                 self._flush()
             else:
-                assert self.transport is not None
-                if not self._lost:
+                if self._reading_paused and not self._lost:
+                    self._reading_paused = False
+                    assert self.transport is not None
                     self.transport.resume_reading()
                 self._process()
         self._maybe_done()

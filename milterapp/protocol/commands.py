@@ -71,6 +71,12 @@ def decode_macros(payload: bytes) -> tuple[str, dict[str, str]]:
     Raises:
         RemoteProtocolError: no stage letter (or a zero byte), or a name without a value.
     """
+    if len(payload) > 1 and payload[0] and payload[-1] == 0:
+        # The usual shape, decoded in one go (NUL is one byte in UTF-8, so splitting the
+        # decoded text equals decoding each string).
+        texts = payload[1:-1].decode("utf-8", "surrogateescape").split("\0")
+        if not len(texts) % 2:
+            return chr(payload[0]), dict(zip(texts[::2], texts[1::2], strict=True))
     r = Reader("D", payload)
     if not payload:
         raise r.fail("macro packet lacks its stage letter")

@@ -19,6 +19,7 @@ __all__ = ["LENGTH", "FrameDecoder", "encode_frame"]
 #: The length prefix of every packet.
 LENGTH: Final = struct.Struct("!I")
 _HEADER_SIZE: Final = LENGTH.size
+_unpack_from = LENGTH.unpack_from
 
 
 def encode_frame(command: bytes, payload: bytes = b"") -> bytes:
@@ -46,9 +47,15 @@ class FrameDecoder:
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Add received bytes; call :meth:`next_frame` until it returns None."""
-        if data:
-            self._pending.append(bytes(data))
-            self._pending_size += len(data)
+        if not data:
+            return
+        if self._pos == len(self._buf) and not self._pending:
+            # Nothing waiting (the usual case): packets are sliced straight out of this read.
+            self._buf = data if isinstance(data, bytes) else bytes(data)
+            self._pos = 0
+            return
+        self._pending.append(bytes(data))
+        self._pending_size += len(data)
 
     @property
     def buffered(self) -> int:
@@ -78,6 +85,24 @@ class FrameDecoder:
         Raises:
             FrameTooLargeError: the announced length is zero or above ``max_data_size + 1``.
         """
+        buf = self._buf
+        pos = self._pos
+        size = len(buf)
+        if size - pos >= _HEADER_SIZE:
+            # Fast path: a whole, acceptable packet in the current buffer.
+            (length,) = _unpack_from(buf, pos)
+            end = pos + _HEADER_SIZE + length
+            if end <= size and 0 < length <= self.max_data_size + 1:
+                if end == size:
+                    self._buf = b""
+                    self._pos = 0
+                else:
+                    self._pos = end
+                return buf[pos + _HEADER_SIZE], buf[pos + _HEADER_SIZE + 1 : end]
+        return self._next_frame_joined()
+
+    def _next_frame_joined(self) -> tuple[int, bytes] | None:
+        """:meth:`next_frame` for a packet that spans reads, or one that is refused."""
         if not self._contiguous(_HEADER_SIZE):
             return None
         (length,) = LENGTH.unpack_from(self._buf, self._pos)
