@@ -121,10 +121,10 @@ class MtaClient:
 
     async def close(self, *, quit: bool = True) -> None:
         """Send QUIT (unless told not to, or the state forbids it) and close the socket."""
-        # Closing must not fail a test that passed: the milter may be gone already, or the
-        # state may forbid QUIT (a reply still owed).
+        # Closing must not fail a test that passed: the milter may be gone already, the
+        # state may forbid QUIT (a reply still owed), or our side may be shut for writing.
         if quit and not self.writer.is_closing():
-            with contextlib.suppress(ProtocolError, OSError):
+            with contextlib.suppress(ProtocolError, OSError, RuntimeError):
                 self.writer.write(self.mta.send(Quit()))
                 await self.writer.drain()
         self.writer.close()
