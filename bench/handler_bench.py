@@ -83,6 +83,9 @@ class NullTransport(asyncio.Transport):
     def get_write_buffer_size(self) -> int:
         return 0
 
+    def close(self) -> None:
+        pass
+
 
 def writes_of(events: list[Event]) -> list[bytes]:
     """The MTA's writes: each command together with the macros sent just before it."""

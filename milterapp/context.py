@@ -174,6 +174,7 @@ class Context:
         macros: Mapping[str, str],
         spool_threshold: int | None = None,
         progress: Callable[[], Awaitable[None]] | None = None,
+        log: Any = None,
     ) -> None:
         self.app_name = app_name
         self.conn_id = conn_id
@@ -183,7 +184,8 @@ class Context:
         self.macros = macros
         self.options: SessionOptions | None = None
         self.state: dict[str, Any] = {}
-        self.log: Any = structlog.get_logger("milterapp").bind(conn_id=conn_id, peer=peer)
+        base = structlog.get_logger("milterapp") if log is None else log
+        self.log: Any = base.bind(conn_id=conn_id, peer=peer)
         self._spool_threshold = spool_threshold
         self._progress = progress
         self._modifications: list[Modification | _BodyStream] = []

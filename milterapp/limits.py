@@ -77,10 +77,13 @@ class Limits:
     max_recipients: int = DEFAULT_MAX_RECIPIENTS
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
+        for name in _LIMIT_NAMES:
+            value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ValueError(f"{field.name}: must be a number, at least 0 (not {value!r})")
+                raise ValueError(f"{name}: must be a number, at least 0 (not {value!r})")
+
+
+_LIMIT_NAMES: Final = tuple(field.name for field in dataclasses.fields(Limits))
 
 
 def header_size(event: Header, limit: int) -> int:

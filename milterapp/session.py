@@ -27,7 +27,7 @@ from milterapp.events import ConnectionClosed, Quit, QuitNoClose
 from milterapp.limits import Limits
 from milterapp.protocol.machine import ConnectionState, MilterConnection
 from milterapp.protocol.negotiation import Requirements
-from milterapp.replies import Progress, TempFail
+from milterapp.replies import NegotiationReply, Progress, TempFail
 from milterapp.steps import Step, Steps
 
 __all__ = ["ConnectionHandler"]
@@ -35,6 +35,8 @@ __all__ = ["ConnectionHandler"]
 #: Bytes the MTA may send ahead while a handler runs before reading pauses: a packet of the
 #: largest size we accept, and more.
 _BUFFER_LIMIT: Final = 2 * 1024 * 1024
+#: Events that end an SMTP session on this connection.
+_ENDINGS: Final = frozenset({Quit, QuitNoClose, ConnectionClosed})
 
 
 class ConnectionHandler(asyncio.Protocol):
@@ -50,6 +52,9 @@ class ConnectionHandler(asyncio.Protocol):
             negotiation (the server's connection limit).
         raise_errors: let handler exceptions escape instead of answering with the fallback
             (tests); the first one is kept in :attr:`error`.
+        negotiations: negotiation replies by offer, shared by one server's connections.
+        log: the structlog logger that each session's ``ctx.log`` binds to (default:
+            ``structlog.get_logger("milterapp")``).
 
     Attributes:
         idle: True while waiting for the MTA with no message in flight.
@@ -68,6 +73,8 @@ class ConnectionHandler(asyncio.Protocol):
         max_data_size: int | None = None,
         admit: Callable[[ConnectionHandler], bool] | None = None,
         raise_errors: bool = False,
+        negotiations: dict[tuple[int, int, int], NegotiationReply] | None = None,
+        log: Any = None,
     ) -> None:
         self.app = app
         self.conn_id = conn_id
@@ -77,7 +84,8 @@ class ConnectionHandler(asyncio.Protocol):
             macro_events=False,
             max_macros_per_packet=self.limits.max_macros_per_packet,
         )
-        self.steps = Steps(app, requirements, self.machine, self.limits)
+        self.steps = Steps(app, requirements, self.machine, self.limits, negotiations)
+        self._base_log = log
         self.raise_errors = raise_errors
         self.idle = True
         self.error: BaseException | None = None
@@ -208,8 +216,8 @@ class ConnectionHandler(asyncio.Protocol):
         out = self._out
         try:
             while (event := machine.next_event()) is not None:
-                if isinstance(event, Quit | QuitNoClose | ConnectionClosed):
-                    self._run(self._quit(event))
+                if event.__class__ in _ENDINGS:
+                    self._run(self._quit(event))  # type: ignore[arg-type]
                 else:
                     step = steps.on_event(event)
                     if isinstance(step, bytes):
@@ -436,6 +444,7 @@ class ConnectionHandler(asyncio.Protocol):
             macros=machine.macros,
             spool_threshold=config.spool_threshold if config.keep_message else None,
             progress=progress,
+            log=self._base_log,
         )
         ctx.options = machine.options  # known already when a connection is reused (QUIT_NC)
         ctx.raise_errors = self.raise_errors

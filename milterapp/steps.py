@@ -43,7 +43,16 @@ from milterapp.limits import (
 from milterapp.protocol.constants import DEFAULT_MAX_DATA_SIZE
 from milterapp.protocol.machine import ConnectionState, MilterConnection
 from milterapp.protocol.negotiation import Requirements, negotiate
-from milterapp.replies import Accept, Continue, Reject, Shutdown, Skip, TempFail, Verdict
+from milterapp.replies import (
+    Accept,
+    Continue,
+    NegotiationReply,
+    Reject,
+    Shutdown,
+    Skip,
+    TempFail,
+    Verdict,
+)
 
 __all__ = ["Step", "Steps"]
 
@@ -51,6 +60,7 @@ __all__ = ["Step", "Steps"]
 Step = bytes | Coroutine[Any, Any, bytes]
 Outcome = Verdict | Shutdown | None
 
+_NEGOTIATIONS_KEPT: Final = 64
 #: Commands of a message that a refused message no longer runs handlers for.
 _MESSAGE_STAGES: Final = frozenset({"envrcpt", "data", "header", "eoh", "body", "eom"})
 _HANDLER_NAMES: Final[dict[type[Event], str]] = {
@@ -70,6 +80,10 @@ _HANDLER_NAMES: Final[dict[type[Event], str]] = {
 class Steps:
     """The replies of one connection's App; see the module docstring.
 
+    Args:
+        negotiations: negotiation replies by offer, to share between the connections of one
+            server (they have the same requirements).
+
     Attributes:
         ctx: the current session's context (the connection handler sets it).
         progress: sends a progress packet (the connection handler sets it).
@@ -77,10 +91,17 @@ class Steps:
     """
 
     def __init__(
-        self, app: App, requirements: Requirements, machine: MilterConnection, limits: Limits
+        self,
+        app: App,
+        requirements: Requirements,
+        machine: MilterConnection,
+        limits: Limits,
+        negotiations: dict[tuple[int, int, int], NegotiationReply] | None = None,
     ) -> None:
         self.app = app
         self.requirements = requirements
+        # Replies by offer, shared by the connections of one server (same requirements).
+        self.negotiations = {} if negotiations is None else negotiations
         self.machine = machine
         self.limits = limits
         self.ctx: Context | None = None
@@ -192,13 +213,16 @@ class Steps:
     def _negotiate(self, event: Negotiate) -> bytes:
         ctx = self.ctx
         assert ctx is not None
+        key = (event.version, int(event.actions), int(event.protocol))
         try:
-            reply = negotiate(event, self.requirements)
+            reply = self.negotiations.get(key) or negotiate(event, self.requirements)
         except NegotiationError as exc:
             # As libmilter: close without replying; the MTA applies its failure policy.
             ctx.log.error("negotiation_failed", error=str(exc))
             raise ConnectionAbortedError(str(exc)) from exc
         out = self.machine.send(reply)
+        if len(self.negotiations) < _NEGOTIATIONS_KEPT:
+            self.negotiations[key] = reply
         ctx.options = self.machine.options
         return out
 

@@ -175,6 +175,7 @@ _COMMAND_DECODERS: Final[dict[int, Callable[[Reader], Event]]] = {
     ord(Command.QUIT_NC.value): _empty(QuitNoClose),
 }
 _HEADER_BYTE: Final = ord(Command.HEADER.value)
+_BODY_BYTE: Final = ord(Command.BODY.value)
 
 
 def decode_command(command: int, payload: bytes, *, leading_space: bool = False) -> Event:
@@ -188,6 +189,17 @@ def decode_command(command: int, payload: bytes, *, leading_space: bool = False)
     Raises:
         RemoteProtocolError: unknown command letter or malformed payload.
     """
+    if command == _HEADER_BYTE:
+        # The most frequent command, in its usual shape: no Reader needed.
+        parts = payload.split(b"\x00")
+        if len(parts) == 3 and parts[0] and not parts[2]:
+            return Header(
+                name=parts[0].decode("utf-8", "surrogateescape"),
+                value=parts[1].decode("utf-8", "surrogateescape"),
+                leading_space=leading_space,
+            )
+    elif command == _BODY_BYTE:
+        return Body(chunk=payload)
     r = Reader(chr(command), payload)
     try:
         if command == _HEADER_BYTE:

@@ -88,6 +88,8 @@ class FrameDecoder:
         buf = self._buf
         pos = self._pos
         size = len(buf)
+        if pos == size and not self._pending:
+            return None  # nothing buffered: the usual end of a read
         if size - pos >= _HEADER_SIZE:
             # Fast path: a whole, acceptable packet in the current buffer.
             (length,) = _unpack_from(buf, pos)

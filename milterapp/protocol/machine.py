@@ -98,6 +98,9 @@ _LEGAL: Final[dict[int, tuple[type[Reply], ...]]] = {
     _B: (*_MESSAGE_VERDICTS, Skip),
 }
 _CONTINUE_PACKET: Final = encode_response(Continue())
+#: Negotiated options (and the commands that expect a reply) by offer and reply.
+_SESSIONS: dict[tuple[int, ...], tuple[SessionOptions, frozenset[int]]] = {}
+_SESSIONS_KEPT: Final = 64
 #: Verdicts after which the message (or, at C/H, the connection) is over; per command.
 _RECIPIENT_LEVEL: Final = (Continue, Reject, TempFail)
 
@@ -403,10 +406,26 @@ class MilterConnection:
             raise LocalProtocolError(
                 f"negotiation reply sent in answer to {chr(command)!r}", command="O"
             )
-        assert self.offer is not None
-        options = session_options(self.offer, reply)
+        offer = self.offer
+        assert offer is not None
+        # Every connection from one MTA negotiates alike: compute the options once.
+        key = (
+            offer.version,
+            int(offer.actions),
+            int(offer.protocol),
+            reply.version,
+            int(reply.actions),
+            int(reply.protocol),
+        )
+        known = _SESSIONS.get(key)
+        if known is None:
+            options = session_options(offer, reply)
+            expects = frozenset(c for c in _ALL_COMMANDS if options.reply_expected(c))
+            if len(_SESSIONS) >= _SESSIONS_KEPT:
+                _SESSIONS.clear()
+            known = _SESSIONS[key] = (options, expects)
+        options, self._expects = known
         self.options = options
-        self._expects = frozenset(c for c in _ALL_COMMANDS if options.reply_expected(c))
         self._leading_space = options.leading_space
         if self._limit is None:
             self._frames.max_data_size = options.max_data_size
