@@ -16,7 +16,7 @@ import os
 import signal
 import socket
 import sys
-from typing import Any
+from typing import Any, Final
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -45,6 +45,8 @@ from milterapp.protocol.constants import DEFAULT_MAX_DATA_SIZE, MAX_DATA_SIZE_1M
 from milterapp.replies import NegotiationReply
 from milterapp.session import ConnectionHandler, _peer
 from milterapp.spec import ConnectionSpec, default_connection_spec
+
+_READ_BUFFER_SIZE: Final = 256 * 1024
 
 __all__ = [
     "MilterServer",
@@ -166,6 +168,8 @@ class MilterServer:
         self._limits = Limits()
         self._negotiations: dict[tuple[int, int, int], NegotiationReply] = {}
         self._connection_log: Any = None
+        # One read buffer for every connection: each read is consumed before the next one.
+        self._read_buffer = bytearray(_READ_BUFFER_SIZE)
         self._ids = itertools.count(1)
         self._requirements = app.requirements()  # again in start(), after registration
         self.log: Any = structlog.get_logger("milterapp").bind(app=app.name)
@@ -303,6 +307,7 @@ class MilterServer:
             admit=self._admit,
             negotiations=self._negotiations,
             log=self._connection_log,
+            read_buffer=self._read_buffer,
         )
 
     def _admit(self, handler: ConnectionHandler) -> bool:

@@ -1,9 +1,10 @@
 """One MTA connection run through an App: bytes in, handlers, replies out.
 
-:class:`ConnectionHandler` is an :class:`asyncio.Protocol` driving a sans-IO
-:class:`MilterConnection`. The server makes one per accepted connection; the testing kit
-connects one to an in-memory transport, so tests exercise exactly the code that serves real
-MTAs.
+:class:`ConnectionHandler` is an :class:`asyncio.BufferedProtocol` driving a sans-IO
+:class:`MilterConnection`: the transport reads into a buffer that the server shares between
+its connections, and packets are copied out of it once. The server makes one per accepted
+connection; the testing kit connects one to an in-memory transport, so tests exercise exactly
+the code that serves real MTAs.
 
 Plain-function handlers run inside ``data_received``: the reply is written before the
 callback returns, without a task, a future or a coroutine. The first handler that needs
@@ -35,11 +36,13 @@ __all__ = ["ConnectionHandler"]
 #: Bytes the MTA may send ahead while a handler runs before reading pauses: a packet of the
 #: largest size we accept, and more.
 _BUFFER_LIMIT: Final = 2 * 1024 * 1024
+#: Size of the read buffer of a connection that was given none (the server shares one).
+_OWN_READ_BUFFER: Final = 64 * 1024
 #: Events that end an SMTP session on this connection.
 _ENDINGS: Final = frozenset({Quit, QuitNoClose, ConnectionClosed})
 
 
-class ConnectionHandler(asyncio.Protocol):
+class ConnectionHandler(asyncio.BufferedProtocol):
     """Serves one MTA connection with an App.
 
     Args:
@@ -55,6 +58,8 @@ class ConnectionHandler(asyncio.Protocol):
         negotiations: negotiation replies by offer, shared by one server's connections.
         log: the structlog logger that each session's ``ctx.log`` binds to (default:
             ``structlog.get_logger("milterapp")``).
+        read_buffer: where the transport reads into; one buffer may serve every connection
+            of an event loop, since each read is consumed (or copied) before the next.
 
     Attributes:
         idle: True while waiting for the MTA with no message in flight.
@@ -75,6 +80,7 @@ class ConnectionHandler(asyncio.Protocol):
         raise_errors: bool = False,
         negotiations: dict[tuple[int, int, int], NegotiationReply] | None = None,
         log: Any = None,
+        read_buffer: bytearray | None = None,
     ) -> None:
         self.app = app
         self.conn_id = conn_id
@@ -86,6 +92,7 @@ class ConnectionHandler(asyncio.Protocol):
         )
         self.steps = Steps(app, requirements, self.machine, self.limits, negotiations)
         self._base_log = log
+        self._read_view = memoryview(read_buffer) if read_buffer is not None else None
         self.raise_errors = raise_errors
         self.idle = True
         self.error: BaseException | None = None
@@ -129,7 +136,20 @@ class ConnectionHandler(asyncio.Protocol):
             self._idle_timer = self._loop.call_later(self.limits.timeout, self._idle_check)
         self._run(self.steps.open_session(ctx))
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        view = self._read_view
+        if view is None:
+            view = self._read_view = memoryview(bytearray(_OWN_READ_BUFFER))
+        return view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        assert self._read_view is not None
+        try:
+            self.data_received(self._read_view[:nbytes])
+        finally:
+            self.machine.release()  # the buffer is about to be reused: copy what is left
+
+    def data_received(self, data: bytes | memoryview) -> None:
         self._last_read = self._loop.time()
         if self._ending:
             return

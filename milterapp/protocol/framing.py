@@ -3,7 +3,8 @@
 :class:`FrameDecoder` takes bytes in any split, one byte at a time included, and hands out
 whole packets. It never copies a byte more than it must: while a packet is incomplete the
 pieces wait in a list and are joined once, when the whole packet is there; packets that
-arrive whole inside one read are sliced straight out of it.
+arrive whole inside one read are sliced straight out of it, which is their only copy when the
+read is a memoryview of the caller's buffer (see :meth:`FrameDecoder.release`).
 """
 
 from __future__ import annotations
@@ -36,26 +37,43 @@ class FrameDecoder:
             as its four length bytes are in, before any of its payload is buffered.
     """
 
-    __slots__ = ("_buf", "_pending", "_pending_size", "_pos", "max_data_size")
+    __slots__ = ("_buf", "_pending", "_pending_size", "_pos", "_view", "max_data_size")
 
     def __init__(self, max_data_size: int = DEFAULT_MAX_DATA_SIZE) -> None:
         self.max_data_size = max_data_size
-        self._buf = b""
+        self._buf: bytes | memoryview = b""
+        self._view = False  # _buf is a memoryview lent by the caller until release()
         self._pos = 0
-        self._pending: list[bytes] = []
+        self._pending: list[bytes | memoryview] = []
         self._pending_size = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Add received bytes; call :meth:`next_frame` until it returns None."""
+        """Add received bytes; call :meth:`next_frame` until it returns None.
+
+        A memoryview is read in place (payloads are copied out of it once): it must stay
+        unchanged until :meth:`release`, which copies what is left of it.
+        """
         if not data:
             return
         if self._pos == len(self._buf) and not self._pending:
             # Nothing waiting (the usual case): packets are sliced straight out of this read.
-            self._buf = data if isinstance(data, bytes) else bytes(data)
+            if isinstance(data, memoryview):
+                self._buf = data
+                self._view = True
+            else:
+                self._buf = data if isinstance(data, bytes) else bytes(data)
+                self._view = False
             self._pos = 0
             return
         self._pending.append(bytes(data))
         self._pending_size += len(data)
+
+    def release(self) -> None:
+        """Stop reading a memoryview given to :meth:`feed`: copy what is left of it."""
+        if self._view:
+            self._buf = bytes(self._buf[self._pos :])
+            self._pos = 0
+            self._view = False
 
     @property
     def buffered(self) -> int:
@@ -74,6 +92,7 @@ class FrameDecoder:
             parts.insert(0, self._buf[self._pos :])
         # join() of a single bytes object returns it without copying.
         self._buf = b"".join(parts)
+        self._view = False
         self._pos = 0
         self._pending = []
         self._pending_size = 0
@@ -100,7 +119,11 @@ class FrameDecoder:
                     self._pos = 0
                 else:
                     self._pos = end
-                return buf[pos + _HEADER_SIZE], buf[pos + _HEADER_SIZE + 1 : end]
+                if self._view:
+                    if end == size:
+                        self._view = False
+                    return buf[pos + _HEADER_SIZE], bytes(buf[pos + _HEADER_SIZE + 1 : end])
+                return buf[pos + _HEADER_SIZE], buf[pos + _HEADER_SIZE + 1 : end]  # type: ignore[return-value]
         return self._next_frame_joined()
 
     def _next_frame_joined(self) -> tuple[int, bytes] | None:
@@ -121,9 +144,10 @@ class FrameDecoder:
         end = start + length
         buf = self._buf
         command = buf[start]
-        payload = buf[start + 1 : end]
+        payload = bytes(buf[start + 1 : end])  # a copy only if buf is a memoryview
         if end == len(buf):
             self._buf = b""
+            self._view = False
             self._pos = 0
         else:
             self._pos = end

@@ -163,8 +163,17 @@ class MilterConnection:
         arriving."""
         return self._frames.buffered
 
-    def receive_data(self, data: bytes) -> None:
-        """Feed bytes read from the MTA; ``b""`` means the MTA closed the connection."""
+    def release(self) -> None:
+        """The memoryview last given to :meth:`receive_data` is about to change: keep a
+        copy of what is left of it."""
+        self._frames.release()
+
+    def receive_data(self, data: bytes | memoryview) -> None:
+        """Feed bytes read from the MTA; ``b""`` means the MTA closed the connection.
+
+        A memoryview is read in place until :meth:`release` (or until everything in it has
+        been handed out as events).
+        """
         if data:
             if self._eof:
                 raise LocalProtocolError("receive_data() called with data after end of file")

@@ -22,7 +22,10 @@ class _ProtocolEnd(asyncio.Transport):
     """The milter's end: writes go into the MTA's reader; reads come from :class:`_StreamEnd`."""
 
     def __init__(
-        self, protocol: asyncio.Protocol, peer: asyncio.StreamReader, extra: dict[str, Any]
+        self,
+        protocol: asyncio.Protocol | asyncio.BufferedProtocol,
+        peer: asyncio.StreamReader,
+        extra: dict[str, Any],
     ) -> None:
         super().__init__(extra)
         self._protocol = protocol
@@ -51,11 +54,20 @@ class _ProtocolEnd(asyncio.Transport):
         if self._paused or self._closing or not self._inbox:
             return
         data = self._inbox.popleft()
+        protocol = self._protocol
         if data is None:
-            if not self._protocol.eof_received():
+            if not protocol.eof_received():
                 self.close()
+        elif isinstance(protocol, asyncio.BufferedProtocol):
+            view = memoryview(data)  # as asyncio does: into the protocol's own buffer
+            while view and not self._closing:
+                buffer = memoryview(protocol.get_buffer(len(view)))
+                count = min(len(buffer), len(view))
+                buffer[:count] = view[:count]
+                protocol.buffer_updated(count)
+                view = view[count:]
         else:
-            self._protocol.data_received(data)
+            protocol.data_received(data)
         self._schedule()
 
     def pause_reading(self) -> None:
@@ -87,7 +99,7 @@ class _ProtocolEnd(asyncio.Transport):
         return self._protocol
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        assert isinstance(protocol, asyncio.Protocol)
+        assert isinstance(protocol, asyncio.Protocol | asyncio.BufferedProtocol)
         self._protocol = protocol
 
     def close(self) -> None:
@@ -155,7 +167,7 @@ class _StreamEnd(asyncio.Transport):
 
 
 def connect_protocol(
-    protocol: asyncio.Protocol, mta: str = "mta", milter: str = "milter"
+    protocol: asyncio.Protocol | asyncio.BufferedProtocol, mta: str = "mta", milter: str = "milter"
 ) -> StreamPair:
     """Connect ``protocol`` (the milter's end) in memory; return the MTA's ``(reader, writer)``.
 

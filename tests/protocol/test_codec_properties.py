@@ -326,6 +326,31 @@ def test_frame_decoder_random_split_yields_same_frames(
 
 
 @settings(deadline=None)
+@given(frame_lists, st.data())
+def test_frame_decoder_reading_a_reused_buffer_yields_same_frames(
+    frames: list[tuple[int, bytes]], data: st.DataObject
+) -> None:
+    """As the server reads: each piece lands in one shared buffer, lent as a memoryview,
+    released after the frames it completed are taken, then overwritten by the next read."""
+    stream = b"".join(packet(c, p) for c, p in frames)
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=30))
+    buffer = bytearray(max([len(piece) for piece in split_at(stream, cuts)] + [1]))
+    view = memoryview(buffer)
+    decoder = FrameDecoder()
+    got = []
+    for piece in split_at(stream, cuts):
+        view[: len(piece)] = piece
+        decoder.feed(view[: len(piece)])
+        while (frame := decoder.next_frame()) is not None:
+            assert type(frame[1]) is bytes
+            got.append(frame)
+        decoder.release()
+        view[:] = b"\xff" * len(buffer)  # the next read overwrites everything
+    assert got == frames
+    decoder.check_eof()
+
+
+@settings(deadline=None)
 @given(frame_lists)
 def test_frame_decoder_one_byte_at_a_time_yields_same_frames(
     frames: list[tuple[int, bytes]],
