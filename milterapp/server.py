@@ -43,7 +43,7 @@ from milterapp.logconfig import LogFormat, configure_logging
 from milterapp.loops import loop_factory, loop_name, run_in_loop
 from milterapp.protocol.constants import DEFAULT_MAX_DATA_SIZE, MAX_DATA_SIZE_1M
 from milterapp.replies import NegotiationReply
-from milterapp.session import ConnectionHandler, _peer
+from milterapp.session import ConnectionHandler, WriteBatch, _peer
 from milterapp.spec import ConnectionSpec, default_connection_spec
 
 _READ_BUFFER_SIZE: Final = 256 * 1024
@@ -170,6 +170,7 @@ class MilterServer:
         self._connection_log: Any = None
         # One read buffer for every connection: each read is consumed before the next one.
         self._read_buffer = bytearray(_READ_BUFFER_SIZE)
+        self._writes: WriteBatch | None = None
         self._ids = itertools.count(1)
         self._requirements = app.requirements()  # again in start(), after registration
         self.log: Any = structlog.get_logger("milterapp").bind(app=app.name)
@@ -233,6 +234,7 @@ class MilterServer:
             # Built once: binding a fresh lazy proxy per connection costs tens of microseconds.
             self._connection_log = structlog.get_logger("milterapp").bind()
             self._negotiations = {}
+            self._writes = WriteBatch(self._loop)
             self._server = await self._loop.create_server(
                 self._new_connection, sock=self.listener.sock
             )
@@ -308,6 +310,7 @@ class MilterServer:
             negotiations=self._negotiations,
             log=self._connection_log,
             read_buffer=self._read_buffer,
+            writes=self._writes,
         )
 
     def _admit(self, handler: ConnectionHandler) -> bool:

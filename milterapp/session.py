@@ -31,7 +31,7 @@ from milterapp.protocol.negotiation import Requirements
 from milterapp.replies import NegotiationReply, Progress, TempFail
 from milterapp.steps import Step, Steps
 
-__all__ = ["ConnectionHandler"]
+__all__ = ["ConnectionHandler", "WriteBatch"]
 
 #: Bytes the MTA may send ahead while a handler runs before reading pauses: a packet of the
 #: largest size we accept, and more.
@@ -40,6 +40,39 @@ _BUFFER_LIMIT: Final = 2 * 1024 * 1024
 _OWN_READ_BUFFER: Final = 64 * 1024
 #: Events that end an SMTP session on this connection.
 _ENDINGS: Final = frozenset({Quit, QuitNoClose, ConnectionClosed})
+
+
+class WriteBatch:
+    """Replies written together, once the event loop has run every callback that is ready.
+
+    Each reply wakes the MTA's process if it sleeps; written one by one between the other
+    connections' work, a reply wakes it each time. Written in one burst, a few wake it once.
+    The reference scenario went from about 2,000 to about 2,800 messages per second with this
+    alone (docs/performance.md). The delay is one turn of the loop; each connection's bytes
+    keep their order.
+    """
+
+    __slots__ = ("_loop", "_pending")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._pending: list[tuple[asyncio.WriteTransport, bytes]] = []
+
+    def add(self, transport: asyncio.WriteTransport, data: bytes) -> None:
+        """Write ``data`` to ``transport`` at the end of this turn of the loop."""
+        if not self._pending:
+            self._loop.call_soon(self.flush)
+        self._pending.append((transport, data))
+
+    def flush(self) -> None:
+        """Write everything waiting now."""
+        pending, self._pending = self._pending, []
+        for transport, data in pending:
+            if not transport.is_closing():
+                try:
+                    transport.write(data)
+                except (OSError, RuntimeError):  # that connection is broken; the others go on
+                    transport.abort()
 
 
 class ConnectionHandler(asyncio.BufferedProtocol):
@@ -60,6 +93,8 @@ class ConnectionHandler(asyncio.BufferedProtocol):
             ``structlog.get_logger("milterapp")``).
         read_buffer: where the transport reads into; one buffer may serve every connection
             of an event loop, since each read is consumed (or copied) before the next.
+        writes: where replies wait for the end of the event loop's turn; one
+            :class:`WriteBatch` may serve every connection of an event loop.
 
     Attributes:
         idle: True while waiting for the MTA with no message in flight.
@@ -81,6 +116,7 @@ class ConnectionHandler(asyncio.BufferedProtocol):
         negotiations: dict[tuple[int, int, int], NegotiationReply] | None = None,
         log: Any = None,
         read_buffer: bytearray | None = None,
+        writes: WriteBatch | None = None,
     ) -> None:
         self.app = app
         self.conn_id = conn_id
@@ -99,6 +135,7 @@ class ConnectionHandler(asyncio.BufferedProtocol):
         self.ctx: Context | None = None
         self.transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
+        self._writes = writes or WriteBatch(self._loop)
         self.done: asyncio.Future[None] = self._loop.create_future()
         self._admit = admit
         self._sessions = 0
@@ -305,6 +342,9 @@ class ConnectionHandler(asyncio.BufferedProtocol):
                 self._out.append(out)
             if self._ending:
                 self._flush()
+            elif self._lost:  # the MTA went away while the handler ran, which then finished
+                self._log().info("connection_lost", error="the MTA closed the connection")
+                self._end()
             else:
                 if self._reading_paused and not self._lost:
                     self._reading_paused = False
@@ -369,6 +409,7 @@ class ConnectionHandler(asyncio.BufferedProtocol):
         if self.ctx is not None:
             self.ctx.message.close()
         self._flush()
+        self._writes.flush()  # what we owe goes out before the close
         if self.transport is not None:
             self.transport.close()
         self._maybe_done()
@@ -387,7 +428,7 @@ class ConnectionHandler(asyncio.BufferedProtocol):
         out.clear()
         transport = self.transport
         if transport is not None and not self._lost and not transport.is_closing():
-            transport.write(data)
+            self._writes.add(transport, data)
 
     async def _drain(self) -> None:
         waiter = self._write_paused
