@@ -1,8 +1,9 @@
 """The ``milterapp`` command line (also ``python -m milterapp``).
 
 Commands: ``run`` serves an App from a module; ``send`` plays an MTA against any running
-milter with a message file; ``demo`` shows a milter at work; ``record`` records what an MTA
-and a milter say to each other. Setup errors are one line on stderr and a non-zero status.
+milter with a message file; ``bench`` loads a running milter as Postfix would and measures it;
+``demo`` shows a milter at work; ``record`` records what an MTA and a milter say to each
+other. Setup errors are one line on stderr and a non-zero status.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -169,6 +171,31 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="show a milter at work (no setup needed)")
     demo.add_argument("--wire", action="store_true", help="show the packets, without sockets")
 
+    bench = commands.add_parser(
+        "bench",
+        help="measure a running milter under load, as Postfix would load it",
+        description="Drive a running milter with many MTA connections and report "
+        "messages per second, latency and every answer.",
+    )
+    bench.add_argument("--spec", required=True, help="the milter, e.g. inet:10025@[127.0.0.1]")
+    bench.add_argument("--connections", type=int, default=32, metavar="N", help="at once (32)")
+    bench.add_argument("--duration", type=float, default=10.0, metavar="S", help="measured (10)")
+    bench.add_argument("--warmup", type=float, default=1.0, metavar="S", help="not measured (1)")
+    bench.add_argument(
+        "--messages", type=int, default=0, metavar="N", help="send N messages instead of a duration"
+    )
+    bench.add_argument("--processes", type=int, default=1, metavar="N", help="generators (1)")
+    bench.add_argument(
+        "--messages-per-connection", type=int, default=10, metavar="N", help="then reconnect (10)"
+    )
+    bench.add_argument("--recipients", type=int, default=2, metavar="N", help="per message (2)")
+    bench.add_argument("--headers", type=int, default=10, metavar="N", help="per message (10)")
+    bench.add_argument("--body-size", type=int, default=4096, metavar="BYTES", help="(4096)")
+    bench.add_argument(
+        "--timeout", type=float, default=30.0, metavar="S", help="for each answer (30)"
+    )
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+
     record = commands.add_parser(
         "record",
         help="record an MTA's conversation with a milter",
@@ -248,6 +275,33 @@ def _send(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from milterapp.loadgen import LoadOptions, run_load
+
+    try:
+        options = LoadOptions(
+            spec=args.spec,
+            connections=args.connections,
+            duration=args.duration,
+            warmup=args.warmup,
+            messages=args.messages,
+            processes=args.processes,
+            messages_per_connection=args.messages_per_connection,
+            recipients=args.recipients,
+            headers=args.headers,
+            body_size=args.body_size,
+            timeout=args.timeout,
+        )
+    except ValueError as exc:
+        raise CommandError(f"invalid option: {exc}") from None
+    result = run_load(options)
+    if args.json:
+        print(json.dumps(result.summary()))
+    else:
+        print(result.report(options))
+    return 1 if result.errors or not result.messages else 0
+
+
 def _record(args: argparse.Namespace) -> int:
     from milterapp.testing.record import record_sync
 
@@ -275,6 +329,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _send(args)
         if args.command == "record":
             return _record(args)
+        if args.command == "bench":
+            return _bench(args)
         configure_logging("text", "WARNING")
         if args.wire:
             from milterapp.wiredemo import run_wire_demo

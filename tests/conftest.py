@@ -8,7 +8,10 @@ Neither profile has a deadline: timing belongs in bench/, not in tests.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import structlog
@@ -24,3 +27,11 @@ def _structlog_defaults() -> Iterator[None]:
     """Undo logging set-up done by a test (the command line configures structlog)."""
     yield
     structlog.reset_defaults()
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    """A fresh short directory for unix sockets (sun_path holds 107 bytes; tmp_path may not)."""
+    path = Path(tempfile.mkdtemp(prefix="mt-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

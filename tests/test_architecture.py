@@ -52,6 +52,8 @@ LAYERS: dict[str, int] = {
     "milterapp.steps": 5,
     "milterapp.logconfig": 5,
     "milterapp.loops": 5,
+    "milterapp.loadgen": 5,
+    "milterapp.loadscript": 5,
     "milterapp.workers": 5,
     "milterapp.testing": 5,  # every module under milterapp/testing/ too (see layer_of)
     "milterapp.cli": 6,

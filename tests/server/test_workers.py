@@ -57,11 +57,6 @@ SCRIPT = textwrap.dedent(
     """
 )
 
-# These tests pass alone but hung inside full CI runs (the first one waits for ever for its
-# workers); until that is understood they must not block CI. Tracked in the issue 6 note.
-pytestmark = pytest.mark.skip(
-    reason="worker-process tests hang inside full CI runs; under investigation"
-)
 
 PID = re.compile(r"\bpid=(\d+)")
 

@@ -1,0 +1,400 @@
+"""A load generator that speaks the MTA side as Postfix does, to measure any milter.
+
+Each connection negotiates, sends CONNECT and HELO, then messages: MAIL with one ESMTP
+argument, recipients, DATA, headers, end of headers, the body in 64 KiB chunks and end of
+message, each command after the macros Postfix sends for it, and ABORT between messages as
+Postfix does; after ``messages_per_connection`` messages it quits and reconnects. Commands the
+milter asked not to receive are not sent, and commands it asked not to answer are not waited
+for (negotiation decides, as with a real MTA).
+
+Every packet is encoded once, after the first negotiation: per message the generator only
+writes prepared bytes and reads the (small) replies, and several processes share the
+connections so that the generator is not what is measured. A message's latency runs from its
+first write to the last packet of its end-of-message answer. ``milterapp bench`` is the
+command line of this module; bench/compare.py runs it against other milter libraries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import time
+from collections import Counter
+from typing import Any, Final
+
+from milterapp.loadscript import ABORT, MODIFICATIONS, PROGRESS, QUIT, VERDICTS, Script, prepare
+from milterapp.loops import run_in_loop
+from milterapp.protocol.mta import DEFAULT_OFFER, MtaConnection
+from milterapp.spec import ConnectionSpec
+
+__all__ = ["LoadOptions", "LoadResult", "run_load"]
+
+#: A run stops after this many errors (a milter that is down, say).
+_MAX_ERRORS: Final = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+    """What to send, how much and for how long."""
+
+    spec: str
+    connections: int = 32
+    duration: float = 10.0
+    warmup: float = 1.0
+    messages: int = 0  # instead of a duration: this many messages in all
+    processes: int = 1
+    messages_per_connection: int = 10
+    recipients: int = 2
+    headers: int = 10
+    body_size: int = 4096
+    timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        ConnectionSpec.parse(self.spec)  # a clear error for a bad spec, before anything runs
+        for name in ("connections", "processes", "messages_per_connection"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1 (not {getattr(self, name)})")
+        for name in ("duration", "warmup", "messages", "recipients", "headers", "body_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must not be negative (not {getattr(self, name)})")
+        if self.timeout <= 0:
+            raise ValueError(f"timeout: must be above 0 (not {self.timeout})")
+
+
+@dataclasses.dataclass
+class LoadResult:
+    """What was measured: messages, rate, latency percentiles, and every answer by kind."""
+
+    messages: int
+    seconds: float
+    latencies_ms: list[float]
+    outcomes: dict[str, int]
+    errors: dict[str, int]
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds if self.seconds else 0.0
+
+    def percentile(self, fraction: float) -> float:
+        ordered = sorted(self.latencies_ms)
+        if not ordered:
+            return 0.0
+        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+    def report(self, options: LoadOptions) -> str:
+        """The result in a few readable lines."""
+        if options.messages:
+            how = f"{options.messages} messages"
+        else:
+            how = f"{options.duration:g} s after {options.warmup:g} s of warm-up"
+        answers = ", ".join(f"{name} {count}" for name, count in sorted(self.outcomes.items()))
+        errors = ", ".join(f"{name} {count}" for name, count in sorted(self.errors.items()))
+        return "\n".join(
+            [
+                f"milter    {options.spec}: {options.connections} connections, "
+                f"{options.processes} process(es), {how}",
+                f"messages  {self.messages} in {self.seconds:.2f} s: {self.rate:,.1f} per second",
+                f"latency   p50 {self.percentile(0.5):.2f} ms, p99 {self.percentile(0.99):.2f} ms",
+                f"answers   {answers or 'none'}",
+                f"errors    {errors or 'none'}",
+            ]
+        )
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "messages": self.messages,
+            "seconds": round(self.seconds, 3),
+            "rate": round(self.rate, 1),
+            "p50_ms": round(self.percentile(0.50), 3),
+            "p99_ms": round(self.percentile(0.99), 3),
+            "outcomes": dict(sorted(self.outcomes.items())),
+            "errors": dict(sorted(self.errors.items())),
+        }
+
+
+class _Generator:
+    """One process's connections and what they measured."""
+
+    def __init__(self, options: LoadOptions, messages: int) -> None:
+        self.options = options
+        self.spec = ConnectionSpec.parse(options.spec)
+        self.quota = messages  # 0: until the duration is over
+        self.started = 0
+        self.window = (0.0, float("inf"))
+        self.done = 0
+        self.latencies: list[float] = []
+        self.outcomes: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.scripts: tuple[Script, Script] | None = None
+        self.stopping = False
+
+    def more(self) -> bool:
+        """Whether another message may start."""
+        return not self.stopping and not (self.quota and self.started >= self.quota)
+
+    def error(self, kind: str) -> None:
+        self.errors[kind] += 1
+        if self.errors.total() >= _MAX_ERRORS:
+            self.stopping = True
+
+    async def connection(self) -> None:
+        """Connect and run sessions, one after another, until told to stop."""
+        loop = asyncio.get_running_loop()
+        spec = self.spec
+        while self.more():
+            client = _Client(self, loop)
+
+            def protocol(client: _Client = client) -> _Client:
+                return client
+
+            try:
+                async with asyncio.timeout(self.options.timeout):
+                    if spec.scheme == "unix":
+                        assert spec.path is not None
+                        await loop.create_unix_connection(protocol, spec.path)
+                    else:
+                        assert spec.connect_host is not None
+                        assert spec.port is not None
+                        await loop.create_connection(protocol, spec.connect_host, spec.port)
+            except (OSError, TimeoutError) as exc:
+                self.error(f"connect: {type(exc).__name__}")
+                continue
+            await client.finished
+
+
+class _Client(asyncio.Protocol):
+    """One connection: writes the prepared packets, reads the answers, times messages."""
+
+    def __init__(self, generator: _Generator, loop: asyncio.AbstractEventLoop) -> None:
+        self.generator = generator
+        self.loop = loop
+        self.finished: asyncio.Future[None] = loop.create_future()
+        self.transport: asyncio.Transport | None = None
+        self.mta: MtaConnection | None = MtaConnection(DEFAULT_OFFER)  # until negotiated
+        self.script: Script = []
+        self.step = 0
+        self.buffer = b""
+        self.messages = 0
+        self.in_message = False
+        self.started = 0.0
+        self.modifications: Counter[str] = Counter()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        assert self.mta is not None
+        self._write(self.mta.send(self.mta.offer))
+
+    def _write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_later(self.generator.options.timeout, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self.generator.error("timeout")
+        self._close()
+
+    def _close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.in_message or self.mta is not None:
+            self.generator.error("closed by the milter")
+        if not self.finished.done():
+            self.finished.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self.mta is not None:
+            self._negotiating(data)
+            return
+        buffer = self.buffer + data if self.buffer else data
+        pos = 0
+        size = len(buffer)
+        while size - pos >= 5:
+            length = int.from_bytes(buffer[pos : pos + 4], "big")
+            if size - pos < 4 + length:
+                break
+            code = buffer[pos + 4]
+            pos += 4 + length
+            verdict = VERDICTS.get(code)
+            if verdict is None:
+                if code != PROGRESS:
+                    self.modifications[MODIFICATIONS.get(code, f"reply {chr(code)!r}")] += 1
+                continue
+            self._answered(verdict)
+            if self.transport is None or self.transport.is_closing():
+                return
+        self.buffer = buffer[pos:]
+
+    def _negotiating(self, data: bytes) -> None:
+        mta = self.mta
+        assert mta is not None
+        try:
+            mta.receive_data(data)
+            mta.collect_answer()
+        except ValueError:  # a protocol error: the milter's negotiation reply is bad
+            self.generator.error("bad negotiation reply")
+            self._close()
+            return
+        if mta.options is None:
+            return
+        generator = self.generator
+        if generator.scripts is None:  # every connection negotiates alike: prepare once
+            options = generator.options
+            generator.scripts = prepare(
+                mta,
+                recipients=options.recipients,
+                headers=options.headers,
+                body_size=options.body_size,
+            )
+        self.mta = None
+        self.script = generator.scripts[0]
+        self.step = -1
+        self._next()
+
+    def _next(self) -> None:
+        """Write the next prepared packets; go on at once if no answer is due."""
+        while True:
+            self.step += 1
+            if self.step == len(self.script):
+                self._script_done()
+                return
+            data, answered = self.script[self.step]
+            self._write(data)
+            if answered:
+                return
+
+    def _answered(self, verdict: str) -> None:
+        if verdict not in ("continue", "skip"):
+            self._script_done(verdict)  # refused (or accepted) before the end
+            return
+        self._next()
+
+    def _script_done(self, verdict: str = "continue") -> None:
+        generator = self.generator
+        if self.in_message:
+            finished = time.perf_counter()
+            self.in_message = False
+            if generator.window[0] <= finished <= generator.window[1]:
+                generator.done += 1
+                generator.latencies.append((finished - self.started) * 1000)
+                generator.outcomes[verdict] += 1
+                generator.outcomes.update(self.modifications)
+            self.messages += 1
+            self.modifications.clear()
+        elif verdict != "continue":  # refused at connect or helo
+            generator.outcomes[f"connection {verdict}"] += 1
+            self._quit()
+            return
+        if self.messages >= generator.options.messages_per_connection or not generator.more():
+            self._quit()
+            return
+        if self.messages:
+            assert self.transport is not None
+            self.transport.write(ABORT)
+        generator.started += 1
+        self.in_message = True
+        self.started = time.perf_counter()
+        assert generator.scripts is not None
+        self.script = generator.scripts[1]
+        self.step = -1
+        self._next()
+
+    def _quit(self) -> None:
+        assert self.transport is not None
+        self.transport.write(ABORT + QUIT)
+        self._close()
+
+
+async def _run_process(options: LoadOptions, connections: int, messages: int) -> dict[str, Any]:
+    generator = _Generator(options, messages)
+    loop = asyncio.get_running_loop()
+    begin = time.perf_counter()
+    if not messages:
+        generator.window = (begin + options.warmup, begin + options.warmup + options.duration)
+    tasks = [loop.create_task(generator.connection()) for _ in range(connections)]
+    if messages:
+        await asyncio.wait(tasks)
+        seconds = time.perf_counter() - begin
+    else:
+        await asyncio.wait(tasks, timeout=options.warmup + options.duration)
+        seconds = options.duration
+    generator.stopping = True
+    await asyncio.wait(tasks, timeout=options.timeout)
+    for task in tasks:
+        task.cancel()
+    return {
+        "messages": generator.done,
+        "seconds": seconds,
+        "latencies_ms": generator.latencies,
+        "outcomes": dict(generator.outcomes),
+        "errors": dict(generator.errors),
+    }
+
+
+def _child(options: LoadOptions, connections: int, messages: int, fd: int) -> None:
+    status = 1
+    try:
+        result = run_in_loop(_run_process(options, connections, messages))
+        with os.fdopen(fd, "w") as out:
+            json.dump(result, out)
+        status = 0
+    finally:
+        os._exit(status)
+
+
+def run_load(options: LoadOptions) -> LoadResult:
+    """Run the load described by ``options``; processes above 1 are forked (Linux)."""
+    count = min(options.processes, options.connections)
+    shares = [
+        options.connections // count + (i < options.connections % count) for i in range(count)
+    ]
+    quotas = [options.messages // count + (i < options.messages % count) for i in range(count)]
+    if count == 1:
+        parts = [run_in_loop(_run_process(options, shares[0], quotas[0]))]
+    else:
+        pipes = []
+        for share, quota in zip(shares, quotas, strict=True):
+            read_end, write_end = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child process
+                os.close(read_end)
+                _child(options, share, quota, write_end)
+            os.close(write_end)
+            pipes.append((pid, read_end))
+        parts = []
+        for pid, read_end in pipes:
+            with os.fdopen(read_end) as result:
+                text = result.read()
+            os.waitpid(pid, 0)
+            if not text:
+                raise RuntimeError("a load generator process failed (see the messages above)")
+            parts.append(json.loads(text))
+    outcomes: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    latencies: list[float] = []
+    for part in parts:
+        outcomes.update(part["outcomes"])
+        errors.update(part["errors"])
+        latencies.extend(part["latencies_ms"])
+    return LoadResult(
+        messages=sum(part["messages"] for part in parts),
+        seconds=max(part["seconds"] for part in parts),
+        latencies_ms=latencies,
+        outcomes=dict(outcomes),
+        errors=dict(errors),
+    )
+
+
+def _split(total: int, parts: int) -> list[int]:
+    """``total`` in ``parts`` shares that differ by at most one."""
+    return [total // parts + (index < total % parts) for index in range(parts)]

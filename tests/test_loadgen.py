@@ -1,0 +1,131 @@
+"""The load generator (milterapp.loadgen, ``milterapp bench``) against real servers.
+
+Runs are bounded by a number of messages, never by time: the tests check counts and answers,
+not speed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from milterapp import Accept, App, Reject, TempFail
+from milterapp.cli import main
+from milterapp.events import EndOfMessage, EnvRcpt
+from milterapp.loadgen import LoadOptions, run_load
+from milterapp.testing import ServerThread
+
+
+def stamping_app(*, eom_only: bool = False) -> App:
+    app = App("loaded")
+    seen: dict[str, int] = {"header": 0, "envrcpt": 0}
+
+    if not eom_only:
+
+        @app.on("header")
+        def header(event: Any) -> None:
+            seen["header"] += 1
+
+        @app.on("envrcpt")
+        def envrcpt(event: EnvRcpt) -> None:
+            seen["envrcpt"] += 1
+
+    @app.on("eom")
+    def stamp(event: EndOfMessage, ctx: Any) -> Accept:
+        ctx.add_header("X-Loaded", "yes")
+        return Accept()
+
+    app.seen = seen  # type: ignore[attr-defined]
+    return app
+
+
+def spec_of(server: ServerThread) -> str:
+    address = server.address
+    if isinstance(address, tuple):
+        return f"inet:{address[1]}@[{address[0]}]"
+    return f"unix:{address}"
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_counts_every_message_and_answer_over_inet(processes: int) -> None:
+    app = stamping_app()
+    with ServerThread(app, "inet:0@[127.0.0.1]") as server:
+        result = run_load(
+            LoadOptions(
+                spec=spec_of(server),
+                connections=4,
+                messages=60,
+                processes=processes,
+                messages_per_connection=7,
+            )
+        )
+    assert result.messages == 60
+    assert result.outcomes == {"accept": 60, "addheader": 60}
+    assert result.errors == {}
+    assert len(result.latencies_ms) == 60
+    assert 0 < result.percentile(0.5) <= result.percentile(0.99)
+    if processes == 1:  # the app's counters live in this process
+        assert app.seen == {"header": 600, "envrcpt": 120}  # type: ignore[attr-defined]
+
+
+def test_sends_only_what_an_end_of_message_app_asked_for(sock_dir: Path) -> None:
+    app = stamping_app(eom_only=True)
+    with ServerThread(app, f"unix:{sock_dir / 'milter.sock'}") as server:
+        result = run_load(LoadOptions(spec=spec_of(server), connections=3, messages=30))
+    assert result.outcomes == {"accept": 30, "addheader": 30}
+    assert result.errors == {}
+
+
+def test_a_refusing_milter_is_reported_by_verdict() -> None:
+    app = App("refusing")
+
+    @app.on("envrcpt")
+    def refuse(event: EnvRcpt) -> TempFail:
+        return TempFail()
+
+    with ServerThread(app, "inet:0@[127.0.0.1]") as server:
+        result = run_load(LoadOptions(spec=spec_of(server), connections=2, messages=10))
+    assert result.outcomes == {"tempfail": 10}
+
+
+def test_a_milter_that_is_not_there_gives_errors_not_a_hang(sock_dir: Path) -> None:
+    result = run_load(
+        LoadOptions(spec=f"unix:{sock_dir / 'nobody.sock'}", connections=2, messages=5)
+    )
+    assert result.messages == 0
+    assert sum(result.errors.values()) >= 100
+    assert set(result.errors) == {"connect: FileNotFoundError"}
+
+
+def test_bench_command_prints_a_report_and_json(capsys: pytest.CaptureFixture[str]) -> None:
+    app = App("cli")
+
+    @app.on("envfrom")
+    def refuse(event: Any) -> Reject:
+        return Reject()
+
+    with ServerThread(app, "inet:0@[127.0.0.1]") as server:
+        spec = spec_of(server)
+        capsys.readouterr()  # the server's own log lines
+        assert main(["bench", "--spec", spec, "--messages", "8", "--connections", "2"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0] == f"milter    {spec}: 2 connections, 1 process(es), 8 messages"
+        assert lines[1].startswith("messages  8 in ")
+        assert lines[3] == "answers   reject 8"
+        assert lines[4] == "errors    none"
+        assert main(["bench", "--spec", spec, "--messages", "4", "--json"]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["messages"] == 4
+        assert summary["outcomes"] == {"reject": 4}
+
+
+def test_bench_command_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--spec", "inet:10025@[127.0.0.1]", "--connections", "0"]) == 2
+    assert capsys.readouterr().err == (
+        "milterapp: error: invalid option: connections: must be at least 1 (not 0)\n"
+    )
+    assert main(["bench", "--spec", "nonsense"]) == 2
+    assert "invalid connection spec 'nonsense'" in capsys.readouterr().err
