@@ -19,8 +19,10 @@ __all__ = ["LogFormat", "configure_logging"]
 LogFormat: TypeAlias = Literal["text", "json"]
 
 
-def _stderr_logger(*args: object) -> structlog.PrintLogger:
-    return structlog.PrintLogger(file=sys.stderr)
+def _stderr_logger(*args: object) -> structlog.WriteLogger:
+    # One write per line (message and newline together): worker processes share stderr, and
+    # print() writes the newline separately, so two workers' lines could interleave.
+    return structlog.WriteLogger(file=sys.stderr)
 
 
 def configure_logging(log_format: LogFormat = "text", level: str | int = "INFO") -> None:

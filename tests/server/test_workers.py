@@ -59,6 +59,7 @@ SCRIPT = textwrap.dedent(
 
 
 PID = re.compile(r"\bpid=(\d+)")
+STARTED = re.compile(r"event=worker_started .*\bpid=(\d+)")
 
 
 @pytest.fixture
@@ -90,15 +91,24 @@ class Child:
         self.lines: list[str] = []
         self.worker_pids: set[int] = set()
 
-    async def line(self, predicate: Callable[[str], bool]) -> str:
+    async def line(self, predicate: Callable[[str], bool], within: float = 30) -> str:
         """Read stderr until a line matches ``predicate``; return it."""
         assert self.process.stderr is not None
         while True:
-            line = (await self.process.stderr.readline()).decode()
-            assert line, f"the parent exited early:\n{''.join(self.lines)}"
+            try:
+                async with asyncio.timeout(within):
+                    line = (await self.process.stderr.readline()).decode()
+            except TimeoutError:
+                pytest.fail(f"no such line within {within} s; stderr so far:\n{self.seen()}")
+            assert line, f"the parent exited early:\n{self.seen()}"
             self.lines.append(line)
+            if match := STARTED.search(line):
+                self.worker_pids.add(int(match[1]))  # killed by the clean-up if a test fails
             if predicate(line):
                 return line
+
+    def seen(self) -> str:
+        return "".join(self.lines) or "(nothing)"
 
     async def listening(self, count: int) -> list[int]:
         """Wait for ``count`` more workers to listen; return their pids."""

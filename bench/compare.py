@@ -1,0 +1,219 @@
+"""milterapp beside pymilter and purepythonmilter: one table of msgs/s, latency and memory.
+
+Each implementation serves the same reference milter (bench/refmilter.py,
+bench/peers/*_ref.py) in turn; the same load generator drives each for the same time. With two
+or more cores the milter is pinned to core 0 and the generator to core 1 (``--no-pin`` to
+leave them free). The generator is ``milterapp bench`` unless ``--c-loadgen PATH`` names the
+shared C one (``make -C ../shared/bench``). Peers come from ``bench/setup-peers.sh``; a peer
+that is not installed is skipped with a note.
+
+Run: ``python bench/compare.py [--duration 10] [--body-size 4096] [--connections 32]
+[--eom-only] [--workers N] [--c-loadgen PATH]``. Compare ratios within one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PEERS_PYTHON = HERE / ".venv-peers" / "bin" / "python"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_listening(port: int, process: subprocess.Popen[bytes], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the milter exited with status {process.returncode}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)  # a benchmark harness polling for start-up, not a test
+    raise RuntimeError(f"nothing listens on port {port} after {seconds} s")
+
+
+def peak_rss_mib(pid: int) -> float:
+    total = 0
+    for child in [pid, *_children(pid)]:
+        try:
+            for line in Path(f"/proc/{child}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except FileNotFoundError:
+            continue
+    return total / 1024
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except FileNotFoundError:
+        return []
+    return [int(child) for child in text.split()]
+
+
+def commands(port: int, args: argparse.Namespace) -> dict[str, list[str]]:
+    eom = ["--eom-only"] if args.eom_only else []
+    spec = f"inet:{port}@127.0.0.1"
+    found = {
+        "milterapp (uvloop)": [
+            sys.executable,
+            str(HERE / "refmilter.py"),
+            spec,
+            "--loop",
+            "uvloop",
+            *eom,
+        ],
+        "milterapp (asyncio)": [
+            sys.executable,
+            str(HERE / "refmilter.py"),
+            spec,
+            "--loop",
+            "asyncio",
+            *eom,
+        ],
+    }
+    if args.workers > 1:
+        found[f"milterapp, {args.workers} workers"] = [
+            sys.executable,
+            str(HERE / "refmilter.py"),
+            spec,
+            "--workers",
+            str(args.workers),
+            *eom,
+        ]
+    if PEERS_PYTHON.exists():
+        found["pymilter"] = [str(PEERS_PYTHON), str(HERE / "peers" / "pymilter_ref.py"), spec, *eom]
+        found["purepythonmilter"] = [
+            str(PEERS_PYTHON),
+            str(HERE / "peers" / "purepythonmilter_ref.py"),
+            str(port),
+            *eom,
+        ]
+    elif port == 0:
+        print("note: peers not installed (bench/setup-peers.sh); measuring milterapp only")
+    return found
+
+
+def load(port: int, args: argparse.Namespace, pin: list[str]) -> dict[str, float]:
+    spec = f"inet:{port}@127.0.0.1"
+    if args.c_loadgen:
+        command = [
+            args.c_loadgen,
+            "-s",
+            spec,
+            "-c",
+            str(args.connections),
+            "-d",
+            str(args.duration),
+            "-w",
+            str(args.warmup),
+            "-b",
+            str(args.body_size),
+            "-q",
+        ]
+        run = subprocess.run(pin + command, capture_output=True, text=True, check=False)  # noqa: S603
+        output = run.stdout
+        line = next((x for x in output.splitlines() if x.startswith("RESULT")), "")
+        fields = dict(re.findall(r"(\w+)=(\S+)", line))
+        return {
+            "rate": float(fields.get("rate", 0)),
+            "p50": float(fields.get("p50_ms", 0)),
+            "p99": float(fields.get("p99_ms", 0)),
+            "errors": float(fields.get("errors", 0)),
+        }
+    command = [
+        sys.executable,
+        "-m",
+        "milterapp",
+        "bench",
+        "--spec",
+        spec,
+        "--json",
+        "--connections",
+        str(args.connections),
+        "--duration",
+        str(args.duration),
+        "--warmup",
+        str(args.warmup),
+        "--body-size",
+        str(args.body_size),
+        "--processes",
+        str(args.processes),
+    ]
+    run = subprocess.run(pin + command, capture_output=True, text=True, check=False)  # noqa: S603
+    summary = json.loads(run.stdout or "{}")
+    return {
+        "rate": summary.get("rate", 0.0),
+        "p50": summary.get("p50_ms", 0.0),
+        "p99": summary.get("p99_ms", 0.0),
+        "errors": float(sum(summary.get("errors", {}).values())),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--body-size", type=int, default=4096)
+    parser.add_argument("--processes", type=int, default=1, help="generator processes")
+    parser.add_argument("--workers", type=int, default=1, help="also measure N workers")
+    parser.add_argument("--eom-only", action="store_true")
+    parser.add_argument("--no-pin", action="store_true")
+    parser.add_argument("--c-loadgen", help="path of the shared C load generator")
+    args = parser.parse_args()
+    pinning = not args.no_pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset")
+    rows = []
+    for name in commands(0, args):
+        port = free_port()
+        command = commands(port, args)[name]
+        # Workers are meant to use every core: only a single process is pinned.
+        milter_pin = ["taskset", "-c", "0"] if pinning and "workers" not in name else []
+        load_pin = ["taskset", "-c", "1"] if pinning and "workers" not in name else []
+        process = subprocess.Popen(milter_pin + command, stdout=subprocess.DEVNULL)  # noqa: S603
+        try:
+            wait_listening(port, process)
+            figures = load(port, args, load_pin)
+            figures["rss"] = peak_rss_mib(process.pid)
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        rows.append((name, figures))
+    base = next((f["rate"] for n, f in rows if n.startswith("milterapp")), 0.0) or 1.0
+    print(
+        f"\n{platform.python_version()} on {platform.machine()}, {os.cpu_count()} cores, "
+        f"{args.connections} connections, {args.body_size}-byte bodies"
+        f"{', end-of-message-only app' if args.eom_only else ''}, "
+        f"{'pinned' if pinning else 'unpinned'}, generator: "
+        f"{'C loadgen' if args.c_loadgen else 'milterapp bench'}\n"
+    )
+    print(f"| {'implementation':<26} | msgs/s | p50 ms | p99 ms | peak RSS MiB | errors | ratio |")
+    print(f"|{'-' * 28}|-------:|-------:|-------:|-------------:|-------:|------:|")
+    for name, f in rows:
+        print(
+            f"| {name:<26} | {f['rate']:6,.0f} | {f['p50']:6.1f} | {f['p99']:6.1f} | "
+            f"{f['rss']:12.1f} | {f['errors']:6.0f} | {f['rate'] / base:5.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
