@@ -126,6 +126,7 @@ def load(port: int, args: argparse.Namespace, pin: list[str]) -> dict[str, float
             "-b",
             str(args.body_size),
             "-q",
+            *(["--quickack"] if args.quickack else []),
         ]
         run = subprocess.run(pin + command, capture_output=True, text=True, check=False)  # noqa: S603
         output = run.stdout
@@ -177,6 +178,11 @@ def main() -> None:
     parser.add_argument("--eom-only", action="store_true")
     parser.add_argument("--no-pin", action="store_true")
     parser.add_argument("--c-loadgen", help="path of the shared C load generator")
+    parser.add_argument(
+        "--quickack",
+        action="store_true",
+        help="C generator: acknowledge replies at once (no delayed ACKs)",
+    )
     args = parser.parse_args()
     pinning = not args.no_pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset")
     rows = []
@@ -191,6 +197,9 @@ def main() -> None:
             wait_listening(port, process)
             figures = load(port, args, load_pin)
             figures["rss"] = peak_rss_mib(process.pid)
+        except RuntimeError as exc:
+            print(f"note: {name} could not be measured: {exc}")
+            continue
         finally:
             process.terminate()
             try:
@@ -204,7 +213,8 @@ def main() -> None:
         f"{args.connections} connections, {args.body_size}-byte bodies"
         f"{', end-of-message-only app' if args.eom_only else ''}, "
         f"{'pinned' if pinning else 'unpinned'}, generator: "
-        f"{'C loadgen' if args.c_loadgen else 'milterapp bench'}\n"
+        f"{'C loadgen' if args.c_loadgen else 'milterapp bench'}"
+        f"{' (quick ACKs)' if args.quickack else ''}\n"
     )
     print(f"| {'implementation':<26} | msgs/s | p50 ms | p99 ms | peak RSS MiB | errors | ratio |")
     print(f"|{'-' * 28}|-------:|-------:|-------:|-------------:|-------:|------:|")

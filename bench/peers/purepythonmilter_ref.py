@@ -10,11 +10,11 @@ import sys
 from purepythonmilter import Accept, AppendHeader, Continue, PurePythonMilter
 
 
-async def go_on(command):
+async def go_on(command) -> Continue:
     return Continue()
 
 
-async def stamp(command):
+async def stamp(command) -> Accept:
     return Accept(manipulations=[AppendHeader(headername="X-Bench", headertext="yes")])
 
 
