@@ -247,6 +247,10 @@ class MilterServer:
             raise
         self._started = True
         self.log.info("listening", loop=loop_name(self._loop))
+        mode = self.options.unix_socket_mode
+        if self.listener.unix_path is not None and mode & 0o006:
+            # Anyone on the host who can reach the path may then feed mail to the milter.
+            self.log.warning("unix_socket_open_to_others", mode=f"{mode:03o}")
 
     def request_stop(self) -> None:
         """Ask for a graceful shutdown; safe from any thread and from signal handlers."""

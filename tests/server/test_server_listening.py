@@ -14,6 +14,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import structlog
+import structlog.testing
 from pydantic import ValidationError
 
 from milterapp.app import App
@@ -151,6 +153,25 @@ def test_unix_socket_mode_option_is_honoured(sock_dir: Path) -> None:
             await assert_serves(server)
 
     run(main())
+
+
+@pytest.mark.parametrize(("mode", "warned"), [(0o660, False), (0o666, True), (0o664, True)])
+def test_a_unix_socket_open_to_others_is_served_with_a_warning(
+    mode: int, warned: bool, sock_dir: Path
+) -> None:
+    path = str(sock_dir / "milter.sock")
+
+    async def main() -> None:
+        async with running_server(stamping_app(), f"unix:{path}", unix_socket_mode=mode) as server:
+            assert os.stat(path).st_mode & 0o777 == mode
+            await assert_serves(server)
+
+    with structlog.testing.capture_logs() as logs:
+        run(main())
+    warnings = [entry for entry in logs if entry["event"] == "unix_socket_open_to_others"]
+    assert [(entry["log_level"], entry["mode"]) for entry in warnings] == (
+        [("warning", f"{mode:03o}")] if warned else []
+    )
 
 
 @pytest.mark.parametrize("by", ["name", "gid"])
