@@ -11,6 +11,7 @@ to every worker as SIGTERM; they drain gracefully, then the socket is closed and
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -76,7 +77,10 @@ def run_workers(app: App, options: ServerOptions, count: int, *, loop: str = "au
     listener = open_shared_listener(options)
     # Blocked signals wait for sigwaitinfo(): none is lost between fork() and the wait.
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-    supervisor = _Supervisor(app, options, listener, count, old_mask, loop)
+    # The lifeline: workers read a pipe whose write end only this process holds. When it dies,
+    # even by SIGKILL, the kernel closes that end, and every worker sees end of file and stops.
+    lifeline = os.pipe()
+    supervisor = _Supervisor(app, options, listener, count, old_mask, loop, lifeline)
     try:
         return supervisor.run()
     except BaseException:
@@ -84,6 +88,8 @@ def run_workers(app: App, options: ServerOptions, count: int, *, loop: str = "au
         raise
     finally:
         listener.close()
+        for fd in lifeline:
+            os.close(fd)
         while signal.sigtimedwait(_SIGNALS, 0) is not None:
             pass  # a second SIGTERM or Ctrl-C during the stop must not kill us once unblocked
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
@@ -98,9 +104,11 @@ class _Supervisor:
         count: int,
         old_mask: Iterable[int],
         loop: str = "auto",
+        lifeline: tuple[int, int] | None = None,
     ) -> None:
         self.app = app
         self.loop = loop
+        self.lifeline = lifeline
         self.options = options
         self.listener = listener
         self.count = count
@@ -176,7 +184,9 @@ class _Supervisor:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the worker; coverage does not follow fork()
-            _worker_main(self.app, self.options, self.listener, slot, self.old_mask, self.loop)
+            _worker_main(
+                self.app, self.options, self.listener, slot, self.old_mask, self.loop, self.lifeline
+            )
         self.workers[pid] = _Worker(slot, time.monotonic())
         self.log.info("worker_started", pid=pid, worker=slot)
 
@@ -213,9 +223,12 @@ def _worker_main(
     slot: int,
     mask: Iterable[int],
     loop: str,
+    lifeline: tuple[int, int] | None = None,
 ) -> NoReturn:  # pragma: no cover - runs in the forked worker
     status = 1
     try:
+        if lifeline is not None:
+            os.close(lifeline[1])  # only the parent may hold the write end
         for signum in _SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -225,7 +238,8 @@ def _worker_main(
             "listen_socket": listener.sock,
             "socket_activation": False,
         }
-        run_in_loop(serve(app, handle_signals=True, **worker_options), loop)
+        watched = lifeline[0] if lifeline is not None else None
+        run_in_loop(_serve_while_parent_lives(app, worker_options, watched), loop)
         status = 0
     except MilterError as exc:
         print(f"milterapp: error: worker {slot}: {exc}", file=sys.stderr)
@@ -235,6 +249,33 @@ def _worker_main(
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
+
+
+async def _serve_while_parent_lives(
+    app: App, options: dict[str, Any], lifeline: int | None
+) -> None:  # pragma: no cover - runs in the forked worker
+    """Serve; stop gracefully, as on SIGTERM, if the parent dies (end of file on the lifeline)."""
+    loop = asyncio.get_running_loop()
+
+    def parent_gone() -> None:
+        assert lifeline is not None
+        loop.remove_reader(lifeline)
+        structlog.get_logger("milterapp").warning("parent_gone", app=app.name)
+        stop()
+
+    def stop() -> None:
+        if app._stop is None:  # not serving yet: ask again in a moment
+            loop.call_later(0.05, stop)
+        else:
+            app.shutdown()
+
+    if lifeline is not None:
+        loop.add_reader(lifeline, parent_gone)
+    try:
+        await serve(app, handle_signals=True, **options)
+    finally:
+        if lifeline is not None:
+            loop.remove_reader(lifeline)
 
 
 def _signal(pid: int, signum: signal.Signals) -> None:

@@ -222,6 +222,39 @@ def test_workers_share_a_unix_socket_are_replaced_and_stop(script: Path, sock_di
     assert not os.path.lexists(path)
 
 
+async def exited(pid: int) -> None:
+    """Wait, without polling, until process ``pid`` (not our child) has exited."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    loop.add_reader(fd, done.set_result, None)  # a pidfd is readable once the process exited
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+def test_workers_stop_when_the_parent_is_killed(script: Path, sock_dir: Path) -> None:
+    path = sock_dir / "milter.sock"
+
+    async def body() -> None:
+        async with parent(str(script), f"unix:{path}", "2") as child:
+            pids = await child.listening(2)
+            child.process.kill()  # SIGKILL: the parent cannot tell its workers anything
+            await child.process.wait()
+            for pid in pids:
+                await exited(pid)
+            rest = (await child.process.stderr.read()).decode()  # type: ignore[union-attr]
+            assert rest.count("event=parent_gone") == 2, rest
+            assert rest.count("event=stopped") == 2, rest
+
+    run(body(), 60)
+
+
 def test_workers_share_an_inet_socket(script: Path) -> None:
     port = free_port()
 
