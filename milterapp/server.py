@@ -43,8 +43,9 @@ from milterapp.logconfig import LogFormat, configure_logging
 from milterapp.loops import loop_factory, loop_name, run_in_loop
 from milterapp.protocol.constants import DEFAULT_MAX_DATA_SIZE, MAX_DATA_SIZE_1M
 from milterapp.replies import NegotiationReply
-from milterapp.session import ConnectionHandler, WriteBatch, _peer
+from milterapp.session import ConnectionHandler
 from milterapp.spec import ConnectionSpec, default_connection_spec
+from milterapp.transports import WriteBatch, peer_name
 
 _READ_BUFFER_SIZE: Final = 256 * 1024
 
@@ -330,7 +331,7 @@ class MilterServer:
                 "connection_refused_limit",
                 connections=len(self._connections),
                 limit=limit,
-                peer=_peer(handler.transport),
+                peer=peer_name(handler.transport),
             )
             return False
         self._connections.add(handler)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from milterapp.session import _no_delay
+from milterapp.transports import no_delay
 from tests.server.support import run
 
 
@@ -24,13 +24,13 @@ def test_no_delay_sets_tcp_nodelay_on_inet_streams() -> None:
         writer = await accepted
         sock = writer.get_extra_info("socket")
         before = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-        _no_delay(writer)
+        no_delay(writer)
         after = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         for stream in (client, writer):
             stream.close()
         server.close()
         await server.wait_closed()
-        assert before == 0  # what asyncio leaves: the reason for _no_delay
+        assert before == 0  # what asyncio leaves: the reason for no_delay
         return int(after)
 
     assert run(main()) == 1
