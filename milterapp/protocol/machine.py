@@ -32,7 +32,6 @@ from collections import deque
 from typing import Final
 
 from milterapp.errors import (
-    ActionNotNegotiated,
     LimitExceededError,
     LocalProtocolError,
     ProtocolError,
@@ -45,6 +44,12 @@ from milterapp.events import (
     Macros,
     Negotiate,
 )
+from milterapp.protocol.answers import (
+    check_modification,
+    check_verdict,
+    refuses_one_recipient,
+    require_end_of_message,
+)
 from milterapp.protocol.codec import decode_command, encode_response
 from milterapp.protocol.commands import decode_macros
 from milterapp.protocol.constants import ActionFlag
@@ -52,17 +57,13 @@ from milterapp.protocol.framing import FrameDecoder
 from milterapp.protocol.macros import STAGE_ORDER, MacroTable
 from milterapp.protocol.negotiation import SessionOptions, session_options
 from milterapp.replies import (
-    Accept,
     Continue,
-    Discard,
     NegotiationReply,
     Progress,
-    Reject,
     ReplaceBody,
     Reply,
     Shutdown,
     Skip,
-    TempFail,
 )
 
 __all__ = ["ConnectionState", "MilterConnection"]
@@ -87,22 +88,11 @@ _O, _D, _C, _H, _M, _R, _T, _L, _N, _B, _E, _U, _A, _Q, _K = _ALL_COMMANDS
 _RANK: Final = {ord(c): STAGE_ORDER.index(c) for c in "MRTLNBE"}
 _REPEATS: Final = frozenset({_R, _L, _B})
 
-_CONNECTION_VERDICTS: Final = (Continue, Accept, Reject, TempFail, Shutdown)
-_MESSAGE_VERDICTS: Final = (Continue, Accept, Reject, TempFail, Discard, Shutdown)
-#: Legal final replies per command (§4, §7). Skip is checked separately (needs SKIP).
-_LEGAL: Final[dict[int, tuple[type[Reply], ...]]] = {
-    _C: _CONNECTION_VERDICTS,
-    _H: _CONNECTION_VERDICTS,
-    _U: _CONNECTION_VERDICTS,
-    **{command: _MESSAGE_VERDICTS for command in _RANK},
-    _B: (*_MESSAGE_VERDICTS, Skip),
-}
 _CONTINUE_PACKET: Final = encode_response(Continue())
 #: Negotiated options (and the commands that expect a reply) by offer and reply.
 _SESSIONS: dict[tuple[int, ...], tuple[SessionOptions, frozenset[int]]] = {}
 _SESSIONS_KEPT: Final = 64
 #: Verdicts after which the message (or, at C/H, the connection) is over; per command.
-_RECIPIENT_LEVEL: Final = (Continue, Reject, TempFail)
 
 
 class MilterConnection:
@@ -386,14 +376,14 @@ class MilterConnection:
                 command="O",
             )
         if isinstance(reply, Progress):
-            self._require_eom(command, reply)
+            require_end_of_message(command, reply)
             if self._body_replaced:  # Postfix ends body replacement at any other packet
                 self._body_closed = True
             return encode_response(reply)
         if reply.required_action is not ActionFlag.NONE:
             self._check_modification(command, reply, options)
             return encode_response(reply, max_data_size=options.max_data_size)
-        self._check_verdict(command, reply, options)
+        check_verdict(command, reply, options)
         self._pending = None
         self._after_verdict(command, reply)
         return encode_response(reply)
@@ -442,24 +432,8 @@ class MilterConnection:
         self.state = ConnectionState.CONNECTING
         return encode_response(reply)
 
-    def _require_eom(self, command: int, reply: Reply) -> None:
-        if command != _E:
-            raise LocalProtocolError(
-                f"{type(reply).__name__} is only allowed during end of message, "
-                f"not in answer to {chr(command)!r}",
-                command=chr(command),
-            )
-
     def _check_modification(self, command: int, reply: Reply, options: SessionOptions) -> None:
-        self._require_eom(command, reply)
-        action = reply.required_action
-        if not options.actions & action:
-            raise ActionNotNegotiated(
-                f"{type(reply).__name__} needs the {action.name} action, which the MTA "
-                "did not grant",
-                action=action.name or str(action),
-                command=chr(command),
-            )
+        check_modification(command, reply, options)
         # Postfix fails the milter when anything comes between replacement body packets.
         if isinstance(reply, ReplaceBody):
             if self._body_closed:
@@ -470,17 +444,6 @@ class MilterConnection:
             self._body_replaced = True
         elif self._body_replaced:
             self._body_closed = True
-
-    def _check_verdict(self, command: int, reply: Reply, options: SessionOptions) -> None:
-        legal = _LEGAL.get(command, ())
-        if isinstance(reply, Skip) and command == _B and not options.skip:
-            raise LocalProtocolError("Skip needs the SKIP protocol flag", command="s")
-        if not isinstance(reply, legal):
-            names = ", ".join(cls.__name__ for cls in legal)
-            raise LocalProtocolError(
-                f"{type(reply).__name__} is not a valid answer to {chr(command)!r}; valid: {names}",
-                command=chr(command),
-            )
 
     def _after_verdict(self, command: int, reply: Reply) -> None:
         if isinstance(reply, Shutdown):
@@ -493,6 +456,6 @@ class MilterConnection:
         elif isinstance(reply, Skip):
             self.skipped = True
         elif command == _E or not isinstance(reply, Continue):
-            if command == _R and isinstance(reply, _RECIPIENT_LEVEL):
+            if command == _R and refuses_one_recipient(reply):
                 return  # only this recipient is refused; the message goes on
             self.state = ConnectionState.SESSION
