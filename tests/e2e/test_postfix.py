@@ -6,7 +6,6 @@ smtplib, and checks what Postfix replied, delivered, held or discarded.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import os
 import smtplib
@@ -15,14 +14,11 @@ import pytest
 
 from milterapp import (
     Context,
-    Discard,
     EndOfMessage,
     EnvFrom,
-    EnvRcpt,
-    Reject,
-    TempFail,
 )
 from milterapp.app import App
+from tests.e2e import apps
 from tests.e2e.common import SENDER, message
 from tests.e2e.conftest import Mta
 from tests.e2e.postfix import (
@@ -51,13 +47,7 @@ def address(mta: Mta, name: str) -> str:
 
 
 def test_postfix_header_added(mta: Mta) -> None:
-    app = App("stamp")
-
-    @app.on("eom")
-    def stamp(event: EndOfMessage, ctx: Context) -> None:
-        ctx.add_header("X-Stamped", "yes")
-
-    with mta.milter(app):
+    with mta.milter(apps.stamping()):
         send(mta, [address(mta, "added")], message("add"))
     [delivered] = mta.postfix.wait_for_mail(mailbox(mta, "added"))
     assert delivered.get_all("X-Stamped") == ["yes"]
@@ -84,13 +74,7 @@ def test_postfix_header_changed_and_deleted(mta: Mta) -> None:
 
 
 def test_postfix_header_inserted_at_top(mta: Mta) -> None:
-    app = App("insert")
-
-    @app.on("eom")
-    def insert(event: EndOfMessage, ctx: Context) -> None:
-        ctx.insert_header(0, "X-Top", "first")
-
-    with mta.milter(app):
+    with mta.milter(apps.inserting()):
         send(mta, [address(mta, "inserted")], message("insert"))
     [delivered] = mta.postfix.wait_for_mail(mailbox(mta, "inserted"))
     delivery = ("Return-Path", "Delivered-To", "X-Original-To")  # added by virtual(8)
@@ -101,17 +85,9 @@ def test_postfix_header_inserted_at_top(mta: Mta) -> None:
 
 @pytest.mark.parametrize("size", [100, 1024 * 1024], ids=["small", "1MiB"])
 def test_postfix_body_replaced(mta: Mta, size: int) -> None:
-    app = App("replace")
-    line = b"replaced body line 0123456789 abcdefghijklmnopqrstuvwxyz\r\n"
-    new_body = (line * (size // len(line) + 1))[:size]
-    new_body = new_body[: size - 2] + b"\r\n"
-
-    @app.on("eom")
-    def replace(event: EndOfMessage, ctx: Context) -> None:
-        ctx.replace_body(new_body)
-
+    new_body = apps.replacement_body(size)
     name = f"body{size}"
-    with mta.milter(app):
+    with mta.milter(apps.replacing_body(new_body)):
         send(mta, [address(mta, name)], message("body", "original body\r\n"))
     [delivered] = mta.postfix.wait_for_mail(mailbox(mta, name))
     body = delivered.get_payload(decode=True)
@@ -120,15 +96,8 @@ def test_postfix_body_replaced(mta: Mta, size: int) -> None:
 
 
 def test_postfix_recipient_added_and_deleted(mta: Mta) -> None:
-    app = App("recipients")
     removed, kept, added = (address(mta, n) for n in ("removed", "kept", "archived"))
-
-    @app.on("eom")
-    def reroute(event: EndOfMessage, ctx: Context) -> None:
-        ctx.delete_recipient(f"<{removed}>")
-        ctx.add_recipient(f"<{added}>")
-
-    with mta.milter(app):
+    with mta.milter(apps.rerouting(removed, added)):
         send(mta, [removed, kept], message("recipients"))
     assert mta.postfix.wait_for_mail(mailbox(mta, "kept"))
     [archived] = mta.postfix.wait_for_mail(mailbox(mta, "archived"))
@@ -138,26 +107,14 @@ def test_postfix_recipient_added_and_deleted(mta: Mta) -> None:
 
 
 def test_postfix_sender_changed(mta: Mta) -> None:
-    app = App("sender")
-
-    @app.on("eom")
-    def change(event: EndOfMessage, ctx: Context) -> None:
-        ctx.change_sender("<bounces@test.example>")
-
-    with mta.milter(app):
+    with mta.milter(apps.changing_sender()):
         send(mta, [address(mta, "sender")], message("sender"))
     [delivered] = mta.postfix.wait_for_mail(mailbox(mta, "sender"))
     assert delivered["Return-Path"] == "<bounces@test.example>"
 
 
 def test_postfix_quarantine_holds_message(mta: Mta) -> None:
-    app = App("quarantine")
-
-    @app.on("eom")
-    def hold(event: EndOfMessage, ctx: Context) -> None:
-        ctx.quarantine("suspicious attachment")
-
-    with mta.milter(app):
+    with mta.milter(apps.quarantining("suspicious attachment")):
         send(mta, [address(mta, "held")], message("hold me"))
     held = mta.postfix.wait_for_queue("hold")
     assert any(
@@ -170,13 +127,7 @@ def test_postfix_quarantine_holds_message(mta: Mta) -> None:
 
 
 def test_postfix_discard(mta: Mta) -> None:
-    app = App("discard")
-
-    @app.on("eom")
-    def discard(event: EndOfMessage) -> Discard:
-        return Discard()
-
-    with mta.milter(app):
+    with mta.milter(apps.discarding()):
         refused = send(mta, [address(mta, "discarded")], message("discard me"))
     assert refused == {}  # the client is told the message was accepted
     mta.postfix.wait_for_log("milter-discard")
@@ -184,31 +135,18 @@ def test_postfix_discard(mta: Mta) -> None:
 
 
 def test_postfix_reject_at_mail_with_exact_reply(mta: Mta) -> None:
-    app = App("reject")
-
-    @app.on("envfrom")
-    def refuse(event: EnvFrom) -> Reject | None:
-        if event.domain == "spam.example":
-            return Reject(code=550, xcode="5.7.1", text="sender spam.example refused")
-        return None
-
-    with mta.milter(app), pytest.raises(smtplib.SMTPSenderRefused) as refused:
+    with (
+        mta.milter(apps.rejecting_spam_senders()),
+        pytest.raises(smtplib.SMTPSenderRefused) as refused,
+    ):
         send(mta, [address(mta, "rejected")], message("reject"), sender="x@spam.example")
     assert refused.value.smtp_code == 550
     assert refused.value.smtp_error == b"5.7.1 sender spam.example refused"
 
 
 def test_postfix_tempfail_one_recipient_others_accepted(mta: Mta) -> None:
-    app = App("one-rcpt")
     deferred, accepted = address(mta, "deferred"), address(mta, "accepted")
-
-    @app.on("envrcpt")
-    def check(event: EnvRcpt) -> TempFail | None:
-        if event.address == deferred:
-            return TempFail(code=451, xcode="4.2.1", text="mailbox busy, try later")
-        return None
-
-    with mta.milter(app):
+    with mta.milter(apps.deferring_recipient(deferred)):
         refused = send(mta, [deferred, accepted], message("one recipient"))
     assert refused == {deferred: (451, b"4.2.1 mailbox busy, try later")}
     assert mta.postfix.wait_for_mail(mailbox(mta, "accepted"))
@@ -216,12 +154,7 @@ def test_postfix_tempfail_one_recipient_others_accepted(mta: Mta) -> None:
 
 
 def test_postfix_multiline_reply(mta: Mta) -> None:
-    app = App("multiline")
-
-    @app.on("eom")
-    def refuse(event: EndOfMessage) -> Reject:
-        return Reject(code=550, xcode="5.7.1", text=["first line", "100% second line"])
-
+    app = apps.refusing_with_lines(["first line", "100% second line"])
     with mta.milter(app), pytest.raises(smtplib.SMTPDataError) as refused:
         send(mta, [address(mta, "multiline")], message("multi"))
     assert refused.value.smtp_code == 550
@@ -229,18 +162,11 @@ def test_postfix_multiline_reply(mta: Mta) -> None:
 
 
 def test_postfix_raising_handler_tempfails_then_next_message_is_fine(mta: Mta) -> None:
-    app = App("flaky")
-    calls = []
-
-    @app.on("eom")
-    def flaky(event: EndOfMessage, ctx: Context) -> None:
-        calls.append(ctx.message.queue_id)
-        if len(calls) == 1:
-            raise RuntimeError("bug in the first message")
-        ctx.add_header("X-Second", "ok")
-
     target = address(mta, "flaky")
-    with mta.milter(app), smtplib.SMTP("127.0.0.1", mta.postfix.smtp_port, timeout=60) as smtp:
+    with (
+        mta.milter(apps.failing_first()),
+        smtplib.SMTP("127.0.0.1", mta.postfix.smtp_port, timeout=60) as smtp,
+    ):
         with pytest.raises(smtplib.SMTPDataError) as failed:
             smtp.sendmail(SENDER, [target], message("first"))
         assert failed.value.smtp_code == 451
@@ -252,21 +178,12 @@ def test_postfix_raising_handler_tempfails_then_next_message_is_fine(mta: Mta) -
 
 
 def test_postfix_several_messages_in_one_session(mta: Mta) -> None:
-    app = App("several")
     seen: list[tuple[str, str | None]] = []
-
-    @app.on("eom")
-    def stamp(event: EndOfMessage, ctx: Context) -> None:
-        sender = ctx.message.sender.address if ctx.message.sender else "?"
-        seen.append((sender, ctx.message.queue_id))
-        ctx.add_header("X-Count", str(len(seen)))
-
-    @app.on("envfrom")
-    def keep(event: EnvFrom) -> None:
-        return None
-
     target = address(mta, "several")
-    with mta.milter(app), smtplib.SMTP("127.0.0.1", mta.postfix.smtp_port, timeout=60) as smtp:
+    with (
+        mta.milter(apps.counting(seen)),
+        smtplib.SMTP("127.0.0.1", mta.postfix.smtp_port, timeout=60) as smtp,
+    ):
         for number in range(3):
             smtp.sendmail(f"s{number}@test.example", [target], message(f"msg {number}"))
     delivered = mta.postfix.wait_for_mail(mailbox(mta, "several"), 3)
@@ -308,26 +225,14 @@ def test_postfix_macros_reach_handlers(mta: Mta) -> None:
 def test_postfix_slow_eom_kept_alive_by_progress(mta: Mta) -> None:
     # This listener has milter_content_timeout=2s; the handler works for 3.5 s, and the
     # server's progress packets every 0.5 s keep Postfix waiting.
-    app = App("slow", progress_interval=0.5)
-
-    @app.on("eom")
-    async def slow(event: EndOfMessage, ctx: Context) -> None:
-        await asyncio.sleep(3.5)  # the slow work itself, not synchronisation
-        ctx.add_header("X-Slow", "done")
-
-    with mta.milter(app):
+    with mta.milter(apps.slow(3.5, progress_interval=0.5)):
         send(mta, [address(mta, "slow")], message("slow"), port=mta.postfix.slow_port)
     [delivered] = mta.postfix.wait_for_mail(mailbox(mta, "slow"))
     assert delivered["X-Slow"] == "done"
 
 
 def test_postfix_200_concurrent_deliveries_each_stamped_once(mta: Mta) -> None:
-    app = App("load")
-
-    @app.on("eom")
-    def stamp(event: EndOfMessage, ctx: Context) -> None:
-        ctx.add_header("X-Load", ctx.message.queue_id or "none")
-
+    app = apps.stamping_queue_id()
     target = address(mta, "load")
 
     def deliver(number: int) -> dict[str, tuple[int, bytes]]:

@@ -8,7 +8,6 @@ differently from Postfix, the test asserts what Sendmail does and says why.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import smtplib
 
@@ -16,15 +15,12 @@ import pytest
 
 from milterapp import (
     Context,
-    Discard,
     EndOfMessage,
     EnvFrom,
-    EnvRcpt,
-    Reject,
-    TempFail,
 )
 from milterapp.app import App
 from milterapp.events import Connect
+from tests.e2e import apps
 from tests.e2e.common import SENDER, message
 from tests.e2e.sendmail import HOSTNAME, SendmailMta
 
@@ -48,14 +44,8 @@ def address(mta: SendmailMta, name: str) -> str:
 
 def test_sendmail_header_added(sendmail_mta: SendmailMta) -> None:
     mta = sendmail_mta
-    app = App("stamp")
-
-    @app.on("eom")
-    def stamp(event: EndOfMessage, ctx: Context) -> None:
-        ctx.add_header("X-Stamped", "yes")
-
     target = address(mta, "added")
-    with mta.milter(app):
+    with mta.milter(apps.stamping()):
         send(mta, [target], message("add"))
     [delivered] = mta.sendmail.wait_for_mail(target)
     assert delivered.get_all("X-Stamped") == ["yes"]
@@ -89,14 +79,8 @@ def test_sendmail_header_changed_and_deleted(sendmail_mta: SendmailMta) -> None:
 
 def test_sendmail_header_inserted_at_top(sendmail_mta: SendmailMta) -> None:
     mta = sendmail_mta
-    app = App("insert")
-
-    @app.on("eom")
-    def insert(event: EndOfMessage, ctx: Context) -> None:
-        ctx.insert_header(0, "X-Top", "first")
-
     target = address(mta, "inserted")
-    with mta.milter(app):
+    with mta.milter(apps.inserting()):
         send(mta, [target], message("insert"))
     [delivered] = mta.sendmail.wait_for_mail(target)
     names = list(delivered.keys())
@@ -107,17 +91,9 @@ def test_sendmail_header_inserted_at_top(sendmail_mta: SendmailMta) -> None:
 @pytest.mark.parametrize("size", [100, 1024 * 1024], ids=["small", "1MiB"])
 def test_sendmail_body_replaced(sendmail_mta: SendmailMta, size: int) -> None:
     mta = sendmail_mta
-    app = App("replace")
-    line = b"replaced body line 0123456789 abcdefghijklmnopqrstuvwxyz\r\n"
-    new_body = (line * (size // len(line) + 1))[:size]
-    new_body = new_body[: size - 2] + b"\r\n"
-
-    @app.on("eom")
-    def replace(event: EndOfMessage, ctx: Context) -> None:
-        ctx.replace_body(new_body)
-
+    new_body = apps.replacement_body(size)
     target = address(mta, f"body{size}")
-    with mta.milter(app):
+    with mta.milter(apps.replacing_body(new_body)):
         send(mta, [target], message("body", "original body\r\n"))
     [delivered] = mta.sendmail.wait_for_deliveries(target)
     assert delivered.message()["Subject"] == "body"
@@ -126,15 +102,8 @@ def test_sendmail_body_replaced(sendmail_mta: SendmailMta, size: int) -> None:
 
 def test_sendmail_recipient_added_and_deleted(sendmail_mta: SendmailMta) -> None:
     mta = sendmail_mta
-    app = App("recipients")
     removed, kept, added = (address(mta, n) for n in ("removed", "kept", "archived"))
-
-    @app.on("eom")
-    def reroute(event: EndOfMessage, ctx: Context) -> None:
-        ctx.delete_recipient(f"<{removed}>")
-        ctx.add_recipient(f"<{added}>")
-
-    with mta.milter(app):
+    with mta.milter(apps.rerouting(removed, added)):
         send(mta, [removed, kept], message("recipients"))
     [delivery] = mta.sendmail.wait_for_deliveries(kept)
     # Both remaining recipients go to the smart host in one SMTP transaction.
@@ -147,14 +116,8 @@ def test_sendmail_recipient_added_and_deleted(sendmail_mta: SendmailMta) -> None
 
 def test_sendmail_sender_changed(sendmail_mta: SendmailMta) -> None:
     mta = sendmail_mta
-    app = App("sender")
-
-    @app.on("eom")
-    def change(event: EndOfMessage, ctx: Context) -> None:
-        ctx.change_sender("<bounces@test.example>")
-
     target = address(mta, "sender")
-    with mta.milter(app):
+    with mta.milter(apps.changing_sender()):
         send(mta, [target], message("sender"))
     [delivery] = mta.sendmail.wait_for_deliveries(target)
     assert delivery.sender == "bounces@test.example"  # the envelope the sink saw
@@ -162,14 +125,8 @@ def test_sendmail_sender_changed(sendmail_mta: SendmailMta) -> None:
 
 def test_sendmail_quarantine_keeps_reason(sendmail_mta: SendmailMta) -> None:
     mta = sendmail_mta
-    app = App("quarantine")
     held = address(mta, "held")
-
-    @app.on("eom")
-    def hold(event: EndOfMessage, ctx: Context) -> None:
-        ctx.quarantine("suspicious attachment")
-
-    with mta.milter(app):
+    with mta.milter(apps.quarantining("suspicious attachment")):
         refused = send(mta, [held], message("hold me"))
     assert refused == {}  # the client is told the message was accepted
     # Unlike Postfix (hold queue, reason dropped), Sendmail keeps the reason: the queue
@@ -185,14 +142,8 @@ def test_sendmail_quarantine_keeps_reason(sendmail_mta: SendmailMta) -> None:
 
 def test_sendmail_discard(sendmail_mta: SendmailMta) -> None:
     mta = sendmail_mta
-    app = App("discard")
     target = address(mta, "discarded")
-
-    @app.on("eom")
-    def discard(event: EndOfMessage) -> Discard:
-        return Discard()
-
-    with mta.milter(app):
+    with mta.milter(apps.discarding()):
         refused = send(mta, [target], message("discard me"))
     assert refused == {}  # the client is told the message was accepted
     # Postfix logs "milter-discard"; Sendmail logs the milter's verdict and the recipient.
@@ -206,15 +157,10 @@ def test_sendmail_discard(sendmail_mta: SendmailMta) -> None:
 
 def test_sendmail_reject_at_mail_with_exact_reply(sendmail_mta: SendmailMta) -> None:
     mta = sendmail_mta
-    app = App("reject")
-
-    @app.on("envfrom")
-    def refuse(event: EnvFrom) -> Reject | None:
-        if event.domain == "spam.example":
-            return Reject(code=550, xcode="5.7.1", text="sender spam.example refused")
-        return None
-
-    with mta.milter(app), pytest.raises(smtplib.SMTPSenderRefused) as refused:
+    with (
+        mta.milter(apps.rejecting_spam_senders()),
+        pytest.raises(smtplib.SMTPSenderRefused) as refused,
+    ):
         send(mta, [address(mta, "rejected")], message("reject"), sender="x@spam.example")
     assert refused.value.smtp_code == 550
     # Sendmail puts the address before the milter's text at MAIL and RCPT ("<addr>...
@@ -226,16 +172,8 @@ def test_sendmail_reject_at_mail_with_exact_reply(sendmail_mta: SendmailMta) -> 
 
 def test_sendmail_tempfail_one_recipient_others_accepted(sendmail_mta: SendmailMta) -> None:
     mta = sendmail_mta
-    app = App("one-rcpt")
     deferred, accepted = address(mta, "deferred"), address(mta, "accepted")
-
-    @app.on("envrcpt")
-    def check(event: EnvRcpt) -> TempFail | None:
-        if event.address == deferred:
-            return TempFail(code=451, xcode="4.2.1", text="mailbox busy, try later")
-        return None
-
-    with mta.milter(app):
+    with mta.milter(apps.deferring_recipient(deferred)):
         refused = send(mta, [deferred, accepted], message("one recipient"))
     assert refused == {deferred: (451, b"4.2.1 mailbox busy, try later")}
     [delivery] = mta.sendmail.wait_for_deliveries(accepted)
@@ -244,12 +182,7 @@ def test_sendmail_tempfail_one_recipient_others_accepted(sendmail_mta: SendmailM
 
 def test_sendmail_multiline_reply(sendmail_mta: SendmailMta) -> None:
     mta = sendmail_mta
-    app = App("multiline")
-
-    @app.on("eom")
-    def refuse(event: EndOfMessage) -> Reject:
-        return Reject(code=550, xcode="5.7.1", text="first line\n100% second line")
-
+    app = apps.refusing_with_lines("first line\n100% second line")
     with mta.milter(app), pytest.raises(smtplib.SMTPDataError) as refused:
         send(mta, [address(mta, "multiline")], message("multi"))
     # On the wire the "%" is "%%" (Sendmail logs "100%% second line"); Sendmail unescapes
@@ -262,18 +195,11 @@ def test_sendmail_raising_handler_tempfails_then_next_message_is_fine(
     sendmail_mta: SendmailMta,
 ) -> None:
     mta = sendmail_mta
-    app = App("flaky")
-    calls = []
-
-    @app.on("eom")
-    def flaky(event: EndOfMessage, ctx: Context) -> None:
-        calls.append(ctx.message.queue_id)
-        if len(calls) == 1:
-            raise RuntimeError("bug in the first message")
-        ctx.add_header("X-Second", "ok")
-
     target = address(mta, "flaky")
-    with mta.milter(app), smtplib.SMTP("127.0.0.1", mta.smtp_port, timeout=60) as smtp:
+    with (
+        mta.milter(apps.failing_first()),
+        smtplib.SMTP("127.0.0.1", mta.smtp_port, timeout=60) as smtp,
+    ):
         with pytest.raises(smtplib.SMTPDataError) as failed:
             smtp.sendmail(SENDER, [target], message("first"))
         # The App's fallback is a plain tempfail ("t", no text): Sendmail answers with its
@@ -289,21 +215,12 @@ def test_sendmail_raising_handler_tempfails_then_next_message_is_fine(
 
 def test_sendmail_several_messages_in_one_session(sendmail_mta: SendmailMta) -> None:
     mta = sendmail_mta
-    app = App("several")
     seen: list[tuple[str, str | None]] = []
-
-    @app.on("eom")
-    def stamp(event: EndOfMessage, ctx: Context) -> None:
-        sender = ctx.message.sender.address if ctx.message.sender else "?"
-        seen.append((sender, ctx.message.queue_id))
-        ctx.add_header("X-Count", str(len(seen)))
-
-    @app.on("envfrom")
-    def keep(event: EnvFrom) -> None:
-        return None
-
     target = address(mta, "several")
-    with mta.milter(app), smtplib.SMTP("127.0.0.1", mta.smtp_port, timeout=60) as smtp:
+    with (
+        mta.milter(apps.counting(seen)),
+        smtplib.SMTP("127.0.0.1", mta.smtp_port, timeout=60) as smtp,
+    ):
         for number in range(3):
             smtp.sendmail(f"s{number}@test.example", [target], message(f"msg {number}"))
     delivered = mta.sendmail.wait_for_mail(target, 3)
@@ -413,15 +330,8 @@ def test_sendmail_slow_eom_kept_alive_by_progress(sendmail_mta: SendmailMta) -> 
     # The slow listener's filter has T=R:2s;E:5s. The handler works for 3 s; progress
     # packets every 0.5 s restart Sendmail's 2 s read timeout, and 3 s is within E.
     mta = sendmail_mta
-    app = App("slow", progress_interval=0.5)
-
-    @app.on("eom")
-    async def slow(event: EndOfMessage, ctx: Context) -> None:
-        await asyncio.sleep(3)  # the slow work itself, not synchronisation
-        ctx.add_header("X-Slow", "done")
-
     target = address(mta, "slow")
-    with mta.milter(app):
+    with mta.milter(apps.slow(3, progress_interval=0.5)):
         send(mta, [target], message("slow"), port=mta.sendmail.slow_port)
     [delivered] = mta.sendmail.wait_for_mail(target)
     assert delivered["X-Slow"] == "done"
@@ -433,15 +343,11 @@ def test_sendmail_progress_does_not_extend_total_eom_timeout(sendmail_mta: Sendm
     # after 5 s, and the filter's F=T turns that into a temporary failure. (Postfix has no
     # total: there, progress keeps a handler alive indefinitely.)
     mta = sendmail_mta
-    app = App("too-slow", progress_interval=0.5)
-
-    @app.on("eom")
-    async def too_slow(event: EndOfMessage, ctx: Context) -> None:
-        await asyncio.sleep(7)  # the slow work itself, not synchronisation
-        ctx.add_header("X-Slow", "too late")
-
     target = address(mta, "tooslow")
-    with mta.milter(app), pytest.raises(smtplib.SMTPDataError) as failed:
+    with (
+        mta.milter(apps.slow(7, progress_interval=0.5)),
+        pytest.raises(smtplib.SMTPDataError) as failed,
+    ):
         send(mta, [target], message("too slow"), port=mta.sendmail.slow_port)
     assert failed.value.smtp_code == 451
     assert "milter_data(slow): EOM ACK/NAK timeout" in mta.sendmail.syslog()
@@ -451,14 +357,11 @@ def test_sendmail_progress_does_not_extend_total_eom_timeout(sendmail_mta: Sendm
 def test_sendmail_slow_eom_without_progress_times_out(sendmail_mta: SendmailMta) -> None:
     # Without progress packets the same listener gives up after its 2 s read timeout.
     mta = sendmail_mta
-    app = App("no-progress", progress_interval=60)
-
-    @app.on("eom")
-    async def slow(event: EndOfMessage, ctx: Context) -> None:
-        await asyncio.sleep(3)  # the slow work itself, not synchronisation
-
     target = address(mta, "noprogress")
-    with mta.milter(app), pytest.raises(smtplib.SMTPDataError) as failed:
+    with (
+        mta.milter(apps.slow(3, progress_interval=60)),
+        pytest.raises(smtplib.SMTPDataError) as failed,
+    ):
         send(mta, [target], message("no progress"), port=mta.sendmail.slow_port)
     assert failed.value.smtp_code == 451
     assert failed.value.smtp_error == b"4.3.2 Please try again later"  # F=T, Sendmail's text
@@ -467,13 +370,8 @@ def test_sendmail_slow_eom_without_progress_times_out(sendmail_mta: SendmailMta)
 
 def test_sendmail_200_concurrent_deliveries_each_stamped_once(sendmail_mta: SendmailMta) -> None:
     mta = sendmail_mta
-    app = App("load")
+    app = apps.stamping_queue_id()
     count = 200
-
-    @app.on("eom")
-    def stamp(event: EndOfMessage, ctx: Context) -> None:
-        ctx.add_header("X-Load", ctx.message.queue_id or "none")
-
     target = address(mta, "load")
 
     def deliver(number: int) -> dict[str, tuple[int, bytes]]:
