@@ -46,6 +46,7 @@ LAYERS: dict[str, int] = {
     "milterapp.context": 3,
     "milterapp.handlers": 4,
     "milterapp.app": 4,
+    "milterapp.dispatch": 4,
     "milterapp.server": 5,
     "milterapp.listener": 5,
     "milterapp.session": 5,
