@@ -48,7 +48,7 @@ from milterapp.replies import (
 from milterapp.session import ConnectionHandler
 from milterapp.spec import ConnectionSpec
 from milterapp.testing.delivery import DeliveredMessage, apply, parse_message
-from milterapp.testing.pipe import connect_protocol
+from milterapp.testing.pipe import READ_SIZE, connect_protocol
 from milterapp.testing.profiles import MtaProfile, SessionFacts, profile
 
 __all__ = ["AsyncMilterTestClient", "MessageResult", "MilterTestClient", "StageReply"]
@@ -222,7 +222,7 @@ class AsyncMilterTestClient:
             return None
         while (answer := self.mta.collect_answer()) is None:
             async with asyncio.timeout(self.timeout):
-                data = await self._reader.read(256 * 1024)
+                data = await self._reader.read(READ_SIZE)
             if not data:
                 if self.handler is not None:
                     await asyncio.wait_for(asyncio.shield(self.handler.done), self.timeout)

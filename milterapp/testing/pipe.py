@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any
+from typing import Any, Final
 
-__all__ = ["StreamPair", "connect_protocol"]
+__all__ = ["READ_SIZE", "StreamPair", "connect_protocol"]
 
 StreamPair = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+#: How much the testing kit's MTA side reads at once (and its streams buffer).
+READ_SIZE: Final = 256 * 1024
 
 
 class _ProtocolEnd(asyncio.Transport):

@@ -20,11 +20,11 @@ from milterapp.errors import RemoteProtocolError
 from milterapp.listener import open_listener
 from milterapp.protocol.framing import FrameDecoder
 from milterapp.spec import ConnectionSpec
+from milterapp.testing.pipe import READ_SIZE
 from milterapp.testing.recording import MAX_PACKET, Direction, RecordingWriter
 
 __all__ = ["record", "record_sync"]
 
-_READ_SIZE: Final = 256 * 1024
 _CONNECT_TIMEOUT: Final = 30.0  # Postfix's milter_connect_timeout
 _CLOSE_TIMEOUT: Final = 5.0
 _LOG: Final = structlog.get_logger("milterapp")
@@ -70,8 +70,8 @@ async def _open_connection(
     async with asyncio.timeout(_CONNECT_TIMEOUT):
         if spec.scheme == "unix":
             assert spec.path is not None
-            return await asyncio.open_unix_connection(spec.path, limit=_READ_SIZE)
-        return await asyncio.open_connection(spec.connect_host, spec.port, limit=_READ_SIZE)
+            return await asyncio.open_unix_connection(spec.path, limit=READ_SIZE)
+        return await asyncio.open_connection(spec.connect_host, spec.port, limit=READ_SIZE)
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
@@ -162,7 +162,7 @@ async def _pump(
 ) -> None:
     """Relay one direction byte for byte, recording the packets on the way."""
     frames = FrameDecoder(MAX_PACKET)
-    while data := await reader.read(_READ_SIZE):
+    while data := await reader.read(READ_SIZE):
         if conn.error is None:
             # Recorded before it is relayed: no answer can be read, and recorded, before the
             # packet it answers is in the file.
@@ -204,7 +204,7 @@ async def record(
     server: asyncio.Server | None = None
     try:
         recorder = _Recorder(upstream_spec, RecordingWriter(out, upstream_spec))
-        server = await asyncio.start_server(recorder.serve, sock=listener.sock, limit=_READ_SIZE)
+        server = await asyncio.start_server(recorder.serve, sock=listener.sock, limit=READ_SIZE)
         _LOG.info(
             "recording", listen=listener.description, upstream=str(upstream_spec), out=str(out)
         )

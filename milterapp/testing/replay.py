@@ -24,7 +24,7 @@ from milterapp.protocol.framing import FrameDecoder
 from milterapp.protocol.mta import MtaConnection
 from milterapp.protocol.negotiation import SessionOptions
 from milterapp.session import ConnectionHandler
-from milterapp.testing.pipe import connect_protocol
+from milterapp.testing.pipe import READ_SIZE, connect_protocol
 from milterapp.testing.recording import (
     MAX_PACKET,
     RecordedConnection,
@@ -35,7 +35,6 @@ from milterapp.testing.recording import (
 
 __all__ = ["ComparedAnswer", "ReplayReport", "replay", "replay_sync"]
 
-_READ_SIZE: Final = 256 * 1024
 _MODIFICATIONS: Final = frozenset("him+2-ebq")  # sent before an end-of-message verdict
 _NEVER_REPLY: Final = frozenset("DAQK")
 _OPTIONS: Final = struct.Struct("!III")
@@ -203,7 +202,7 @@ class _AppSide:
                 if (done := self.turns.reply(packet)) is not None:
                     return done[1]
             async with asyncio.timeout(self.timeout):
-                data = await self.output.read(_READ_SIZE)
+                data = await self.output.read(READ_SIZE)
             if not data:
                 return None
             self.frames.feed(data)

@@ -12,7 +12,7 @@ import contextlib
 import threading
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Self
 
 from milterapp.app import App
 from milterapp.errors import ProtocolError
@@ -21,10 +21,9 @@ from milterapp.protocol.mta import DEFAULT_OFFER, Answer, MtaConnection
 from milterapp.replies import NegotiationReply
 from milterapp.server import MilterServer
 from milterapp.spec import ConnectionSpec
+from milterapp.testing.pipe import READ_SIZE
 
 __all__ = ["Answer", "MtaClient", "ServerThread"]
-
-_READ_SIZE: Final = 256 * 1024
 
 
 class MtaClient:
@@ -107,14 +106,14 @@ class MtaClient:
 
     async def _read(self) -> None:
         async with asyncio.timeout(self.timeout):
-            data = await self.reader.read(_READ_SIZE)
+            data = await self.reader.read(READ_SIZE)
         self.mta.receive_data(data)
 
     async def closed_by_milter(self) -> bool:
         """Wait (up to the timeout) for the milter to close the connection."""
         try:
             async with asyncio.timeout(self.timeout):
-                data = await self.reader.read(_READ_SIZE)
+                data = await self.reader.read(READ_SIZE)
         except (ConnectionError, TimeoutError):
             return False
         return not data
