@@ -22,6 +22,7 @@ from typing import Any, Final, cast
 
 from milterapp.app import App
 from milterapp.context import Context
+from milterapp.deadlines import Deadlines
 from milterapp.errors import LimitExceededError, ProtocolError
 from milterapp.events import ConnectionClosed, Quit, QuitNoClose
 from milterapp.limits import Limits
@@ -115,10 +116,7 @@ class ConnectionHandler(asyncio.BufferedProtocol):
         self._lost = False  # the transport is gone
         self._cancelled_by: str | None = None
         self._write_paused: asyncio.Future[None] | None = None
-        self._last_read = 0.0
-        self._idle_timer: asyncio.TimerHandle | None = None
-        self._read_timer: asyncio.TimerHandle | None = None
-        self._write_timer: asyncio.TimerHandle | None = None
+        self._deadlines: Deadlines | None = None
 
     @property
     def closed(self) -> bool:
@@ -135,9 +133,14 @@ class ConnectionHandler(asyncio.BufferedProtocol):
             return
         no_delay(transport)
         ctx = self._new_context(peer_name(transport))
-        self._last_read = self._loop.time()
-        if self.limits.timeout:
-            self._idle_timer = self._loop.call_later(self.limits.timeout, self._idle_check)
+        self._deadlines = Deadlines(
+            self._loop,
+            self.limits,
+            busy=lambda: self._task is not None,
+            on_idle=self._idle_expired,
+            on_read=self._read_expired,
+            on_write=self._write_expired,
+        )
         self._run(self.steps.open_session(ctx))
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -154,7 +157,8 @@ class ConnectionHandler(asyncio.BufferedProtocol):
             self.machine.release()  # the buffer is about to be reused: copy what is left
 
     def data_received(self, data: bytes | memoryview) -> None:
-        self._last_read = self._loop.time()
+        if self._deadlines is not None:
+            self._deadlines.data_read()
         if self._ending:
             return
         try:
@@ -192,15 +196,12 @@ class ConnectionHandler(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self._write_paused = self._loop.create_future()
-        if self.limits.write_timeout:
-            self._write_timer = self._loop.call_later(
-                self.limits.write_timeout, self._write_expired
-            )
+        if self._deadlines is not None:
+            self._deadlines.writing_paused()
 
     def resume_writing(self) -> None:
-        if self._write_timer is not None:
-            self._write_timer.cancel()
-            self._write_timer = None
+        if self._deadlines is not None:
+            self._deadlines.writing_resumed()
         self._wake_writers()
 
     # --- control from the server ---------------------------------------------------------
@@ -266,13 +267,8 @@ class ConnectionHandler(asyncio.BufferedProtocol):
             self._log().info("closing_for_shutdown")
             self._end()
             return
-        read_timeout = self.limits.read_timeout
-        if machine.buffered and read_timeout:
-            if self._read_timer is None:  # armed at the first byte of the command
-                self._read_timer = self._loop.call_later(read_timeout, self._read_expired)
-        elif self._read_timer is not None:
-            self._read_timer.cancel()
-            self._read_timer = None
+        if self._deadlines is not None:
+            self._deadlines.command_incomplete(machine.buffered > 0)
 
     def _run(self, step: Step) -> None:
         if isinstance(step, bytes):
@@ -419,35 +415,24 @@ class ConnectionHandler(asyncio.BufferedProtocol):
 
     # --- deadlines -----------------------------------------------------------------------
 
-    def _idle_check(self) -> None:
-        left = self._last_read + self.limits.timeout - self._loop.time()
-        if left > 0 or self._task is not None:  # a running handler is us, not the MTA
-            self._idle_timer = self._loop.call_later(
-                max(left, self.limits.timeout), self._idle_check
-            )
-            return
-        self._idle_timer = None
+    def _idle_expired(self) -> None:
         self._log().info("idle_timeout", timeout=self.limits.timeout)
         self._end()
 
     def _read_expired(self) -> None:
-        self._read_timer = None
         self._log().warning(
             "read_timeout", timeout=self.limits.read_timeout, buffered=self.machine.buffered
         )
         self._end()
 
     def _write_expired(self) -> None:
-        self._write_timer = None
         self._log().warning("write_timeout", timeout=self.limits.write_timeout)
         if self.transport is not None:
             self.transport.abort()  # close() would wait for the unread replies to be sent
 
     def _cancel_timers(self) -> None:
-        for timer in (self._idle_timer, self._read_timer, self._write_timer):
-            if timer is not None:
-                timer.cancel()
-        self._idle_timer = self._read_timer = self._write_timer = None
+        if self._deadlines is not None:
+            self._deadlines.cancel()
 
     # --- contexts ------------------------------------------------------------------------
 

@@ -51,6 +51,7 @@ LAYERS: dict[str, int] = {
     "milterapp.listener": 5,
     "milterapp.session": 5,
     "milterapp.steps": 5,
+    "milterapp.deadlines": 5,
     "milterapp.transports": 5,
     "milterapp.logconfig": 5,
     "milterapp.loops": 5,
