@@ -28,33 +28,38 @@ from milterapp.events import (
     Quit,
 )
 from milterapp.protocol.codec import encode_command
+from milterapp.protocol.constants import ResponseCode
 from milterapp.protocol.mta import MtaConnection
 
 __all__ = ["ABORT", "MODIFICATIONS", "PROGRESS", "QUIT", "VERDICTS", "Script", "prepare"]
 
 _CHUNK: Final = 65535  # Postfix's body chunk
+_R = ResponseCode
+#: Final answers by response byte, named as the shared C generator names them.
 VERDICTS: Final = {
-    ord("a"): "accept",
-    ord("c"): "continue",
-    ord("r"): "reject",
-    ord("t"): "tempfail",
-    ord("d"): "discard",
-    ord("y"): "replycode",
-    ord("4"): "shutdown",
-    ord("f"): "connfail",
-    ord("s"): "skip",
+    **{
+        code.value[0]: code.name.lower()
+        for code in (_R.CONTINUE, _R.ACCEPT, _R.REJECT, _R.TEMPFAIL, _R.DISCARD, _R.REPLYCODE)
+    },
+    _R.SHUTDOWN.value[0]: "shutdown",
+    _R.SKIP.value[0]: "skip",
+    ord("f"): "connfail",  # libmilter's SMFIR_CONN_FAIL: not a reply milterapp sends
 }
-PROGRESS: Final = ord("p")
+PROGRESS: Final = _R.PROGRESS.value[0]
+#: Modifications by response byte.
 MODIFICATIONS: Final = {
-    ord("h"): "addheader",
-    ord("i"): "insheader",
-    ord("m"): "chgheader",
-    ord("+"): "addrcpt",
-    ord("2"): "addrcpt_par",
-    ord("-"): "delrcpt",
-    ord("e"): "chgfrom",
-    ord("b"): "replbody",
-    ord("q"): "quarantine",
+    code.value[0]: code.name.lower()
+    for code in (
+        _R.ADDHEADER,
+        _R.INSHEADER,
+        _R.CHGHEADER,
+        _R.ADDRCPT,
+        _R.ADDRCPT_PAR,
+        _R.DELRCPT,
+        _R.CHGFROM,
+        _R.REPLBODY,
+        _R.QUARANTINE,
+    )
 }
 ABORT: Final = encode_command(Abort())
 QUIT: Final = encode_command(Quit())
