@@ -22,11 +22,13 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PEERS_PYTHON = HERE / ".venv-peers" / "bin" / "python"
+LIBMILTER_REF = HERE / ".venv-peers" / "bin" / "libmilter_ref"
 
 
 def free_port() -> int:
@@ -97,6 +99,8 @@ def commands(port: int, args: argparse.Namespace) -> dict[str, list[str]]:
             str(args.workers),
             *eom,
         ]
+    if LIBMILTER_REF.exists():
+        found["libmilter (C)"] = [str(LIBMILTER_REF), spec, *eom]
     if PEERS_PYTHON.exists():
         found["pymilter"] = [str(PEERS_PYTHON), str(HERE / "peers" / "pymilter_ref.py"), spec, *eom]
         found["purepythonmilter"] = [
@@ -183,29 +187,44 @@ def main() -> None:
         action="store_true",
         help="C generator: acknowledge replies at once (no delayed ACKs)",
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="WORD",
+        help="measure only implementations whose name contains WORD (repeatable)",
+    )
     args = parser.parse_args()
     pinning = not args.no_pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset")
     rows = []
     for name in commands(0, args):
+        if args.only and not any(word in name for word in args.only):
+            continue
         port = free_port()
         command = commands(port, args)[name]
         # Workers are meant to use every core: only a single process is pinned.
         milter_pin = ["taskset", "-c", "0"] if pinning and "workers" not in name else []
         load_pin = ["taskset", "-c", "1"] if pinning and "workers" not in name else []
-        process = subprocess.Popen(milter_pin + command, stdout=subprocess.DEVNULL)  # noqa: S603
-        try:
-            wait_listening(port, process)
-            figures = load(port, args, load_pin)
-            figures["rss"] = peak_rss_mib(process.pid)
-        except RuntimeError as exc:
-            print(f"note: {name} could not be measured: {exc}")
-            continue
-        finally:
-            process.terminate()
+        # The milter's stderr is kept aside: peers' shutdown noise (purepythonmilter prints a
+        # traceback) is not a figure, but it is shown when the milter could not be measured.
+        with tempfile.TemporaryFile() as stderr:
+            process = subprocess.Popen(  # noqa: S603
+                milter_pin + command, stdout=subprocess.DEVNULL, stderr=stderr
+            )
             try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+                wait_listening(port, process)
+                figures = load(port, args, load_pin)
+                figures["rss"] = peak_rss_mib(process.pid)
+            except RuntimeError as exc:
+                stderr.seek(0)
+                tail = stderr.read().decode(errors="replace")[-2000:]
+                print(f"note: {name} could not be measured: {exc}\n{tail}")
+                continue
+            finally:
+                process.terminate()
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
         rows.append((name, figures))
     base = next((f["rate"] for n, f in rows if n.startswith("milterapp")), 0.0) or 1.0
     print(

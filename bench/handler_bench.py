@@ -112,13 +112,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--transactions", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--app", choices=("plain", "async", "eom"), action="append", help="only these apps"
+    )
     args = parser.parse_args()
     print(f"python {platform.python_version()} on {platform.machine()}, best of {args.rounds}")
-    for label, app in (
-        ("reference app, plain handlers", build()),
-        ("reference app, async handlers", async_reference_app()),
-        ("end-of-message-only app", build(eom_only=True)),
+    for key, label, app in (
+        ("plain", "reference app, plain handlers", build()),
+        ("async", "reference app, async handlers", async_reference_app()),
+        ("eom", "end-of-message-only app", build(eom_only=True)),
     ):
+        if args.app and key not in args.app:
+            continue
         best = asyncio.run(measure(app, args.transactions, args.rounds))
         print(f"{label:<36} {best:8.1f} us/message  (~{1e6 / best:,.0f} msgs/s of Python)")
 
