@@ -13,7 +13,7 @@ import io
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from email.message import EmailMessage
-from typing import IO, Any, Final
+from typing import IO, TYPE_CHECKING, Any, Final
 
 import structlog
 
@@ -57,15 +57,17 @@ class Message:
         self._spool_threshold = spool_threshold
         self._body: IO[bytes] | None = None
 
-    # Own attributes are part of the API (ctx.message.score = 5); these two methods also tell
-    # type checkers so, and make a typo a clear error.
+    # Own attributes are part of the API (ctx.message.score = 5): __getattr__ makes a typo a
+    # clear error, and with __setattr__ tells type checkers so. __setattr__ is declared for
+    # them only: defined, it would cost a Python call on every assignment.
     def __getattr__(self, name: str) -> Any:
         raise AttributeError(
             f"ctx.message has no attribute {name!r}: set it first (ctx.message.{name} = ...)"
         )
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        object.__setattr__(self, name, value)
+    if TYPE_CHECKING:
+
+        def __setattr__(self, name: str, value: Any) -> None: ...
 
     @property
     def queue_id(self) -> str | None:

@@ -26,7 +26,6 @@ class Deadlines:
     __slots__ = (
         "_busy",
         "_idle",
-        "_last_read",
         "_limits",
         "_loop",
         "_on_idle",
@@ -34,6 +33,7 @@ class Deadlines:
         "_on_write",
         "_read",
         "_write",
+        "last_read",
     )
 
     def __init__(
@@ -52,7 +52,9 @@ class Deadlines:
         self._on_idle = on_idle
         self._on_read = on_read
         self._on_write = on_write
-        self._last_read = loop.time()
+        # Loop time of the MTA's last read: the connection sets it at every read (an
+        # attribute rather than a call, for the per-packet path).
+        self.last_read = loop.time()
         self._idle: asyncio.TimerHandle | None = None
         self._read: asyncio.TimerHandle | None = None
         self._write: asyncio.TimerHandle | None = None
@@ -61,7 +63,7 @@ class Deadlines:
 
     def data_read(self) -> None:
         """The MTA sent something."""
-        self._last_read = self._loop.time()
+        self.last_read = self._loop.time()
 
     def command_incomplete(self, incomplete: bool) -> None:
         """Whether a command has begun and is not whole yet (after each batch of reads)."""
@@ -89,7 +91,7 @@ class Deadlines:
 
     def _idle_check(self) -> None:
         timeout = self._limits.timeout
-        left = self._last_read + timeout - self._loop.time()
+        left = self.last_read + timeout - self._loop.time()
         if left > 0 or self._busy():
             self._idle = self._loop.call_later(left if left > 0 else timeout, self._idle_check)
             return

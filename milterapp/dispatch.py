@@ -87,28 +87,34 @@ class Dispatch:
         handlers = self._handlers.get(name)
         if not handlers:
             return None
-        results: list[Result] = []
+        results: list[Result] = []  # one per handler run: len(results) is the next index
         opinions = False  # a handler returned something other than None
-        for index, handler in enumerate(handlers):
+        for handler in handlers:
             if handler.is_async:
-                return Pending(self._dispatch_from(name, event, ctx, handlers, index, results))
+                return Pending(
+                    self._dispatch_from(name, event, ctx, handlers, len(results), results)
+                )
             try:
                 result = handler.fn(event, ctx) if handler.takes_ctx else handler.fn(event)
                 if result is not None:
                     if inspect.isawaitable(result):  # a plain function that returned a coroutine
                         return Pending(
-                            self._dispatch_from(name, event, ctx, handlers, index, results, result)
+                            self._dispatch_from(
+                                name, event, ctx, handlers, len(results), results, result
+                            )
                         )
                     result = self._check_result(handler, name, result)
                     opinions = True
             except Exception as exc:  # noqa: BLE001 - handled (fail closed) by _dispatch_from
-                return Pending(self._dispatch_from(name, event, ctx, handlers, index, results, exc))
+                return Pending(
+                    self._dispatch_from(name, event, ctx, handlers, len(results), results, exc)
+                )
             results.append(result)
-            if isinstance(result, RESTRICTIVE):
+            if opinions and isinstance(result, RESTRICTIVE):
                 break
-        if name in _OBSERVERS:
-            return None
-        return decide(results) if opinions else _CONTINUE
+        if not opinions:
+            return None if name in _OBSERVERS else _CONTINUE
+        return None if name in _OBSERVERS else decide(results)
 
     async def _dispatch_from(
         self,

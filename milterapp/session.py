@@ -41,6 +41,7 @@ _BUFFER_LIMIT: Final = 2 * 1024 * 1024
 _OWN_READ_BUFFER: Final = 64 * 1024
 #: Events that end an SMTP session on this connection.
 _ENDINGS: Final = frozenset({Quit, QuitNoClose, ConnectionClosed})
+_MESSAGE: Final = ConnectionState.MESSAGE
 
 
 class ConnectionHandler(asyncio.BufferedProtocol):
@@ -103,6 +104,7 @@ class ConnectionHandler(asyncio.BufferedProtocol):
         self.ctx: Context | None = None
         self.transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
+        self._time = self._loop.time
         self._writes = writes or WriteBatch(self._loop)
         self.done: asyncio.Future[None] = self._loop.create_future()
         self._admit = admit
@@ -117,6 +119,7 @@ class ConnectionHandler(asyncio.BufferedProtocol):
         self._cancelled_by: str | None = None
         self._write_paused: asyncio.Future[None] | None = None
         self._deadlines: Deadlines | None = None
+        self._target: memoryview | None = None  # lent to the transport by get_buffer
 
     @property
     def closed(self) -> bool:
@@ -144,21 +147,38 @@ class ConnectionHandler(asyncio.BufferedProtocol):
         self._run(self.steps.open_session(ctx))
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        # The rest of a large packet that has begun is read straight into its own buffer.
+        target = self._target = self.machine.read_target()
+        if target is not None:
+            return target
         view = self._read_view
         if view is None:
             view = self._read_view = memoryview(bytearray(_OWN_READ_BUFFER))
         return view
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._target is not None:
+            self._target = None
+            self._received_into_target(nbytes)
+            return
         assert self._read_view is not None
         try:
             self.data_received(self._read_view[:nbytes])
         finally:
             self.machine.release()  # the buffer is about to be reused: copy what is left
 
+    def _received_into_target(self, nbytes: int) -> None:
+        if self._deadlines is not None:
+            self._deadlines.last_read = self._time()
+        if self._ending:
+            return
+        self.machine.target_filled(nbytes)
+        if self._task is None:
+            self._process()
+
     def data_received(self, data: bytes | memoryview) -> None:
         if self._deadlines is not None:
-            self._deadlines.data_read()
+            self._deadlines.last_read = self._time()
         if self._ending:
             return
         try:
@@ -255,20 +275,16 @@ class ConnectionHandler(asyncio.BufferedProtocol):
         except Exception as exc:  # noqa: BLE001 - classified and logged by _fail
             self._fail(exc)
             return
-        self._flush()
+        if out:
+            self._flush()
         if self._task is None and not self._ending:
-            self._settle()
-
-    def _settle(self) -> None:
-        """Between batches: shutdown at an idle point, and the per-command read deadline."""
-        machine = self.machine
-        self.idle = machine.state is not ConnectionState.MESSAGE
-        if self.idle and self._stopping:
-            self._log().info("closing_for_shutdown")
-            self._end()
-            return
-        if self._deadlines is not None:
-            self._deadlines.command_incomplete(machine.buffered > 0)
+            # Between batches: shutdown at an idle point, and the per-command read deadline.
+            idle = self.idle = machine.state is not _MESSAGE
+            if idle and self._stopping:
+                self._log().info("closing_for_shutdown")
+                self._end()
+            elif self._deadlines is not None:
+                self._deadlines.command_incomplete(machine.buffered > 0)
 
     def _run(self, step: Step) -> None:
         if isinstance(step, bytes):

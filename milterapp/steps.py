@@ -140,23 +140,28 @@ class Steps:
         limits = self.limits
         if name == "header":
             assert isinstance(event, Header)
+            header = event
             limit = limits.max_headers
             if limit and len(message.headers) >= limit:
                 return self._over_limit(ctx, name, "max_headers", limit, TOO_MANY_HEADERS)
             limit = limits.max_header_size
-            if limit and (size := header_size(event, limit)) > limit:
+            if (
+                limit
+                and 4 * (len(header.name) + len(header.value)) > limit  # else surely within
+                and (size := header_size(header, limit)) > limit
+            ):
                 return self._over_limit(
                     ctx, name, "max_header_size", limit, HEADER_TOO_LARGE, size=size
                 )
-            message.headers.append(event)
+            message.headers.append(header)
         elif name == "body":
             assert isinstance(event, Body)
             message.append_body(event.chunk)
         elif name == "envrcpt":
-            assert isinstance(event, EnvRcpt)
             limit = limits.max_recipients
             if limit and len(message.recipients) >= limit:
                 return self._over_limit(ctx, name, "max_recipients", limit, TOO_MANY_RECIPIENTS)
+            assert isinstance(event, EnvRcpt)
             message.recipients.append(event)
         elif name == "envfrom":
             assert isinstance(event, EnvFrom)
@@ -174,6 +179,8 @@ class Steps:
             return self._end_of_message(ctx, event)
         awaiting = machine.awaiting_reply
         verdict = self.app.dispatch_now(name, event, ctx)
+        if verdict is None or verdict.__class__ is Continue:  # the common case, at once
+            return machine.send_continue() if awaiting else b""
         if isinstance(verdict, Pending):
             return self._reply_later(name, awaiting, verdict.awaitable)
         return self._reply(name, awaiting, verdict)

@@ -1,10 +1,15 @@
 """Packet framing: ``uint32 length`` (big-endian, counts the command byte) + command + payload.
 
 :class:`FrameDecoder` takes bytes in any split, one byte at a time included, and hands out
-whole packets. It never copies a byte more than it must: while a packet is incomplete the
-pieces wait in a list and are joined once, when the whole packet is there; packets that
-arrive whole inside one read are sliced straight out of it, which is their only copy when the
-read is a memoryview of the caller's buffer (see :meth:`FrameDecoder.release`).
+whole packets. It copies as little as it can:
+
+* a packet that arrives whole inside one read is sliced straight out of it: that is its only
+  copy when the read is a memoryview of the caller's buffer (see :meth:`FrameDecoder.release`);
+* a large packet (a body chunk) that spans reads gets a buffer of its own size as soon as its
+  length is known; :meth:`FrameDecoder.read_target` lends the rest of it to the caller, which
+  reads straight into it, so the bytes that had not come yet are copied once, when the packet
+  is handed out;
+* a small packet that spans reads waits in pieces that are joined once it is whole.
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ __all__ = ["LENGTH", "FrameDecoder", "encode_frame"]
 LENGTH: Final = struct.Struct("!I")
 _HEADER_SIZE: Final = LENGTH.size
 _unpack_from = LENGTH.unpack_from
+#: Packets at least this long that span reads are assembled in a buffer of their own.
+ASSEMBLE_FROM: Final = 8 * 1024
+#: ...once at least one eighth of them has come.
+_MAX_AHEAD: Final = 8
 
 
 def encode_frame(command: bytes, payload: bytes = b"") -> bytes:
@@ -37,7 +46,16 @@ class FrameDecoder:
             as its four length bytes are in, before any of its payload is buffered.
     """
 
-    __slots__ = ("_buf", "_pending", "_pending_size", "_pos", "_view", "max_data_size")
+    __slots__ = (
+        "_assembly",
+        "_buf",
+        "_filled",
+        "_pending",
+        "_pending_size",
+        "_pos",
+        "_view",
+        "max_data_size",
+    )
 
     def __init__(self, max_data_size: int = DEFAULT_MAX_DATA_SIZE) -> None:
         self.max_data_size = max_data_size
@@ -46,6 +64,9 @@ class FrameDecoder:
         self._pos = 0
         self._pending: list[bytes | memoryview] = []
         self._pending_size = 0
+        # A large packet being assembled (command byte and payload), and how much is in.
+        self._assembly: bytearray | None = None
+        self._filled = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Add received bytes; call :meth:`next_frame` until it returns None.
@@ -55,6 +76,10 @@ class FrameDecoder:
         """
         if not data:
             return
+        if self._assembly is not None:
+            data = self._assemble(data)
+            if not data:
+                return
         if self._pos == len(self._buf) and not self._pending:
             # Nothing waiting (the usual case): packets are sliced straight out of this read.
             if isinstance(data, memoryview):
@@ -75,10 +100,40 @@ class FrameDecoder:
             self._pos = 0
             self._view = False
 
+    def read_target(self) -> memoryview | None:
+        """Where the rest of a large packet should be read to, if one is being assembled.
+
+        Read at most ``len()`` bytes into it, then call :meth:`target_filled`.
+        """
+        assembly = self._assembly
+        if assembly is None or self._filled == len(assembly):
+            return None
+        return memoryview(assembly)[self._filled :]
+
+    def target_filled(self, size: int) -> None:
+        """``size`` bytes were read into the view :meth:`read_target` gave."""
+        assembly = self._assembly
+        if assembly is None or not 0 <= size <= len(assembly) - self._filled:
+            raise ValueError(f"target_filled({size}): more than the read target can hold")
+        self._filled += size
+
+    def _assemble(self, data: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
+        """Copy into the packet being assembled what it still lacks; return the rest."""
+        assembly = self._assembly
+        assert assembly is not None
+        filled = self._filled
+        take = min(len(assembly) - filled, len(data))
+        assembly[filled : filled + take] = data[:take]
+        self._filled = filled + take
+        return data[take:]
+
     @property
     def buffered(self) -> int:
         """Number of bytes received but not yet handed out as packets."""
-        return len(self._buf) - self._pos + self._pending_size
+        size = len(self._buf) - self._pos + self._pending_size
+        if self._assembly is not None:
+            size += _HEADER_SIZE + self._filled
+        return size
 
     def _contiguous(self, size: int) -> bool:
         """Make ``size`` bytes contiguous at the read position, if that many are in."""
@@ -104,6 +159,8 @@ class FrameDecoder:
         Raises:
             FrameTooLargeError: the announced length is zero or above ``max_data_size + 1``.
         """
+        if self._assembly is not None:
+            return self._assembled()
         buf = self._buf
         pos = self._pos
         size = len(buf)
@@ -139,6 +196,11 @@ class FrameDecoder:
                 f"{self.max_data_size} bytes"
             )
         if not self._contiguous(_HEADER_SIZE + length):
+            # Assemble only what the peer has mostly begun to send: the buffer is allocated at
+            # the packet's full size, and a peer must not make us hold much more than it sent.
+            present = self.buffered - _HEADER_SIZE
+            if present >= ASSEMBLE_FROM and present * _MAX_AHEAD >= length:
+                self._start_assembly(length)
             return None
         start = self._pos + _HEADER_SIZE
         end = start + length
@@ -152,6 +214,28 @@ class FrameDecoder:
         else:
             self._pos = end
         return command, payload
+
+    def _start_assembly(self, length: int) -> None:
+        """Move the start of an incomplete large packet into a buffer of its own size."""
+        self._assembly = bytearray(length)
+        self._filled = 0
+        head = self._buf[self._pos + _HEADER_SIZE :]
+        parts = self._pending
+        self._buf, self._pos, self._view = b"", 0, False
+        self._pending, self._pending_size = [], 0
+        for part in (head, *parts):  # less than the whole packet: all of it goes in
+            left = self._assemble(part)
+            assert not left
+
+    def _assembled(self) -> tuple[int, bytes] | None:
+        assembly = self._assembly
+        assert assembly is not None
+        if self._filled < len(assembly):
+            return None
+        self._assembly = None
+        self._filled = 0
+        with memoryview(assembly) as view:
+            return assembly[0], bytes(view[1:])
 
     def check_eof(self) -> None:
         """Raise if the peer closed the stream in the middle of a packet."""

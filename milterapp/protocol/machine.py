@@ -87,6 +87,11 @@ _O, _D, _C, _H, _M, _R, _T, _L, _N, _B, _E, _U, _A, _Q, _K = _ALL_COMMANDS
 # Rank of each message command; a command may follow one of lower rank, or its own if it repeats.
 _RANK: Final = {ord(c): STAGE_ORDER.index(c) for c in "MRTLNBE"}
 _REPEATS: Final = frozenset({_R, _L, _B})
+# Message commands that go on with an open message (MAIL starts a new one).
+_FORWARD: Final = {command: rank for command, rank in _RANK.items() if command != _M}
+_MESSAGE: Final = ConnectionState.MESSAGE
+_CLOSED: Final = ConnectionState.CLOSED
+_ERROR: Final = ConnectionState.ERROR
 
 _CONTINUE_PACKET: Final = encode_response(Continue())
 #: Negotiated options (and the commands that expect a reply) by offer and reply.
@@ -158,6 +163,21 @@ class MilterConnection:
         copy of what is left of it."""
         self._frames.release()
 
+    def read_target(self) -> memoryview | None:
+        """Where to read the rest of a large packet that has begun, if one has.
+
+        Reading straight into it spares a copy of a body chunk that spans reads. Read at
+        most ``len()`` bytes into it, then call :meth:`target_filled`; or ignore it and pass
+        the bytes to :meth:`receive_data` as usual.
+        """
+        return self._frames.read_target()
+
+    def target_filled(self, size: int) -> None:
+        """``size`` bytes were read into the view :meth:`read_target` gave."""
+        if self._eof:
+            raise LocalProtocolError("target_filled() called after end of file")
+        self._frames.target_filled(size)
+
     def receive_data(self, data: bytes | memoryview) -> None:
         """Feed bytes read from the MTA; ``b""`` means the MTA closed the connection.
 
@@ -181,37 +201,48 @@ class MilterConnection:
             return None
         if self._ready:
             return self._hand_out()
-        if self.state is ConnectionState.CLOSED:
+        state = self.state
+        if state is _CLOSED:
             return None
-        if self.state is ConnectionState.ERROR:
+        if state is _ERROR:
             raise RemoteProtocolError("the connection already failed with a protocol error")
+        # The per-packet path: everything for the usual packets is in this one loop.
+        frames = self._frames
         try:
-            return self._parse_next()
+            while True:
+                frame = frames.next_frame()
+                if frame is None:
+                    if self._eof:
+                        frames.check_eof()
+                        return self._close(ConnectionClosed())
+                    return None
+                command, payload = frame
+                if command == _D and not self._macro_events:
+                    self._define_macros(*decode_macros(payload))
+                    continue
+                event = decode_command(command, payload, leading_space=self._leading_space)
+                # Most commands move an open message forward (RCPT, headers, body...): that
+                # case is checked here in full; every other goes through _advance.
+                rank = _FORWARD.get(command) if self.state is _MESSAGE else None
+                if rank is not None and (
+                    rank > self.rank or (rank == self.rank and command in _REPEATS)
+                ):
+                    if command == _R:
+                        self.macros.enter("R")
+                    elif command == _B and self.skipped:
+                        raise self._fail(command, "body chunk after Skip")
+                    self.rank = rank
+                elif not self._advance(command, event):
+                    continue
+                pending = command if command in self._expects else None
+                if self._ready:  # synthesised aborts go first
+                    self._ready.append((event, pending))
+                    return self._hand_out()
+                self._pending = pending
+                return event
         except ProtocolError:
             self.state = ConnectionState.ERROR
             raise
-
-    def _parse_next(self) -> Event | None:
-        while True:
-            frame = self._frames.next_frame()
-            if frame is None:
-                if self._eof:
-                    self._frames.check_eof()
-                    return self._close(ConnectionClosed())
-                return None
-            command, payload = frame
-            if command == _D and not self._macro_events:
-                self._define_macros(*decode_macros(payload))
-                continue
-            event = decode_command(command, payload, leading_space=self._leading_space)
-            if not self._advance(command, event):
-                continue
-            pending = command if command in self._expects else None
-            if self._ready:  # synthesised aborts go first
-                self._ready.append((event, pending))
-                return self._hand_out()
-            self._pending = pending
-            return event
 
     def _hand_out(self) -> Event:
         event, self._pending = self._ready.popleft()

@@ -28,13 +28,16 @@ class MacroTable(Mapping[str, str]):
     __slots__ = ("_stages",)
 
     def __init__(self) -> None:
-        # letter -> {name without braces: value}; insertion order = order of definition.
+        # letter -> {name as the MTA sent it: value}; insertion order = order of definition.
+        # Names keep their braces: the MTA defines macros far more often than an app looks
+        # one up, so lookups try both spellings instead of definitions rewriting every name.
         self._stages: dict[str, dict[str, str]] = {}
 
     def define(self, stage: str, values: Mapping[str, str]) -> None:
         """Replace the table of ``stage`` (a command letter) with ``values``."""
-        self._stages.pop(stage, None)
-        self._stages[stage] = {macro_name(name): value for name, value in values.items()}
+        stages = self._stages
+        stages.pop(stage, None)
+        stages[stage] = dict(values)
 
     def enter(self, command: str) -> None:
         """Drop the tables of stages after ``command``, which the MTA has just sent."""
@@ -54,14 +57,17 @@ class MacroTable(Mapping[str, str]):
         self._stages.clear()
 
     def stage(self, letter: str) -> Mapping[str, str]:
-        """Return the values defined for one stage (empty if none)."""
-        return self._stages.get(letter, {})
+        """Return the values defined for one stage (empty if none), names without braces."""
+        return {macro_name(name): value for name, value in self._stages.get(letter, {}).items()}
 
     def __getitem__(self, name: str) -> str:
         key = macro_name(name)
+        braced = "{" + key + "}"
         for values in reversed(self._stages.values()):
             if key in values:
                 return values[key]
+            if braced in values:
+                return values[braced]
         raise KeyError(name)
 
     def __iter__(self) -> Iterator[str]:
@@ -74,7 +80,8 @@ class MacroTable(Mapping[str, str]):
         """Return every visible macro, newest definition winning, names without braces."""
         merged: dict[str, str] = {}
         for values in self._stages.values():
-            merged.update(values)
+            for name, value in values.items():
+                merged[macro_name(name)] = value
         return merged
 
     def __repr__(self) -> str:

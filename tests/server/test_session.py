@@ -6,7 +6,16 @@ import asyncio
 from typing import Any
 
 from milterapp import App
-from milterapp.events import Data, EnvFrom, EnvRcpt, Header, Macros, Negotiate
+from milterapp.events import (
+    Body,
+    Data,
+    EndOfHeaders,
+    EnvFrom,
+    EnvRcpt,
+    Header,
+    Macros,
+    Negotiate,
+)
 from milterapp.protocol.codec import encode_command
 from milterapp.protocol.constants import ActionFlag, ProtocolFlag
 from milterapp.session import ConnectionHandler
@@ -68,5 +77,51 @@ def test_a_handler_that_finishes_after_the_mta_left_still_ends_the_connection() 
         await asyncio.wait_for(asyncio.shield(handler.done), 5)
         assert closes == ["ConnectionClosed"]
         assert transport.closed
+
+    run(main())
+
+
+def test_the_rest_of_a_large_body_chunk_is_read_into_its_own_buffer() -> None:
+    """A body chunk split between reads: the first read goes to the shared buffer, the rest
+    is read straight into the chunk's own buffer (get_buffer lends it), and the handler
+    sees the whole chunk once."""
+    app = App("big")
+    chunks: list[bytes] = []
+
+    @app.on("body")
+    def body(event: Any) -> None:
+        chunks.append(event.chunk)
+
+    async def main() -> None:
+        shared = bytearray(256 * 1024)
+        handler = ConnectionHandler(app, app.requirements(), read_buffer=shared)
+        transport = FakeTransport()
+        handler.connection_made(transport)
+        offer = Negotiate(version=6, actions=ActionFlag.ALL, protocol=ProtocolFlag.NONE)
+        events = (offer, CLIENT, HELO, EnvFrom(address="a@b"), EnvRcpt(address="c@d"), Data())
+        for event in (*events, EndOfHeaders()):
+            handler.data_received(encode_command(event))
+        chunk = bytes(range(256)) * 255
+        wire = encode_command(Body(chunk=chunk))
+        await asyncio.sleep(0)  # one turn of the loop: the replies so far are written
+        replies = len(transport.written)
+
+        def read(data: bytes) -> int:
+            buffer = handler.get_buffer(-1)
+            size = min(len(buffer), len(data))
+            buffer[:size] = data[:size]
+            handler.buffer_updated(size)
+            return size
+
+        first = read(wire[:40_000])
+        assert first == 40_000
+        target = handler.get_buffer(-1)
+        assert len(target) == len(wire) - first  # the chunk's own buffer, exactly its rest
+        shared[:] = b"\xff" * len(shared)  # another connection's read reuses the buffer
+        assert read(wire[first:]) == len(wire) - first
+        await asyncio.sleep(0)
+        assert chunks == [chunk]
+        assert transport.written[replies:] == b"\x00\x00\x00\x01c"  # Continue, once
+        assert len(handler.get_buffer(-1)) == len(shared)  # back to the shared buffer
 
     run(main())
