@@ -2,7 +2,8 @@
 
 The server's own :class:`~milterapp.session.ConnectionHandler` is given a transport that
 keeps nothing, and the transaction of ``protocol_bench.py`` is fed to it one MTA write at a
-time (a macro packet and its command together), as the event loop would after each read.
+time (a macro packet and its command together), through ``get_buffer()`` and
+``buffer_updated()`` as the event loop does after each read.
 This is the framework's whole cost per message (codec, state machine, context, dispatch,
 replies), apart from the event loop and the system calls; the load generator measures those.
 
@@ -89,7 +90,9 @@ async def measure(app: App, count: int, rounds: int) -> float:
     if not app.handles("header"):
         events = [e for e in events if isinstance(e, Macros | EndOfMessage | Abort)]
     writes = writes_of(events)
-    handler = ConnectionHandler(app, app.requirements())
+    # Reads go through get_buffer() and buffer_updated(), into a shared buffer, as the
+    # server's event loop does them.
+    handler = ConnectionHandler(app, app.requirements(), read_buffer=bytearray(256 * 1024))
     transport = NullTransport()
     handler.connection_made(transport)
     for data in writes_of(SETUP):
@@ -99,7 +102,9 @@ async def measure(app: App, count: int, rounds: int) -> float:
         start = time.perf_counter()
         for _ in range(count):
             for data in writes:
-                handler.data_received(data)
+                size = len(data)
+                handler.get_buffer(-1)[:size] = data
+                handler.buffer_updated(size)
                 # An async handler: let its task finish, one turn of the loop at a time.
                 while handler._task is not None:  # noqa: ASYNC110
                     await asyncio.sleep(0)

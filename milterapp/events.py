@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from collections.abc import Iterator, Mapping
-from typing import Any, ClassVar, Literal, Self, TypeAlias
+from typing import Any, ClassVar, Final, Literal, Self, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -210,6 +210,8 @@ class EsmtpArgs(BaseModel):
     @classmethod
     def parse(cls, args: list[str] | tuple[str, ...]) -> EsmtpArgs:
         """Build from ``KEY=VALUE`` / ``KEY`` strings as the MTA sends them."""
+        if not args and cls is EsmtpArgs:
+            return _NO_ARGS  # the usual RCPT: frozen, so one instance serves all
         items = []
         for arg in args:
             key, sep, value = arg.partition("=")
@@ -247,6 +249,9 @@ class EsmtpArgs(BaseModel):
         return result
 
 
+_NO_ARGS: Final = EsmtpArgs()
+
+
 def strip_brackets(raw: str) -> str:
     """Return an SMTP path without surrounding whitespace and angle brackets."""
     raw = raw.strip()
@@ -270,11 +275,10 @@ class _Envelope(Event):
     @classmethod
     def _fill_in(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            data = dict(data)
             if "raw" not in data and "address" in data:
-                data["raw"] = f"<{data['address']}>"
+                data = {**data, "raw": f"<{data['address']}>"}
             if isinstance(data.get("args"), list | tuple):
-                data["args"] = EsmtpArgs.parse(data["args"])
+                data = {**data, "args": EsmtpArgs.parse(data["args"])}
         return data
 
     @classmethod

@@ -37,6 +37,9 @@ __all__ = ["ConnectionHandler"]
 #: Bytes the MTA may send ahead while a handler runs before reading pauses: a packet of the
 #: largest size we accept, and more.
 _BUFFER_LIMIT: Final = 2 * 1024 * 1024
+#: Reads up to this size are copied out of the read buffer at once; larger ones are lent to
+#: the machine, which copies each packet out of them once.
+_COPY_READS_UP_TO: Final = 2048
 #: Size of the read buffer of a connection that was given none (the server shares one).
 _OWN_READ_BUFFER: Final = 64 * 1024
 #: Events that end an SMTP session on this connection.
@@ -161,9 +164,14 @@ class ConnectionHandler(asyncio.BufferedProtocol):
             self._target = None
             self._received_into_target(nbytes)
             return
-        assert self._read_view is not None
+        view = self._read_view
+        assert view is not None
+        if nbytes <= _COPY_READS_UP_TO:
+            # Commands are small: one copy now costs less than lending the buffer.
+            self.data_received(bytes(view[:nbytes]))
+            return
         try:
-            self.data_received(self._read_view[:nbytes])
+            self.data_received(view[:nbytes])
         finally:
             self.machine.release()  # the buffer is about to be reused: copy what is left
 

@@ -218,7 +218,7 @@ class MilterConnection:
                     return None
                 command, payload = frame
                 if command == _D and not self._macro_events:
-                    self._define_macros(*decode_macros(payload))
+                    self._define_macro_packet(payload)
                     continue
                 event = decode_command(command, payload, leading_space=self._leading_space)
                 # Most commands move an open message forward (RCPT, headers, body...): that
@@ -299,22 +299,35 @@ class MilterConnection:
         return True
 
     def _define_macros(self, stage: str, values: dict[str, str]) -> None:
+        self._check_macros(stage, len(values))
+        self.macros.define(stage, values)
+
+    def _define_macro_packet(self, payload: bytes) -> None:
+        """Keep a ``D`` packet for the macro table to decode if the app looks a macro up
+        (most apps never do): here its shape is only checked, which is much cheaper."""
+        nuls = payload.count(0)
+        if not payload or not payload[0] or nuls % 2 or (len(payload) > 1 and payload[-1]):
+            decode_macros(payload)  # not the usual shape: raises, saying what is wrong
+        stage = chr(payload[0])
+        self._check_macros(stage, nuls // 2)
+        self.macros.define_packet(stage, payload)
+
+    def _check_macros(self, stage: str, count: int) -> None:
         if self.state is ConnectionState.NEGOTIATING:
             raise self._fail(_D, "expected option negotiation first")
         limit = self._max_macros
-        if limit and len(values) > limit:
+        if limit and count > limit:
             raise LimitExceededError(
-                f"{len(values)} macros in one packet, above the limit of {limit}",
+                f"{count} macros in one packet, above the limit of {limit}",
                 limit="max_macros_per_packet",
                 value=limit,
-                count=len(values),
+                count=count,
                 command="D",
             )
         if stage == "M":
             # A new transaction's MAIL macros while a message is open: the old message
             # ended without an abort. End it now, so its abort comes before these macros.
             self._abort_open_message()
-        self.macros.define(stage, values)
 
     def _quit(self) -> None:
         if self.state is ConnectionState.MESSAGE:

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from typing import Final
 
 from milterapp.events import macro_name
+from milterapp.protocol.commands import decode_macros
 
 __all__ = ["STAGE_ORDER", "MacroTable"]
 
@@ -28,16 +29,34 @@ class MacroTable(Mapping[str, str]):
     __slots__ = ("_stages",)
 
     def __init__(self) -> None:
-        # letter -> {name as the MTA sent it: value}; insertion order = order of definition.
-        # Names keep their braces: the MTA defines macros far more often than an app looks
-        # one up, so lookups try both spellings instead of definitions rewriting every name.
-        self._stages: dict[str, dict[str, str]] = {}
+        # letter -> {name as the MTA sent it: value}, or the D packet's payload until a
+        # lookup needs it decoded; insertion order = order of definition. The MTA defines
+        # macros far more often than an app looks one up: names keep their braces (lookups
+        # try both spellings) and packets are decoded only when looked into.
+        self._stages: dict[str, dict[str, str] | bytes] = {}
 
     def define(self, stage: str, values: Mapping[str, str]) -> None:
         """Replace the table of ``stage`` (a command letter) with ``values``."""
         stages = self._stages
         stages.pop(stage, None)
         stages[stage] = dict(values)
+
+    def define_packet(self, stage: str, payload: bytes) -> None:
+        """Replace the table of ``stage`` with the values of a ``D`` packet's payload, which
+        the caller has checked has the right shape; it is decoded at the first lookup."""
+        stages = self._stages
+        stages.pop(stage, None)
+        stages[stage] = payload
+
+    def _tables(self) -> Iterator[dict[str, str]]:
+        """The tables in order of definition, each decoded if it was not yet."""
+        stages = self._stages
+        for stage, values in stages.items():
+            if isinstance(values, bytes):
+                # Replacing the value of an existing key keeps the order and is allowed
+                # while iterating.
+                values = stages[stage] = decode_macros(values)[1]
+            yield values
 
     def enter(self, command: str) -> None:
         """Drop the tables of stages after ``command``, which the MTA has just sent."""
@@ -58,12 +77,19 @@ class MacroTable(Mapping[str, str]):
 
     def stage(self, letter: str) -> Mapping[str, str]:
         """Return the values defined for one stage (empty if none), names without braces."""
-        return {macro_name(name): value for name, value in self._stages.get(letter, {}).items()}
+        values = self._stages.get(letter, {})
+        if isinstance(values, bytes):
+            values = self._stages[letter] = decode_macros(values)[1]
+        return {macro_name(name): value for name, value in values.items()}
 
     def __getitem__(self, name: str) -> str:
         key = macro_name(name)
         braced = "{" + key + "}"
-        for values in reversed(self._stages.values()):
+        stages = self._stages
+        for stage in reversed(stages):  # the newest definition wins
+            values = stages[stage]
+            if isinstance(values, bytes):
+                values = stages[stage] = decode_macros(values)[1]
             if key in values:
                 return values[key]
             if braced in values:
@@ -79,10 +105,10 @@ class MacroTable(Mapping[str, str]):
     def as_dict(self) -> dict[str, str]:
         """Return every visible macro, newest definition winning, names without braces."""
         merged: dict[str, str] = {}
-        for values in self._stages.values():
+        for values in self._tables():
             for name, value in values.items():
                 merged[macro_name(name)] = value
         return merged
 
     def __repr__(self) -> str:
-        return f"MacroTable({self._stages!r})"
+        return f"MacroTable({dict(zip(self._stages, self._tables(), strict=True))!r})"

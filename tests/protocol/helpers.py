@@ -73,9 +73,10 @@ def negotiated_connection(
     offer: Negotiate = POSTFIX_OFFER,
     *,
     max_data_size: int | None = None,
+    macro_events: bool = True,
 ) -> MilterConnection:
     """Return a connection that has negotiated ``needs`` against ``offer`` (CONNECT comes next)."""
-    conn = MilterConnection(max_data_size=max_data_size)
+    conn = MilterConnection(max_data_size=max_data_size, macro_events=macro_events)
     conn.receive_data(encode_command(offer))
     assert conn.next_event() == offer
     assert conn.pending_command == "O"

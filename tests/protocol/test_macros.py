@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-import pytest
+import struct
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from milterapp.errors import LimitExceededError, RemoteProtocolError
+from milterapp.events import macro_name
+from milterapp.protocol.codec import encode_command
+from milterapp.protocol.commands import decode_macros
+from milterapp.protocol.machine import MilterConnection
 from milterapp.protocol.macros import STAGE_ORDER, MacroTable
+from milterapp.protocol.negotiation import Requirements, negotiate
+from tests.protocol.helpers import POSTFIX_OFFER, negotiated_connection
 
 
 def full_table() -> MacroTable:
@@ -172,3 +183,77 @@ def test_macro_table_mapping_behaviour() -> None:
     assert sorted(table.items()) == [("j", "mx"), ("mail_addr", "alice@example.org")]
     assert table == {"j": "mx", "mail_addr": "alice@example.org"}
     assert "MacroTable(" in repr(table)
+
+
+# --- D packets kept undecoded until a lookup (the server's way: macro_events=False) ---------
+
+
+def _server_machine() -> MilterConnection:
+    return negotiated_connection(macro_events=False)
+
+
+def _d_packet(payload: bytes) -> bytes:
+    return struct.pack("!I", len(payload) + 1) + b"D" + payload
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"", "lacks its stage letter"),
+        (b"\x00j\x00v\x00", "stage letter is a zero byte"),
+        (b"Cj", "macro name or value is not NUL"),
+        (b"Cj\x00mx.example", "macro name or value is not NUL"),
+        (b"Cj\x00", "macro 'j' has no value"),
+        (b"Cj\x00v\x00k\x00", "macro 'k' has no value"),
+    ],
+)
+def test_a_malformed_packet_is_refused_when_it_arrives_not_at_lookup(
+    payload: bytes, message: str
+) -> None:
+    conn = _server_machine()
+    conn.receive_data(_d_packet(payload))
+    with pytest.raises(RemoteProtocolError, match=message):
+        conn.next_event()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=40) | st.lists(st.binary(max_size=6), max_size=7).map(b"\x00".join))
+def test_a_packet_kept_undecoded_reads_back_as_decoding_it_at_once(payload: bytes) -> None:
+    try:
+        expected = decode_macros(payload)
+    except RemoteProtocolError:
+        expected = None
+    conn = _server_machine()
+    conn.receive_data(_d_packet(payload))
+    if expected is None:
+        with pytest.raises(RemoteProtocolError):
+            conn.next_event()
+        return
+    assert conn.next_event() is None  # no event: the values went into the table
+    stage, values = expected
+    assert conn.macros.stage(stage) == {macro_name(n): v for n, v in values.items()}
+    for name, value in values.items():
+        assert conn.macros[name] == value
+
+
+def test_undecoded_packets_keep_the_order_of_definition() -> None:
+    conn = _server_machine()
+    conn.receive_data(_d_packet(b"Cj\x00mx\x00{daemon_name}\x00d1\x00"))
+    conn.receive_data(_d_packet(b"Hj\x00helo-j\x00"))
+    conn.next_event()
+    table = conn.macros
+    assert "'H': {'j': 'helo-j'}" in repr(table)  # decoded for display
+    assert table["j"] == "helo-j"  # the newest stage wins
+    assert table["daemon_name"] == table["{daemon_name}"] == "d1"
+    assert table.as_dict() == {"j": "helo-j", "daemon_name": "d1"}
+    assert list(table) == ["j", "daemon_name"]
+
+
+def test_the_macro_limit_counts_the_pairs_of_an_undecoded_packet() -> None:
+    conn = MilterConnection(macro_events=False, max_macros_per_packet=2)
+    conn.receive_data(encode_command(POSTFIX_OFFER))
+    conn.next_event()
+    conn.send(negotiate(POSTFIX_OFFER, Requirements()))
+    conn.receive_data(_d_packet(b"Ca\x001\x00b\x002\x00c\x003\x00"))
+    with pytest.raises(LimitExceededError, match="3 macros in one packet"):
+        conn.next_event()
