@@ -123,6 +123,7 @@ class ConnectionHandler(asyncio.BufferedProtocol):
         self._write_paused: asyncio.Future[None] | None = None
         self._deadlines: Deadlines | None = None
         self._target: memoryview | None = None  # lent to the transport by get_buffer
+        self._incomplete = False  # a packet had begun and was not whole after the last batch
 
     @property
     def closed(self) -> bool:
@@ -150,10 +151,11 @@ class ConnectionHandler(asyncio.BufferedProtocol):
         self._run(self.steps.open_session(ctx))
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        # The rest of a large packet that has begun is read straight into its own buffer.
-        target = self._target = self.machine.read_target()
-        if target is not None:
-            return target
+        if self._incomplete:
+            # The rest of a large packet that has begun is read straight into its own buffer.
+            target = self._target = self.machine.read_target()
+            if target is not None:
+                return target
         view = self._read_view
         if view is None:
             view = self._read_view = memoryview(bytearray(_OWN_READ_BUFFER))
@@ -287,12 +289,13 @@ class ConnectionHandler(asyncio.BufferedProtocol):
             self._flush()
         if self._task is None and not self._ending:
             # Between batches: shutdown at an idle point, and the per-command read deadline.
+            incomplete = self._incomplete = machine.buffered > 0
             idle = self.idle = machine.state is not _MESSAGE
             if idle and self._stopping:
                 self._log().info("closing_for_shutdown")
                 self._end()
             elif self._deadlines is not None:
-                self._deadlines.command_incomplete(machine.buffered > 0)
+                self._deadlines.command_incomplete(incomplete)
 
     def _run(self, step: Step) -> None:
         if isinstance(step, bytes):
@@ -414,7 +417,7 @@ class ConnectionHandler(asyncio.BufferedProtocol):
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
         transport = self.transport
-        if transport is not None and not self._lost and not transport.is_closing():
+        if transport is not None and not self._lost:  # (a closing one is skipped at flush)
             self._writes.add(transport, data)
 
     async def _drain(self) -> None:

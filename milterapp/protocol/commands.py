@@ -177,6 +177,10 @@ _COMMAND_DECODERS: Final[dict[int, Callable[[Reader], Event]]] = {
     ord(Command.QUIT.value): _empty(Quit),
     ord(Command.QUIT_NC.value): _empty(QuitNoClose),
 }
+# Commands without a payload decode to one shared instance each (the models are frozen).
+_EMPTY_EVENTS: Final[dict[int, Event]] = {
+    ord(model.command): model() for model in (Data, EndOfHeaders, EndOfMessage, Abort, Quit)
+}
 _HEADER_BYTE: Final = ord(Command.HEADER.value)
 _BODY_BYTE: Final = ord(Command.BODY.value)
 
@@ -203,6 +207,8 @@ def decode_command(command: int, payload: bytes, *, leading_space: bool = False)
             )
     elif command == _BODY_BYTE:
         return Body(chunk=payload)
+    elif not payload and (event := _EMPTY_EVENTS.get(command)) is not None:
+        return event
     r = Reader(chr(command), payload)
     try:
         if command == _HEADER_BYTE:
