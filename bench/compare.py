@@ -8,7 +8,8 @@ shared C one (``make -C ../shared/bench``). Peers come from ``bench/setup-peers.
 that is not installed is skipped with a note.
 
 Run: ``python bench/compare.py [--duration 10] [--body-size 4096] [--connections 32]
-[--eom-only] [--workers N] [--c-loadgen PATH]``. Compare ratios within one run only.
+[--eom-only] [--workers N] [--c-loadgen PATH] [--quickack] [--rounds N] [--only WORD]``.
+Compare ratios within one run only.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import platform
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -171,6 +173,41 @@ def load(port: int, args: argparse.Namespace, pin: list[str]) -> dict[str, float
     }
 
 
+def measure(name: str, args: argparse.Namespace, *, pinning: bool) -> dict[str, float] | None:
+    """One run of one implementation: start it, load it, stop it."""
+    port = free_port()
+    command = commands(port, args)[name]
+    # Workers are meant to use every core: only a single process is pinned.
+    milter_pin = ["taskset", "-c", "0"] if pinning and "workers" not in name else []
+    load_pin = ["taskset", "-c", "1"] if pinning and "workers" not in name else []
+    # The milter's stderr is kept aside: peers' shutdown noise (purepythonmilter prints a
+    # traceback) is not a figure, but it is shown when the milter could not be measured.
+    with tempfile.TemporaryFile() as stderr:
+        process = subprocess.Popen(  # noqa: S603
+            milter_pin + command, stdout=subprocess.DEVNULL, stderr=stderr
+        )
+        try:
+            wait_listening(port, process)
+            figures = load(port, args, load_pin)
+            figures["rss"] = peak_rss_mib(process.pid)
+        except RuntimeError as exc:
+            stderr.seek(0)
+            tail = stderr.read().decode(errors="replace")[-2000:]
+            print(f"note: {name} could not be measured: {exc}\n{tail}")
+            return None
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    return figures
+
+
+def _median(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=10.0)
@@ -181,6 +218,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="also measure N workers")
     parser.add_argument("--eom-only", action="store_true")
     parser.add_argument("--no-pin", action="store_true")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="measure each N times, in turn; print medians"
+    )
     parser.add_argument("--c-loadgen", help="path of the shared C load generator")
     parser.add_argument(
         "--quickack",
@@ -194,38 +234,21 @@ def main() -> None:
         help="measure only implementations whose name contains WORD (repeatable)",
     )
     args = parser.parse_args()
-    pinning = not args.no_pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset")
-    rows = []
-    for name in commands(0, args):
-        if args.only and not any(word in name for word in args.only):
-            continue
-        port = free_port()
-        command = commands(port, args)[name]
-        # Workers are meant to use every core: only a single process is pinned.
-        milter_pin = ["taskset", "-c", "0"] if pinning and "workers" not in name else []
-        load_pin = ["taskset", "-c", "1"] if pinning and "workers" not in name else []
-        # The milter's stderr is kept aside: peers' shutdown noise (purepythonmilter prints a
-        # traceback) is not a figure, but it is shown when the milter could not be measured.
-        with tempfile.TemporaryFile() as stderr:
-            process = subprocess.Popen(  # noqa: S603
-                milter_pin + command, stdout=subprocess.DEVNULL, stderr=stderr
-            )
-            try:
-                wait_listening(port, process)
-                figures = load(port, args, load_pin)
-                figures["rss"] = peak_rss_mib(process.pid)
-            except RuntimeError as exc:
-                stderr.seek(0)
-                tail = stderr.read().decode(errors="replace")[-2000:]
-                print(f"note: {name} could not be measured: {exc}\n{tail}")
-                continue
-            finally:
-                process.terminate()
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-        rows.append((name, figures))
+    pinning = bool(not args.no_pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset"))
+    names = [
+        name
+        for name in commands(0, args)
+        if not args.only or any(word in name for word in args.only)
+    ]
+    # Rounds go through every implementation in turn, so that a slow spell of a shared
+    # machine falls on all of them; each figure is the median of its rounds.
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for _ in range(args.rounds):
+        for name in names:
+            figures = measure(name, args, pinning=pinning)
+            if figures is not None:
+                runs[name].append(figures)
+    rows = [(name, _median(found)) for name, found in runs.items() if found]
     base = next((f["rate"] for n, f in rows if n.startswith("milterapp")), 0.0) or 1.0
     print(
         f"\n{platform.python_version()} on {platform.machine()}, {os.cpu_count()} cores, "
@@ -233,7 +256,8 @@ def main() -> None:
         f"{', end-of-message-only app' if args.eom_only else ''}, "
         f"{'pinned' if pinning else 'unpinned'}, generator: "
         f"{'C loadgen' if args.c_loadgen else 'milterapp bench'}"
-        f"{' (quick ACKs)' if args.quickack else ''}\n"
+        f"{' (quick ACKs)' if args.quickack else ''}"
+        f"{f', median of {args.rounds} rounds' if args.rounds > 1 else ''}\n"
     )
     print(f"| {'implementation':<26} | msgs/s | p50 ms | p99 ms | peak RSS MiB | errors | ratio |")
     print(f"|{'-' * 28}|-------:|-------:|-------:|-------------:|-------:|------:|")
