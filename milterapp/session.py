@@ -168,9 +168,19 @@ class ConnectionHandler(asyncio.BufferedProtocol):
             return
         view = self._read_view
         assert view is not None
-        if nbytes <= _COPY_READS_UP_TO:
-            # Commands are small: one copy now costs less than lending the buffer.
-            self.data_received(bytes(view[:nbytes]))
+        if nbytes <= _COPY_READS_UP_TO and self._task is None:
+            # Commands are small: one copy now costs less than lending the buffer. This is
+            # data_received() for the usual case, spelled out for the per-read path.
+            if self._deadlines is not None:
+                self._deadlines.last_read = self._time()
+            if self._ending:
+                return
+            try:
+                self.machine.receive_data(bytes(view[:nbytes]))
+            except ProtocolError as exc:
+                self._fail(exc)
+                return
+            self._process()
             return
         try:
             self.data_received(view[:nbytes])
@@ -286,10 +296,14 @@ class ConnectionHandler(asyncio.BufferedProtocol):
             self._fail(exc)
             return
         if out:
-            self._flush()
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            if not self._lost:
+                assert self.transport is not None
+                self._writes.add(self.transport, data)
         if self._task is None and not self._ending:
             # Between batches: shutdown at an idle point, and the per-command read deadline.
-            incomplete = self._incomplete = machine.buffered > 0
+            incomplete = self._incomplete = machine.partial
             idle = self.idle = machine.state is not _MESSAGE
             if idle and self._stopping:
                 self._log().info("closing_for_shutdown")

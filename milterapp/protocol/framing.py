@@ -55,6 +55,7 @@ class FrameDecoder:
         "_pos",
         "_view",
         "max_data_size",
+        "partial",
     )
 
     def __init__(self, max_data_size: int = DEFAULT_MAX_DATA_SIZE) -> None:
@@ -67,6 +68,8 @@ class FrameDecoder:
         # A large packet being assembled (command byte and payload), and how much is in.
         self._assembly: bytearray | None = None
         self._filled = 0
+        #: When :meth:`next_frame` last returned None: whether a packet had begun.
+        self.partial = False
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Add received bytes; call :meth:`next_frame` until it returns None.
@@ -165,6 +168,7 @@ class FrameDecoder:
         pos = self._pos
         size = len(buf)
         if pos == size and not self._pending:
+            self.partial = False
             return None  # nothing buffered: the usual end of a read
         if size - pos >= _HEADER_SIZE:
             # Fast path: a whole, acceptable packet in the current buffer.
@@ -185,6 +189,7 @@ class FrameDecoder:
 
     def _next_frame_joined(self) -> tuple[int, bytes] | None:
         """:meth:`next_frame` for a packet that spans reads, or one that is refused."""
+        self.partial = True  # (until a whole packet is handed out)
         if not self._contiguous(_HEADER_SIZE):
             return None
         (length,) = LENGTH.unpack_from(self._buf, self._pos)
@@ -231,6 +236,7 @@ class FrameDecoder:
         assembly = self._assembly
         assert assembly is not None
         if self._filled < len(assembly):
+            self.partial = True
             return None
         self._assembly = None
         self._filled = 0

@@ -139,6 +139,9 @@ class MilterConnection:
         # Derived from the options, kept as plain values for the per-packet path.
         self._expects: frozenset[int] = frozenset({_O})
         self._leading_space = False
+        #: When :meth:`next_event` last ran out of data: whether a packet had begun (and the
+        #: rest is awaited). Cheaper to read than :attr:`buffered`, for the per-read path.
+        self.partial = False
 
     # --- receiving ---------------------------------------------------------------------
 
@@ -215,6 +218,7 @@ class MilterConnection:
                     if self._eof:
                         frames.check_eof()
                         return self._close(ConnectionClosed())
+                    self.partial = frames.partial
                     return None
                 command, payload = frame
                 if command == _D and not self._macro_events:
