@@ -177,10 +177,10 @@ class Steps:
         elif name == "eom":
             assert isinstance(event, EndOfMessage)
             return self._end_of_message(ctx, event)
-        awaiting = machine.awaiting_reply
         verdict = self.app.dispatch_now(name, event, ctx)
         if verdict is None or verdict.__class__ is Continue:  # the common case, at once
-            return machine.send_continue() if awaiting else b""
+            return machine.continue_if_owed()
+        awaiting = machine.awaiting_reply  # (plain handlers cannot have changed it)
         if isinstance(verdict, Pending):
             return self._reply_later(name, awaiting, verdict.awaitable)
         return self._reply(name, awaiting, verdict)

@@ -59,7 +59,7 @@ def check_modification(command: int, reply: Reply, options: SessionOptions) -> N
     """Raise unless the modification ``reply`` may be sent now, with what was negotiated."""
     require_end_of_message(command, reply)
     action = reply.required_action
-    if not options.actions & action:
+    if not int(options.actions) & int(action):  # int(): IntFlag's & runs in Python
         raise ActionNotNegotiated(
             f"{type(reply).__name__} needs the {action.name} action, which the MTA did not grant",
             action=action.name or str(action),

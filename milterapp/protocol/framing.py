@@ -54,6 +54,7 @@ class FrameDecoder:
         "_pending_size",
         "_pos",
         "_view",
+        "empty",
         "max_data_size",
         "partial",
     )
@@ -70,6 +71,9 @@ class FrameDecoder:
         self._filled = 0
         #: When :meth:`next_frame` last returned None: whether a packet had begun.
         self.partial = False
+        #: Nothing is buffered (``buffered == 0``), kept as an attribute for the per-packet
+        #: path: True only when that is certain.
+        self.empty = True
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Add received bytes; call :meth:`next_frame` until it returns None.
@@ -79,6 +83,7 @@ class FrameDecoder:
         """
         if not data:
             return
+        self.empty = False
         if self._assembly is not None:
             data = self._assemble(data)
             if not data:
@@ -178,6 +183,7 @@ class FrameDecoder:
                 if end == size:
                     self._buf = b""
                     self._pos = 0
+                    self.empty = not self._pending
                 else:
                     self._pos = end
                 if self._view:
@@ -216,6 +222,7 @@ class FrameDecoder:
             self._buf = b""
             self._view = False
             self._pos = 0
+            self.empty = not self._pending
         else:
             self._pos = end
         return command, payload
@@ -240,6 +247,7 @@ class FrameDecoder:
             return None
         self._assembly = None
         self._filled = 0
+        self.empty = self._pos == len(self._buf) and not self._pending
         with memoryview(assembly) as view:
             return assembly[0], bytes(view[1:])
 

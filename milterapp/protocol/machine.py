@@ -213,6 +213,9 @@ class MilterConnection:
         frames = self._frames
         try:
             while True:
+                if frames.empty and not self._eof:  # the usual end of a read, without a call
+                    self.partial = False
+                    return None
                 frame = frames.next_frame()
                 if frame is None:
                     if self._eof:
@@ -444,6 +447,16 @@ class MilterConnection:
         """
         command = self._pending
         if command is None or command in (_O, _E) or self.options is None:
+            return self.send(Continue())  # raises, or ends the message
+        self._pending = None
+        return _CONTINUE_PACKET
+
+    def continue_if_owed(self) -> bytes:
+        """:meth:`send_continue` if a reply is owed, else nothing (``b""``)."""
+        command = self._pending
+        if command is None:
+            return b""
+        if command in (_O, _E) or self.options is None:
             return self.send(Continue())  # raises, or ends the message
         self._pending = None
         return _CONTINUE_PACKET

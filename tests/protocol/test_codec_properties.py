@@ -309,6 +309,8 @@ def drain(decoder: FrameDecoder, pieces: list[bytes]) -> list[tuple[int, bytes]]
             out.append(frame)
             pending -= 5 + len(frame[1])
         assert decoder.buffered == pending
+        assert decoder.empty == (pending == 0)  # the per-packet path trusts this flag
+        assert decoder.partial == (pending > 0)
     return out
 
 

@@ -135,5 +135,7 @@ def test_any_split_and_any_use_of_the_read_target_gives_the_same_packets(
             piece[:] = b"\xff" * size  # the buffer is reused for the next read
         position += size
         got.extend(frames(decoder))
+        assert decoder.empty == (decoder.buffered == 0)
+        assert decoder.partial == (decoder.buffered > 0)
     assert got == expected
     assert decoder.buffered == 0

@@ -1165,3 +1165,36 @@ def test_machine_drive_with_answer_function() -> None:
         Continue(),
     ]
     assert decode_responses(sent[3][1]) == [refusal]
+
+
+# --- the Continue shortcuts of the per-packet path ------------------------------------------
+
+
+def test_continue_if_owed_answers_only_what_is_owed() -> None:
+    conn = negotiated_connection()
+    assert conn.continue_if_owed() == b""  # nothing waits: nothing to write
+    conn.receive_data(wire(CONNECT))
+    assert conn.next_event() == CONNECT
+    assert decode_responses(conn.continue_if_owed()) == [Continue()]
+    assert not conn.awaiting_reply
+    assert conn.continue_if_owed() == b""
+
+
+def test_continue_if_owed_at_end_of_message_ends_the_message() -> None:
+    conn = negotiated_connection()
+    conn.receive_data(wire(CONNECT, Helo(name="h"), EnvFrom(address="a@b"), EndOfMessage()))
+    for _ in range(3):
+        conn.next_event()
+        conn.continue_if_owed()
+    assert conn.state is ConnectionState.MESSAGE
+    assert conn.next_event() == EndOfMessage()
+    assert decode_responses(conn.continue_if_owed()) == [Continue()]
+    assert conn.state is ConnectionState.SESSION
+
+
+def test_continue_if_owed_cannot_answer_negotiation() -> None:
+    conn = MilterConnection()
+    conn.receive_data(encode_command(POSTFIX_OFFER))
+    conn.next_event()
+    with pytest.raises(LocalProtocolError, match="negotiation"):
+        conn.continue_if_owed()
