@@ -186,8 +186,12 @@ class Context:
         self.macros = macros
         self.options: SessionOptions | None = None
         self.state: dict[str, Any] = {}
-        base = structlog.get_logger("milterapp") if log is None else log
-        self.log: Any = base.bind(conn_id=conn_id, peer=peer)
+        # The logger is bound when first used: most sessions log nothing, and binding costs
+        # a new logger each time (twice per connection and once per message otherwise).
+        self._log_base: Any = structlog.get_logger("milterapp") if log is None else log
+        self._log_values: dict[str, Any] = {"conn_id": conn_id, "peer": peer}
+        self._log_queue_id = False  # bind the queue id (macro i) too, from end of message on
+        self._log: Any = None
         self._spool_threshold = spool_threshold
         self._progress = progress
         self._modifications: list[Modification | _BodyStream] = []
@@ -195,6 +199,28 @@ class Context:
         self.message = Message(macros, spool_threshold)
         #: Let handler exceptions escape instead of the fallback reply (the testing kit).
         self.raise_errors = False
+
+    @property
+    def log(self) -> Any:
+        """A structlog logger bound with conn_id, peer, client and queue_id."""
+        log = self._log
+        if log is None:
+            values = self._log_values
+            if self._log_queue_id and (queue_id := self.message.queue_id):
+                values = {**values, "queue_id": queue_id}
+            log = self._log = self._log_base.bind(**values)
+        return log
+
+    @log.setter
+    def log(self, logger: Any) -> None:
+        # An app's own logger (or ctx.log.bind(...)): what the server binds later goes on it.
+        self._log_base = self._log = logger
+        self._log_values = {}
+
+    def bind_log(self, **values: Any) -> None:
+        """Add ``values`` to what :attr:`log` is bound with."""
+        self._log_values = {**self._log_values, **values}
+        self._log = None
 
     # --- bookkeeping, called by the server ---------------------------------------------
 
@@ -208,9 +234,8 @@ class Context:
         """Allow (or forbid again) modifications: they are valid during end of message only."""
         self._at_eom = active
         if active:
-            queue_id = self.message.queue_id
-            if queue_id:
-                self.log = self.log.bind(queue_id=queue_id)
+            self._log_queue_id = True
+            self._log = None  # bound again, with the message's queue id, when next used
 
     def take_modifications(
         self, max_data_size: int = DEFAULT_MAX_DATA_SIZE

@@ -357,13 +357,25 @@ class ConnectionHandler(asyncio.BufferedProtocol):
                 self._process()
         self._maybe_done()
 
-    async def _quit(self, event: Quit | QuitNoClose | ConnectionClosed) -> bytes:
-        await self._await(self.steps.close_session(event))
+    def _quit(self, event: Quit | QuitNoClose | ConnectionClosed) -> Step:
+        """Run the close handlers, then close, or open the next session (QuitNoClose); at
+        once unless a handler must be awaited (every connection ends here)."""
+        closing = self.steps.close_session(event)
+        if not isinstance(closing, bytes):
+            return self._quit_later(event, closing)
+        return self._after_quit(event)
+
+    async def _quit_later(
+        self, event: Quit | QuitNoClose | ConnectionClosed, closing: Coroutine[Any, Any, bytes]
+    ) -> bytes:
+        await closing
+        return await self._await(self._after_quit(event))
+
+    def _after_quit(self, event: Quit | QuitNoClose | ConnectionClosed) -> Step:
         if isinstance(event, QuitNoClose):  # the same socket carries a new SMTP session
             assert self.ctx is not None
-            await self._await(self.steps.open_session(self._new_context(self.ctx.peer)))
-        else:
-            self._end()
+            return self.steps.open_session(self._new_context(self.ctx.peer))
+        self._end()
         return b""
 
     async def _await(self, step: Step) -> bytes:

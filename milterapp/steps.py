@@ -170,7 +170,7 @@ class Steps:
         elif name == "connect":
             assert isinstance(event, Connect)
             ctx.client = event
-            ctx.log = ctx.log.bind(client=str(event.address or event.hostname))
+            ctx.bind_log(client=str(event.address or event.hostname))
         elif name == "helo":
             assert isinstance(event, Helo)
             ctx.helo = event.name

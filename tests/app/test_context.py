@@ -529,6 +529,32 @@ def test_enter_eom_binds_the_queue_id_to_the_log() -> None:
     assert logs[1]["peer"] == "test"
 
 
+def test_bind_log_adds_to_what_the_log_is_bound_with() -> None:
+    with structlog.testing.capture_logs() as logs:
+        ctx = make_ctx()
+        ctx.log.info("before")
+        ctx.bind_log(client="192.0.2.1")
+        ctx.log.info("after")
+    assert "client" not in logs[0]
+    assert logs[1]["client"] == "192.0.2.1"
+    assert logs[1]["conn_id"] == "1"
+
+
+def test_an_apps_own_logger_keeps_what_the_server_binds_later() -> None:
+    table = MacroTable()
+    table.define("E", {"i": "4Q"})
+    with structlog.testing.capture_logs() as logs:
+        ctx = make_ctx(macros=table)
+        ctx.log = ctx.log.bind(score=5)
+        ctx.bind_log(client="192.0.2.1")
+        ctx.enter_eom(True)
+        ctx.log.info("done")
+    assert logs[0]["score"] == 5
+    assert logs[0]["client"] == "192.0.2.1"
+    assert logs[0]["queue_id"] == "4Q"
+    assert logs[0]["conn_id"] == "1"
+
+
 # --- the body -----------------------------------------------------------------------------
 
 
