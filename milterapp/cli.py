@@ -299,7 +299,7 @@ def _bench(args: argparse.Namespace) -> int:
         print(json.dumps(result.summary()))
     else:
         print(result.report(options))
-    return 1 if result.errors or not result.messages else 0
+    return 1 if result.errors or not result.messages or result.all_tempfailed else 0
 
 
 def _record(args: argparse.Namespace) -> int:

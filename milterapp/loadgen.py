@@ -17,13 +17,13 @@ command line of this module; bench/compare.py runs it against other milter libra
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import time
 from collections import Counter
 from typing import Any, Final
 
+from milterapp.loadresult import LoadOptions, LoadResult
 from milterapp.loadscript import ABORT, MODIFICATIONS, PROGRESS, QUIT, VERDICTS, Script, prepare
 from milterapp.loops import run_in_loop
 from milterapp.protocol.mta import DEFAULT_OFFER, MtaConnection
@@ -33,85 +33,6 @@ __all__ = ["LoadOptions", "LoadResult", "run_load"]
 
 #: A run stops after this many errors (a milter that is down, say).
 _MAX_ERRORS: Final = 100
-
-
-@dataclasses.dataclass(frozen=True)
-class LoadOptions:
-    """What to send, how much and for how long."""
-
-    spec: str
-    connections: int = 32
-    duration: float = 10.0
-    warmup: float = 1.0
-    messages: int = 0  # instead of a duration: this many messages in all
-    processes: int = 1
-    messages_per_connection: int = 10
-    recipients: int = 2
-    headers: int = 10
-    body_size: int = 4096
-    timeout: float = 30.0
-
-    def __post_init__(self) -> None:
-        ConnectionSpec.parse(self.spec)  # a clear error for a bad spec, before anything runs
-        for name in ("connections", "processes", "messages_per_connection"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be at least 1 (not {getattr(self, name)})")
-        for name in ("duration", "warmup", "messages", "recipients", "headers", "body_size"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must not be negative (not {getattr(self, name)})")
-        if self.timeout <= 0:
-            raise ValueError(f"timeout: must be above 0 (not {self.timeout})")
-
-
-@dataclasses.dataclass
-class LoadResult:
-    """What was measured: messages, rate, latency percentiles, and every answer by kind."""
-
-    messages: int
-    seconds: float
-    latencies_ms: list[float]
-    outcomes: dict[str, int]
-    errors: dict[str, int]
-
-    @property
-    def rate(self) -> float:
-        return self.messages / self.seconds if self.seconds else 0.0
-
-    def percentile(self, fraction: float) -> float:
-        ordered = sorted(self.latencies_ms)
-        if not ordered:
-            return 0.0
-        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-    def report(self, options: LoadOptions) -> str:
-        """The result in a few readable lines."""
-        if options.messages:
-            how = f"{options.messages} messages"
-        else:
-            how = f"{options.duration:g} s after {options.warmup:g} s of warm-up"
-        answers = ", ".join(f"{name} {count}" for name, count in sorted(self.outcomes.items()))
-        errors = ", ".join(f"{name} {count}" for name, count in sorted(self.errors.items()))
-        return "\n".join(
-            [
-                f"milter    {options.spec}: {options.connections} connections, "
-                f"{options.processes} process(es), {how}",
-                f"messages  {self.messages} in {self.seconds:.2f} s: {self.rate:,.1f} per second",
-                f"latency   p50 {self.percentile(0.5):.2f} ms, p99 {self.percentile(0.99):.2f} ms",
-                f"answers   {answers or 'none'}",
-                f"errors    {errors or 'none'}",
-            ]
-        )
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "messages": self.messages,
-            "seconds": round(self.seconds, 3),
-            "rate": round(self.rate, 1),
-            "p50_ms": round(self.percentile(0.50), 3),
-            "p99_ms": round(self.percentile(0.99), 3),
-            "outcomes": dict(sorted(self.outcomes.items())),
-            "errors": dict(sorted(self.errors.items())),
-        }
 
 
 class _Generator:
@@ -227,8 +148,12 @@ class _Client(asyncio.Protocol):
             pos += 4 + length
             verdict = VERDICTS.get(code)
             if verdict is None:
-                if code != PROGRESS:
-                    self.modifications[MODIFICATIONS.get(code, f"reply {chr(code)!r}")] += 1
+                if code in MODIFICATIONS:
+                    self.modifications[MODIFICATIONS[code]] += 1
+                elif code != PROGRESS:  # no MTA would take it: the milter is broken
+                    self.generator.error(f"unexpected reply {chr(code)!r}")
+                    self._close()
+                    return
                 continue
             self._answered(verdict)
             if self.transport is None or self.transport.is_closing():
@@ -355,10 +280,8 @@ def _child(options: LoadOptions, connections: int, messages: int, fd: int) -> No
 def run_load(options: LoadOptions) -> LoadResult:
     """Run the load described by ``options``; processes above 1 are forked (Linux)."""
     count = min(options.processes, options.connections)
-    shares = [
-        options.connections // count + (i < options.connections % count) for i in range(count)
-    ]
-    quotas = [options.messages // count + (i < options.messages % count) for i in range(count)]
+    shares = _split(options.connections, count)
+    quotas = _split(options.messages, count)
     if count == 1:
         parts = [run_in_loop(_run_process(options, shares[0], quotas[0]))]
     else:

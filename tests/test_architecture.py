@@ -50,6 +50,7 @@ LAYERS: dict[str, int] = {
     "milterapp.server": 5,
     "milterapp.listener": 5,
     "milterapp.session": 5,
+    "milterapp.endings": 5,
     "milterapp.steps": 5,
     "milterapp.deadlines": 5,
     "milterapp.transports": 5,
@@ -57,6 +58,7 @@ LAYERS: dict[str, int] = {
     "milterapp.loops": 5,
     "milterapp.loadgen": 5,
     "milterapp.loadscript": 5,
+    "milterapp.loadresult": 5,
     "milterapp.workers": 5,
     "milterapp.testing": 5,  # every module under milterapp/testing/ too (see layer_of)
     "milterapp.cli": 6,

@@ -7,6 +7,9 @@ not speed.
 from __future__ import annotations
 
 import json
+import socket
+import struct
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +92,58 @@ def test_a_refusing_milter_is_reported_by_verdict() -> None:
     with ServerThread(app, "inet:0@[127.0.0.1]") as server:
         result = run_load(LoadOptions(spec=spec_of(server), connections=2, messages=10))
     assert result.outcomes == {"tempfail": 10}
+    assert result.all_tempfailed
+
+
+def test_bench_exits_1_when_every_message_was_tempfailed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A milter whose handlers fail answers TempFail: a benchmark of it must not pass."""
+    app = App("failing")
+
+    @app.on("envfrom")
+    def broken(event: Any) -> None:
+        raise RuntimeError("the database is down")
+
+    with ServerThread(app, "inet:0@[127.0.0.1]") as server:
+        spec = spec_of(server)
+        capsys.readouterr()
+        assert main(["bench", "--spec", spec, "--messages", "6", "--connections", "2"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    # The server logged the handler's failures before the report: start at the report.
+    lines = out[[line.startswith("milter    ") for line in out].index(True) :]
+    assert lines[3] == "answers   tempfail 6"
+    assert lines[5].startswith("note      6 of 6 messages were tempfailed: a milter whose")
+
+
+def test_an_answer_no_mta_would_take_is_an_error() -> None:
+    """A milter that negotiates, then answers with an unknown reply code ('Z')."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            while True:  # the generator connects again after each error, up to its limit
+                try:
+                    conn, _ = listener.accept()
+                except OSError:  # the test closed the listener
+                    return
+                with conn:
+                    conn.recv(4096)  # the negotiation
+                    conn.sendall(struct.pack("!IcIII", 13, b"O", 6, 0, 0))
+                    conn.recv(4096)  # CONNECT and its macros
+                    conn.sendall(b"\x00\x00\x00\x01Z")
+                    conn.recv(4096)  # until the generator closes
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        result = run_load(
+            LoadOptions(spec=f"inet:{port}@127.0.0.1", connections=1, messages=1, timeout=5)
+        )
+        listener.close()
+    assert set(result.errors) == {"unexpected reply 'Z'"}
+    assert result.messages == 0
 
 
 def test_a_milter_that_is_not_there_gives_errors_not_a_hang(sock_dir: Path) -> None:

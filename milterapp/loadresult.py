@@ -1,0 +1,99 @@
+"""What a load run is asked to do (:class:`LoadOptions`) and what it measured
+(:class:`LoadResult`); :mod:`milterapp.loadgen` runs it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from milterapp.spec import ConnectionSpec
+
+__all__ = ["LoadOptions", "LoadResult"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+    """What to send, how much and for how long."""
+
+    spec: str
+    connections: int = 32
+    duration: float = 10.0
+    warmup: float = 1.0
+    messages: int = 0  # instead of a duration: this many messages in all
+    processes: int = 1
+    messages_per_connection: int = 10
+    recipients: int = 2
+    headers: int = 10
+    body_size: int = 4096
+    timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        ConnectionSpec.parse(self.spec)  # a clear error for a bad spec, before anything runs
+        for name in ("connections", "processes", "messages_per_connection"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1 (not {getattr(self, name)})")
+        for name in ("duration", "warmup", "messages", "recipients", "headers", "body_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must not be negative (not {getattr(self, name)})")
+        if self.timeout <= 0:
+            raise ValueError(f"timeout: must be above 0 (not {self.timeout})")
+
+
+@dataclasses.dataclass
+class LoadResult:
+    """What was measured: messages, rate, latency percentiles, and every answer by kind."""
+
+    messages: int
+    seconds: float
+    latencies_ms: list[float]
+    outcomes: dict[str, int]
+    errors: dict[str, int]
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds if self.seconds else 0.0
+
+    def percentile(self, fraction: float) -> float:
+        ordered = sorted(self.latencies_ms)
+        if not ordered:
+            return 0.0
+        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+    def report(self, options: LoadOptions) -> str:
+        """The result in a few readable lines."""
+        if options.messages:
+            how = f"{options.messages} messages"
+        else:
+            how = f"{options.duration:g} s after {options.warmup:g} s of warm-up"
+        answers = ", ".join(f"{name} {count}" for name, count in sorted(self.outcomes.items()))
+        errors = ", ".join(f"{name} {count}" for name, count in sorted(self.errors.items()))
+        lines = [
+            f"milter    {options.spec}: {options.connections} connections, "
+            f"{options.processes} process(es), {how}",
+            f"messages  {self.messages} in {self.seconds:.2f} s: {self.rate:,.1f} per second",
+            f"latency   p50 {self.percentile(0.5):.2f} ms, p99 {self.percentile(0.99):.2f} ms",
+            f"answers   {answers or 'none'}",
+            f"errors    {errors or 'none'}",
+        ]
+        if tempfailed := self.outcomes.get("tempfail", 0):
+            lines.append(
+                f"note      {tempfailed} of {self.messages} messages were tempfailed: a milter "
+                "whose handlers fail answers TempFail (fail closed); see its log"
+            )
+        return "\n".join(lines)
+
+    @property
+    def all_tempfailed(self) -> bool:
+        """Every message measured was tempfailed (a failing milter looks like that)."""
+        return bool(self.messages) and self.outcomes.get("tempfail", 0) == self.messages
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "messages": self.messages,
+            "seconds": round(self.seconds, 3),
+            "rate": round(self.rate, 1),
+            "p50_ms": round(self.percentile(0.50), 3),
+            "p99_ms": round(self.percentile(0.99), 3),
+            "outcomes": dict(sorted(self.outcomes.items())),
+            "errors": dict(sorted(self.errors.items())),
+        }
