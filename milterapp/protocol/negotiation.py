@@ -113,10 +113,17 @@ class SessionOptions(BaseModel):
     max_data_size: int = DEFAULT_MAX_DATA_SIZE
 
     _no_reply: frozenset[int] = PrivateAttr(default=frozenset())
+    _suppressed: frozenset[str] = PrivateAttr(default=frozenset())
 
     def model_post_init(self, context: object, /) -> None:
+        # Computed once: the per-message path asks, and IntFlag's & runs in Python.
         self._no_reply = frozenset(
             command[0] for command, _, nr, _ in _EVENT_FLAGS.values() if self.protocol & nr
+        )
+        self._suppressed = frozenset(
+            event
+            for event, (_, no_flag, _, first_version) in _EVENT_FLAGS.items()
+            if self.protocol & no_flag or self.version < first_version
         )
 
     def reply_expected(self, command: int) -> bool:
@@ -129,8 +136,9 @@ class SessionOptions(BaseModel):
 
     def suppressed(self, event: OptionalEvent) -> bool:
         """Whether the MTA was asked not to send ``event`` (or cannot at this version)."""
-        _, no_flag, _, first_version = _EVENT_FLAGS[event]
-        return bool(self.protocol & no_flag) or self.version < first_version
+        if event not in _EVENT_FLAGS:
+            raise KeyError(event)
+        return event in self._suppressed
 
     @property
     def leading_space(self) -> bool:

@@ -14,6 +14,7 @@ from milterapp.protocol.negotiation import (
     OPTIONAL_EVENTS,
     OptionalEvent,
     Requirements,
+    SessionOptions,
     negotiate,
     session_options,
 )
@@ -459,3 +460,16 @@ def test_negotiate_reply_never_exceeds_offer(offer: Negotiate, needs: Requiremen
     options = session_options(offer, reply)
     assert options.version == reply.version
     assert options.max_data_size <= needs.max_data_size
+
+
+@pytest.mark.parametrize("version", [2, 3, 4, 6])
+def test_suppressed_follows_the_flags_and_the_version(version: int) -> None:
+    flags = ProtocolFlag.NOHDRS | ProtocolFlag.NOBODY
+    options = SessionOptions(version=version, actions=ActionFlag.ALL, protocol=flags)
+    assert options.suppressed("header")
+    assert options.suppressed("body")
+    assert not options.suppressed("envfrom")
+    assert options.suppressed("unknown") == (version < 3)  # no U before version 3
+    assert options.suppressed("data") == (version < 4)  # no DATA before version 4
+    with pytest.raises(KeyError):
+        options.suppressed("eom")  # type: ignore[arg-type]  # always sent
