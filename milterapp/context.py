@@ -21,6 +21,7 @@ from milterapp.errors import ActionNotNegotiated, LocalProtocolError
 from milterapp.events import Connect, EnvFrom, EnvRcpt, Header
 from milterapp.protocol.constants import DEFAULT_MAX_DATA_SIZE, ActionFlag
 from milterapp.protocol.negotiation import SessionOptions
+from milterapp.protocol.responses import body_chunks
 from milterapp.replies import (
     AddHeader,
     AddRecipient,
@@ -143,12 +144,8 @@ class _BodyStream:
 
     def chunks(self, size: int) -> Iterator[ReplaceBody]:
         with self.source:
-            first = True
-            while (chunk := self.source.read(size)) or first:
-                first = False
+            for chunk in body_chunks(self.source, size):
                 yield ReplaceBody(chunk=chunk)
-                if not chunk:
-                    return
 
 
 class Context:

@@ -6,8 +6,8 @@ the byte offset, as for commands.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Callable, Iterator
+from typing import IO, Final
 
 from pydantic import ValidationError
 
@@ -53,7 +53,7 @@ from milterapp.replies import (
     TempFail,
 )
 
-__all__ = ["decode_response", "encode_response", "split_body"]
+__all__ = ["body_chunks", "decode_response", "encode_response", "split_body"]
 
 
 # --- milter -> MTA: encoding -------------------------------------------------------------
@@ -64,15 +64,34 @@ def _reply_text(reply: Reject | TempFail) -> bytes:
     return cstrings("\r\n".join(lines))
 
 
-def split_body(body: bytes, max_data_size: int = DEFAULT_MAX_DATA_SIZE) -> list[bytes]:
-    """Split a replacement body into chunks of at most ``max_data_size`` bytes.
+def body_chunks(
+    body: bytes | IO[bytes], max_data_size: int = DEFAULT_MAX_DATA_SIZE
+) -> Iterator[bytes]:
+    """Yield a replacement body in chunks of at most ``max_data_size`` bytes.
 
-    An empty body is one empty chunk, so that the MTA still replaces the body.
+    ``body`` is bytes, or a binary file read as the chunks are taken (so that a large body
+    is never all in memory). An empty body is one empty chunk, so that the MTA still
+    replaces the body.
     """
-    if not body:
-        return [b""]
-    view = memoryview(body)
-    return [bytes(view[i : i + max_data_size]) for i in range(0, len(body), max_data_size)]
+    if isinstance(body, bytes):
+        if not body:
+            yield b""
+            return
+        view = memoryview(body)
+        for start in range(0, len(body), max_data_size):
+            yield bytes(view[start : start + max_data_size])
+        return
+    first = True
+    while (chunk := body.read(max_data_size)) or first:
+        first = False
+        yield chunk
+        if not chunk:
+            return
+
+
+def split_body(body: bytes, max_data_size: int = DEFAULT_MAX_DATA_SIZE) -> list[bytes]:
+    """The chunks of a replacement body given as bytes (see :func:`body_chunks`)."""
+    return list(body_chunks(body, max_data_size))
 
 
 def _negotiation_payload(reply: NegotiationReply) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import re
 import struct
@@ -43,6 +44,7 @@ from milterapp.protocol.constants import (
     ProtocolFlag,
 )
 from milterapp.protocol.framing import FrameDecoder, encode_frame
+from milterapp.protocol.responses import body_chunks, split_body
 from milterapp.replies import (
     Accept,
     AddHeader,
@@ -413,3 +415,13 @@ def test_frame_decoder_64kib_frame_one_byte_at_a_time() -> None:
     assert decoder.next_frame() == (ord("B"), payload)
     assert decoder.next_frame() is None
     decoder.check_eof()
+
+
+@settings(deadline=None)
+@given(st.binary(max_size=3000), st.integers(1, 700))
+def test_body_chunks_of_bytes_and_of_a_file_are_the_same(body: bytes, size: int) -> None:
+    from_bytes = list(body_chunks(body, size))
+    from_file = list(body_chunks(io.BytesIO(body), size))
+    assert from_bytes == from_file == split_body(body, size)
+    assert b"".join(from_bytes) == body
+    assert all(0 < len(chunk) <= size for chunk in from_bytes) or from_bytes == [b""]
