@@ -131,6 +131,8 @@ def load(port: int, args: argparse.Namespace, pin: list[str]) -> dict[str, float
             str(args.warmup),
             "-b",
             str(args.body_size),
+            "-m",
+            str(args.messages_per_connection),
             "-q",
             *(["--quickack"] if args.quickack else []),
         ]
@@ -162,6 +164,8 @@ def load(port: int, args: argparse.Namespace, pin: list[str]) -> dict[str, float
         str(args.body_size),
         "--processes",
         str(args.processes),
+        "--messages-per-connection",
+        str(args.messages_per_connection),
     ]
     run = subprocess.run(pin + command, capture_output=True, text=True, check=False)  # noqa: S603
     summary = json.loads(run.stdout or "{}")
@@ -214,6 +218,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--body-size", type=int, default=4096)
+    parser.add_argument(
+        "--messages-per-connection",
+        type=int,
+        default=10,
+        metavar="N",
+        help="messages before the generator quits and connects again (10; Postfix: 1 per "
+        "SMTP session)",
+    )
     parser.add_argument("--processes", type=int, default=1, help="generator processes")
     parser.add_argument("--workers", type=int, default=1, help="also measure N workers")
     parser.add_argument("--eom-only", action="store_true")
@@ -252,7 +264,8 @@ def main() -> None:
     base = next((f["rate"] for n, f in rows if n.startswith("milterapp")), 0.0) or 1.0
     print(
         f"\n{platform.python_version()} on {platform.machine()}, {os.cpu_count()} cores, "
-        f"{args.connections} connections, {args.body_size}-byte bodies"
+        f"{args.connections} connections, {args.body_size}-byte bodies, "
+        f"{args.messages_per_connection} message(s) per connection"
         f"{', end-of-message-only app' if args.eom_only else ''}, "
         f"{'pinned' if pinning else 'unpinned'}, generator: "
         f"{'C loadgen' if args.c_loadgen else 'milterapp bench'}"
