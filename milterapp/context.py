@@ -197,6 +197,11 @@ class Context:
         #: Let handler exceptions escape instead of the fallback reply (the testing kit).
         self.raise_errors = False
 
+    def detach(self) -> None:
+        """The connection is over: forget its progress callback (:meth:`progress` then does
+        nothing)."""
+        self._progress = None
+
     @property
     def log(self) -> Any:
         """A structlog logger bound with conn_id, peer, client and queue_id."""

@@ -161,7 +161,17 @@ class Endings:
 
     def _maybe_done(self) -> None:
         if self._lost and self._ended and self._task is None and not self.done.done():
+            self._unlink()
             self.done.set_result(None)
+
+    def _unlink(self) -> None:
+        """Drop the references that point back at this connection (timers' callbacks, the
+        progress callback), so that its objects are freed as soon as the server lets it go
+        instead of waiting for the cycle collector (some 40 objects per connection)."""
+        self._deadlines = None
+        self.steps.progress = None
+        if self.ctx is not None:
+            self.ctx.detach()
 
     def _tempfail_pending(self) -> None:
         """Answer a command still waiting with TempFail before the connection closes."""

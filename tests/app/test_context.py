@@ -442,6 +442,18 @@ def test_progress_inside_eom_calls_the_callback() -> None:
     assert calls == ["progress", "progress"]
 
 
+def test_progress_after_the_connection_ended_does_nothing() -> None:
+    calls: list[str] = []
+
+    async def progress() -> None:
+        calls.append("progress")
+
+    ctx = at_eom(make_ctx(progress=progress))
+    ctx.detach()  # the connection is over
+    run(ctx.progress())
+    assert calls == []
+
+
 def test_progress_without_a_callback_does_nothing() -> None:
     run(at_eom().progress())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 from milterapp import App
@@ -15,6 +16,7 @@ from milterapp.events import (
     Header,
     Macros,
     Negotiate,
+    Quit,
 )
 from milterapp.protocol.codec import encode_command
 from milterapp.protocol.constants import ActionFlag, ProtocolFlag
@@ -125,3 +127,37 @@ def test_the_rest_of_a_large_body_chunk_is_read_into_its_own_buffer() -> None:
         assert len(handler.get_buffer(-1)) == len(shared)  # back to the shared buffer
 
     run(main())
+
+
+def test_a_finished_connection_leaves_nothing_for_the_cycle_collector() -> None:
+    """Every SMTP session opens a connection: its objects must be freed by reference counting
+    when it ends, not pile up until the cycle collector runs."""
+    app = App("cycles")
+
+    @app.on("header")
+    def header(event: Any, ctx: Any) -> None:
+        ctx.log.info("seen")  # binds the logger, as a real app does
+
+    async def main() -> int:
+        offer = Negotiate(version=6, actions=ActionFlag.ALL, protocol=ProtocolFlag.NONE)
+        events = (offer, CLIENT, HELO, EnvFrom(address="a@b"), EnvRcpt(address="c@d"), Data())
+        wires = [encode_command(e) for e in (*events, Header(name="S", value="x"))]
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(5):
+                handler = ConnectionHandler(app, app.requirements())
+                transport = FakeTransport()
+                handler.connection_made(transport)
+                for wire in wires:
+                    handler.data_received(wire)
+                handler.data_received(encode_command(Quit()))
+                handler.connection_lost(None)
+                assert handler.done.done()
+                del handler, transport
+            await asyncio.sleep(0)  # the write batch lets go of the transports
+            return gc.collect()
+        finally:
+            gc.enable()
+
+    assert run(main()) == 0
