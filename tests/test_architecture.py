@@ -32,10 +32,12 @@ LAYERS: dict[str, int] = {
     # The protocol package __init__ is docstring-only (tested below), so importing it is free.
     "milterapp.protocol": 0,
     # 1: models and pure helpers.
+    "milterapp.smtpvalues": 1,
     "milterapp.events": 1,
     "milterapp.replies": 1,
     "milterapp.spec": 1,
     "milterapp.limits": 1,
+    "milterapp.serveroptions": 1,
     # 2: the sans-IO core. Every other module under milterapp/protocol/ is layer 2 as well.
     "milterapp.protocol.framing": 2,
     "milterapp.protocol.codec": 2,
