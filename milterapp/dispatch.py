@@ -112,9 +112,9 @@ class Dispatch:
             results.append(result)
             if opinions and isinstance(result, RESTRICTIVE):
                 break
-        if not opinions:
-            return None if name in _OBSERVERS else _CONTINUE
-        return None if name in _OBSERVERS else decide(results)
+        if name in _OBSERVERS:
+            return None
+        return decide(results) if opinions else _CONTINUE
 
     async def _dispatch_from(
         self,

@@ -124,7 +124,6 @@ class ConnectionHandler(Endings, asyncio.BufferedProtocol):
         self._write_paused: asyncio.Future[None] | None = None
         self._deadlines: Deadlines | None = None
         self._target: memoryview | None = None  # lent to the transport by get_buffer
-        self._incomplete = False  # a packet had begun and was not whole after the last batch
 
     @property
     def closed(self) -> bool:
@@ -152,7 +151,7 @@ class ConnectionHandler(Endings, asyncio.BufferedProtocol):
         self._run(self.steps.open_session(ctx))
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._incomplete:
+        if self.machine.partial:
             # The rest of a large packet that has begun is read straight into its own buffer.
             target = self._target = self.machine.read_target()
             if target is not None:
@@ -169,19 +168,9 @@ class ConnectionHandler(Endings, asyncio.BufferedProtocol):
             return
         view = self._read_view
         assert view is not None
-        if nbytes <= _COPY_READS_UP_TO and self._task is None:
-            # Commands are small: one copy now costs less than lending the buffer. This is
-            # data_received() for the usual case, spelled out for the per-read path.
-            if self._deadlines is not None:
-                self._deadlines.last_read = self._time()
-            if self._ending:
-                return
-            try:
-                self.machine.receive_data(bytes(view[:nbytes]))
-            except ProtocolError as exc:
-                self._fail(exc)
-                return
-            self._process()
+        if nbytes <= _COPY_READS_UP_TO:
+            # Commands are small: one copy now costs less than lending the buffer.
+            self.data_received(bytes(view[:nbytes]))
             return
         try:
             self.data_received(view[:nbytes])
@@ -276,13 +265,12 @@ class ConnectionHandler(Endings, asyncio.BufferedProtocol):
                 self._writes.add(self.transport, data)
         if self._task is None and not self._ending:
             # Between batches: shutdown at an idle point, and the per-command read deadline.
-            incomplete = self._incomplete = machine.partial
             idle = self.idle = machine.state is not _MESSAGE
             if idle and self._stopping:
                 self._log().info("closing_for_shutdown")
                 self._end()
             elif self._deadlines is not None:
-                self._deadlines.command_incomplete(incomplete)
+                self._deadlines.command_incomplete(machine.partial)
 
     def _run(self, step: Step) -> None:
         if isinstance(step, bytes):

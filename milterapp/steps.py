@@ -140,20 +140,15 @@ class Steps:
         limits = self.limits
         if name == "header":
             assert isinstance(event, Header)
-            header = event
             limit = limits.max_headers
             if limit and len(message.headers) >= limit:
                 return self._over_limit(ctx, name, "max_headers", limit, TOO_MANY_HEADERS)
             limit = limits.max_header_size
-            if (
-                limit
-                and 4 * (len(header.name) + len(header.value)) > limit  # else surely within
-                and (size := header_size(header, limit)) > limit
-            ):
+            if limit and (size := header_size(event, limit)) > limit:
                 return self._over_limit(
                     ctx, name, "max_header_size", limit, HEADER_TOO_LARGE, size=size
                 )
-            message.headers.append(header)
+            message.headers.append(event)
         elif name == "body":
             assert isinstance(event, Body)
             message.append_body(event.chunk)

@@ -71,10 +71,7 @@ def decode_macros(payload: bytes) -> tuple[str, dict[str, str]]:
     Raises:
         RemoteProtocolError: no stage letter (or a zero byte), or a name without a value.
     """
-    size = len(payload)
-    if size == 1 and payload[0]:
-        return chr(payload[0]), {}  # Postfix sends a stage with no macros before most commands
-    if size > 1 and payload[0] and payload[-1] == 0:
+    if len(payload) > 1 and payload[0] and payload[-1] == 0:
         # The usual shape, decoded in one go (NUL is one byte in UTF-8, so splitting the
         # decoded text equals decoding each string).
         texts = payload[1:-1].decode("utf-8", "surrogateescape").split("\0")

@@ -48,15 +48,21 @@ class MacroTable(Mapping[str, str]):
         stages.pop(stage, None)
         stages[stage] = payload
 
+    def _decoded(self, stage: str) -> dict[str, str]:
+        """The table of ``stage`` (which must be defined), decoded if it was not yet.
+
+        Replacing the value of an existing key keeps the order of definition, and is allowed
+        while iterating over the keys.
+        """
+        values = self._stages[stage]
+        if isinstance(values, bytes):
+            values = self._stages[stage] = decode_macros(values)[1]
+        return values
+
     def _tables(self) -> Iterator[dict[str, str]]:
         """The tables in order of definition, each decoded if it was not yet."""
-        stages = self._stages
-        for stage, values in stages.items():
-            if isinstance(values, bytes):
-                # Replacing the value of an existing key keeps the order and is allowed
-                # while iterating.
-                values = stages[stage] = decode_macros(values)[1]
-            yield values
+        for stage in self._stages:
+            yield self._decoded(stage)
 
     def enter(self, command: str) -> None:
         """Drop the tables of stages after ``command``, which the MTA has just sent."""
@@ -77,19 +83,15 @@ class MacroTable(Mapping[str, str]):
 
     def stage(self, letter: str) -> Mapping[str, str]:
         """Return the values defined for one stage (empty if none), names without braces."""
-        values = self._stages.get(letter, {})
-        if isinstance(values, bytes):
-            values = self._stages[letter] = decode_macros(values)[1]
-        return {macro_name(name): value for name, value in values.items()}
+        if letter not in self._stages:
+            return {}
+        return {macro_name(name): value for name, value in self._decoded(letter).items()}
 
     def __getitem__(self, name: str) -> str:
         key = macro_name(name)
         braced = "{" + key + "}"
-        stages = self._stages
-        for stage in reversed(stages):  # the newest definition wins
-            values = stages[stage]
-            if isinstance(values, bytes):
-                values = stages[stage] = decode_macros(values)[1]
+        for stage in reversed(self._stages):  # the newest definition wins
+            values = self._decoded(stage)
             if key in values:
                 return values[key]
             if braced in values:

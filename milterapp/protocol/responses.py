@@ -112,13 +112,10 @@ _EMPTY_RESPONSES: Final[dict[type[Reply], bytes]] = {
 
 
 _EMPTY_PACKETS: Final = {cls: encode_frame(code) for cls, code in _EMPTY_RESPONSES.items()}
-_ADDHEADER: Final = ResponseCode.ADDHEADER.value
 
 
 def _response_packet(reply: Reply) -> tuple[bytes, bytes]:
     match reply:
-        case NegotiationReply():  # first: every connection sends one
-            return ResponseCode.OPTNEG.value, _negotiation_payload(reply)
         case Reject() | TempFail() if reply.has_reply_text:
             return ResponseCode.REPLYCODE.value, _reply_text(reply)
         case Reject():
@@ -146,6 +143,8 @@ def _response_packet(reply: Reply) -> tuple[bytes, bytes]:
             return ResponseCode.CHGFROM.value, cstrings(reply.address, *args)
         case Quarantine():
             return ResponseCode.QUARANTINE.value, cstrings(reply.reason)
+        case NegotiationReply():
+            return ResponseCode.OPTNEG.value, _negotiation_payload(reply)
     raise TypeError(f"{type(reply).__name__} is not a milter response")
 
 
@@ -154,13 +153,9 @@ def encode_response(reply: Reply, *, max_data_size: int = DEFAULT_MAX_DATA_SIZE)
 
     :class:`ReplaceBody` becomes as many ``b`` packets as ``max_data_size`` requires.
     """
-    cls = type(reply)
-    packet = _EMPTY_PACKETS.get(cls)
+    packet = _EMPTY_PACKETS.get(type(reply))
     if packet is not None:
         return packet
-    if cls is AddHeader:  # the most frequent modification, without the match below
-        assert isinstance(reply, AddHeader)  # (of that exact type: a quick check)
-        return encode_frame(_ADDHEADER, cstrings(reply.name, reply.value))
     if isinstance(reply, ReplaceBody):
         letter = ResponseCode.REPLBODY.value
         return b"".join(encode_frame(letter, c) for c in split_body(reply.chunk, max_data_size))
