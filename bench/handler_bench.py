@@ -85,8 +85,8 @@ def writes_of(events: list[Event]) -> list[bytes]:
     return writes
 
 
-async def measure(app: App, count: int, rounds: int) -> float:
-    events = [*transaction(), Abort()]  # Postfix aborts after each message, then reuses
+async def measure(app: App, count: int, rounds: int, body_size: int) -> float:
+    events = [*transaction(body_size), Abort()]  # Postfix aborts after each message, then reuses
     if not app.handles("header"):
         events = [e for e in events if isinstance(e, Macros | EndOfMessage | Abort)]
     writes = writes_of(events)
@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument(
         "--app", choices=("plain", "async", "eom"), action="append", help="only these apps"
     )
+    parser.add_argument("--body-size", type=int, default=4096, help="bytes of body (4096)")
     args = parser.parse_args()
     print(f"python {platform.python_version()} on {platform.machine()}, best of {args.rounds}")
     for key, label, app in (
@@ -129,7 +130,7 @@ def main() -> None:
     ):
         if args.app and key not in args.app:
             continue
-        best = asyncio.run(measure(app, args.transactions, args.rounds))
+        best = asyncio.run(measure(app, args.transactions, args.rounds, args.body_size))
         print(f"{label:<36} {best:8.1f} us/message  (~{1e6 / best:,.0f} msgs/s of Python)")
 
 

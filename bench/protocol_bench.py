@@ -63,10 +63,11 @@ SETUP: list[Event] = [
 ]
 
 
-def transaction() -> list[Event]:
-    """One message as Postfix sends it, macros included."""
+def transaction(body_size: int = 4096) -> list[Event]:
+    """One message as Postfix sends it, macros included; the body in chunks of 65,535 bytes."""
     headers = [Header(name=f"X-Header-{i}", value=f"value number {i} " * 3) for i in range(10)]
-    body = (b"Lorem ipsum dolor sit amet, consectetur adipiscing elit.\r\n" * 80)[:4096]
+    line = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit.\r\n"
+    body = (line * (body_size // len(line) + 1))[:body_size]
     events: list[Event] = [
         Macros(stage="M", values={"{mail_addr}": "alice@example.org", "{mail_mailer}": "smtp"}),
         EnvFrom(address="alice@example.org", args=EsmtpArgs.parse(["SIZE=4500"])),
@@ -83,7 +84,7 @@ def transaction() -> list[Event]:
         Macros(stage="N", values={"i": "4XyZ1"}),
         EndOfHeaders(),
         Macros(stage="B", values={"i": "4XyZ1"}),
-        Body(chunk=body),
+        *(Body(chunk=body[at : at + 65535]) for at in range(0, len(body), 65535)),
         Macros(stage="E", values={"i": "4XyZ1"}),
         EndOfMessage(),
     ]

@@ -4,6 +4,9 @@ The public API is re-exported here; the sans-IO protocol core lives in
 :mod:`milterapp.protocol`.
 """
 
+from importlib.machinery import EXTENSION_SUFFIXES as _EXTENSION_SUFFIXES
+
+from milterapp import session as _session
 from milterapp.app import App, AppConfig
 from milterapp.context import Context, Message
 from milterapp.errors import (
@@ -66,7 +69,13 @@ from milterapp.spec import ConnectionSpec
 
 __version__ = "0.1.0.dev0"
 
+#: True when this installation runs the per-packet path compiled with mypyc (a build with
+#: ``HATCH_BUILD_HOOK_ENABLE_MYPYC=1``); False for the pure-Python build. Same behaviour either
+#: way; see docs/performance.md.
+COMPILED: bool = (_session.__file__ or "").endswith(tuple(_EXTENSION_SUFFIXES))
+
 __all__ = [
+    "COMPILED",
     "Abort",
     "Accept",
     "ActionFlag",

@@ -18,13 +18,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from milterapp import __version__
+from milterapp import COMPILED, __version__
 from milterapp.app import App
 from milterapp.errors import MilterError, ProtocolError
 from milterapp.logconfig import configure_logging
 from milterapp.loops import LOOP_NAMES
 
 __all__ = ["main"]
+
+_BUILD = "compiled with mypyc" if COMPILED else "pure Python"
 
 
 class CommandError(Exception):
@@ -143,7 +145,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="milterapp", description="Write, run and test Postfix and Sendmail milters."
     )
-    parser.add_argument("--version", action="version", version=f"milterapp {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"milterapp {__version__} ({_BUILD})"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="serve an App", description="Serve module:app.")

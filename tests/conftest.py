@@ -17,6 +17,27 @@ import pytest
 import structlog
 from hypothesis import settings
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to test compiled modules older than their source: Python would import the stale
+    compiled module and the edit would go untested (an editable mypyc build)."""
+    stale = [
+        str(built.relative_to(ROOT))
+        for built in sorted((ROOT / "milterapp").rglob("*.so"))
+        if (source := built.with_name(built.name.split(".")[0] + ".py")).exists()
+        and source.stat().st_mtime > built.stat().st_mtime
+    ]
+    if stale:
+        pytest.exit(
+            f"compiled modules older than their source: {', '.join(stale)}. Rebuild them "
+            "(HATCH_BUILD_HOOK_ENABLE_MYPYC=1 pip install -e .) or remove them "
+            "(find milterapp -name '*.so' -delete) for the pure-Python build.",
+            returncode=4,
+        )
+
+
 settings.register_profile("ci", deadline=None, max_examples=200)
 settings.register_profile("dev", deadline=None, max_examples=100)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))

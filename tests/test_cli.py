@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import milterapp
 from milterapp import App, Context, EndOfMessage, EnvFrom, Reject
 from milterapp.cli import main
 from milterapp.testing.sockets import ServerThread
@@ -43,6 +44,8 @@ def test_cli_runs_as_module_and_reports_version() -> None:
     )
     assert result.returncode == 0
     assert result.stdout.startswith("milterapp ")
+    build = "compiled with mypyc" if milterapp.COMPILED else "pure Python"
+    assert result.stdout.rstrip().endswith(f"({build})")
 
 
 def test_cli_without_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -111,6 +111,7 @@ _EMPTY_RESPONSES: Final[dict[type[Reply], bytes]] = {
 }
 
 
+_MACRO_STAGES: Final = {int(stage): stage for stage in MacroStage}
 _EMPTY_PACKETS: Final = {cls: encode_frame(code) for cls, code in _EMPTY_RESPONSES.items()}
 
 
@@ -200,10 +201,9 @@ def _decode_optneg_reply(r: Reader) -> Reply:
     while r.pos < len(r.payload):
         at = r.pos
         number = r.uint(U32, "macro stage")
-        try:
-            stage = MacroStage(number)
-        except ValueError:
-            raise r.fail(f"unknown macro stage {number}", at) from None
+        stage = _MACRO_STAGES.get(number)
+        if stage is None:
+            raise r.fail(f"unknown macro stage {number}", at)
         names = decode_text(r.string("macro list")).replace(",", " ").split()
         macros[stage] = tuple(names)
     return NegotiationReply(
@@ -285,4 +285,5 @@ def decode_response(command: int, payload: bytes) -> Reply:
     try:
         return decoder(r)
     except ValidationError as exc:
-        raise r.fail(f"invalid content: {first_error(exc)}", 0) from None
+        problem = first_error(exc)
+    raise r.fail(f"invalid content: {problem}", 0)  # outside the except: no chained context

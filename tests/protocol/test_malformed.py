@@ -177,7 +177,22 @@ def test_decode_response_validation_error_is_not_chained() -> None:
     with pytest.raises(RemoteProtocolError) as info:
         decode_response(ord("h"), b"X:Y\x00v\x00")
     assert info.value.__cause__ is None
-    assert info.value.__suppress_context__
+    assert info.value.__context__ is None  # raised after the except block: nothing to show
+
+
+@pytest.mark.parametrize(
+    "packet",
+    [
+        pytest.param((ord("C"), b"host\x00X"), id="unknown family"),
+        pytest.param((ord("C"), b"host\x004\x00\x19not-an-ip\x00"), id="bad address"),
+    ],
+)
+def test_decode_command_errors_are_not_chained(packet: tuple[int, bytes]) -> None:
+    # The same in the compiled build, where mypyc does not apply "raise ... from None".
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_command(*packet)
+    assert info.value.__cause__ is None
+    assert info.value.__context__ is None
 
 
 # --- framing ------------------------------------------------------------------------------
