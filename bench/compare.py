@@ -8,13 +8,16 @@ shared C one (``make -C ../shared/bench``). Peers come from ``bench/setup-peers.
 that is not installed is skipped with a note.
 
 Run: ``python bench/compare.py [--duration 10] [--body-size 4096] [--connections 32]
-[--eom-only] [--workers N] [--c-loadgen PATH] [--quickack] [--rounds N] [--only WORD]``.
+[--eom-only] [--workers N] [--c-loadgen PATH] [--quickack] [--rounds N] [--only WORD]
+[--python PATH]``. ``--python`` adds the milterapp build of another interpreter, so that the
+compiled and the pure-Python builds are measured in one run (docs/performance.md).
 Compare ratios within one run only.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -27,6 +30,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import milterapp
+
+#: The milterapp build measured: the one this interpreter imports (README, "Compiled build").
+BUILD = "compiled" if milterapp.COMPILED else "pure"
 
 HERE = Path(__file__).resolve().parent
 PEERS_PYTHON = HERE / ".venv-peers" / "bin" / "python"
@@ -71,36 +79,36 @@ def _children(pid: int) -> list[int]:
     return [int(child) for child in text.split()]
 
 
+@functools.cache
+def build_of(python: str) -> str:
+    """Which milterapp build ``python`` imports: "compiled" (mypyc) or "pure"."""
+    if python == sys.executable:
+        return BUILD
+    probe = "import milterapp; print('compiled' if milterapp.COMPILED else 'pure')"
+    # From bench/, as the milter runs: the interpreter's own milterapp, not this checkout's.
+    found = subprocess.run(  # noqa: S603 - an interpreter named on our command line
+        [python, "-c", probe], capture_output=True, text=True, check=True, cwd=HERE
+    )
+    return found.stdout.strip()
+
+
 def commands(port: int, args: argparse.Namespace) -> dict[str, list[str]]:
     eom = ["--eom-only"] if args.eom_only else []
     spec = f"inet:{port}@127.0.0.1"
-    found = {
-        "milterapp (uvloop)": [
-            sys.executable,
-            str(HERE / "refmilter.py"),
-            spec,
-            "--loop",
-            "uvloop",
-            *eom,
-        ],
-        "milterapp (asyncio)": [
-            sys.executable,
-            str(HERE / "refmilter.py"),
-            spec,
-            "--loop",
-            "asyncio",
-            *eom,
-        ],
-    }
-    if args.workers > 1:
-        found[f"milterapp, {args.workers} workers"] = [
-            sys.executable,
-            str(HERE / "refmilter.py"),
-            spec,
-            "--workers",
-            str(args.workers),
-            *eom,
-        ]
+    found: dict[str, list[str]] = {}
+    # Absolute (not resolved: a venv's python is a symlink that must stay one).
+    for python in dict.fromkeys([sys.executable, *(os.path.abspath(p) for p in args.python)]):
+        build = build_of(python)
+        milter = [python, str(HERE / "refmilter.py"), spec]
+        found[f"milterapp ({build}, uvloop)"] = [*milter, "--loop", "uvloop", *eom]
+        found[f"milterapp ({build}, asyncio)"] = [*milter, "--loop", "asyncio", *eom]
+        if args.workers > 1:
+            found[f"milterapp ({build}), {args.workers} workers"] = [
+                *milter,
+                "--workers",
+                str(args.workers),
+                *eom,
+            ]
     if LIBMILTER_REF.exists():
         found["libmilter (C)"] = [str(LIBMILTER_REF), spec, *eom]
     if PEERS_PYTHON.exists():
@@ -235,6 +243,14 @@ def main() -> None:
     )
     parser.add_argument("--c-loadgen", help="path of the shared C load generator")
     parser.add_argument(
+        "--python",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="also measure the milterapp build of this interpreter (repeatable), e.g. a "
+        "pure-Python venv beside a compiled one",
+    )
+    parser.add_argument(
         "--quickack",
         action="store_true",
         help="C generator: acknowledge replies at once (no delayed ACKs)",
@@ -272,11 +288,11 @@ def main() -> None:
         f"{' (quick ACKs)' if args.quickack else ''}"
         f"{f', median of {args.rounds} rounds' if args.rounds > 1 else ''}\n"
     )
-    print(f"| {'implementation':<26} | msgs/s | p50 ms | p99 ms | peak RSS MiB | errors | ratio |")
-    print(f"|{'-' * 28}|-------:|-------:|-------:|-------------:|-------:|------:|")
+    print(f"| {'implementation':<34} | msgs/s | p50 ms | p99 ms | peak RSS MiB | errors | ratio |")
+    print(f"|{'-' * 36}|-------:|-------:|-------:|-------------:|-------:|------:|")
     for name, f in rows:
         print(
-            f"| {name:<26} | {f['rate']:6,.0f} | {f['p50']:6.1f} | {f['p99']:6.1f} | "
+            f"| {name:<34} | {f['rate']:6,.0f} | {f['p50']:6.1f} | {f['p99']:6.1f} | "
             f"{f['rss']:12.1f} | {f['errors']:6.0f} | {f['rate'] / base:5.2f} |"
         )
 

@@ -9,7 +9,8 @@ replies), apart from the event loop and the system calls; the load generator mea
 
 Three apps: the reference milter (a plain handler on every event, a header added and Accept
 at end of message), the same with async handlers, and an app with only an end-of-message
-handler. Run: ``python bench/handler_bench.py [--transactions N]``.
+handler. Run: ``python bench/handler_bench.py [--transactions N] [--app plain|async|eom]
+[--body-size BYTES]`` (the body goes in chunks of 65,535 bytes, as Postfix sends it).
 """
 
 from __future__ import annotations
