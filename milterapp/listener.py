@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from milterapp.errors import ServerError, ServerErrorKind
+from milterapp.serveroptions import DEFAULT_BACKLOG
 from milterapp.spec import ConnectionSpec
 
 __all__ = ["Listener", "open_listener", "systemd_socket"]
@@ -61,7 +62,7 @@ def _unix_error(message: str) -> ServerError:
 def open_listener(
     spec: ConnectionSpec,
     *,
-    backlog: int = 128,
+    backlog: int = DEFAULT_BACKLOG,
     unix_socket_mode: int = 0o660,
     unix_socket_group: str | int | None = None,
     remove_unix_socket_on_create: bool = True,

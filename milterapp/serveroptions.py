@@ -21,11 +21,15 @@ from milterapp.protocol.constants import DEFAULT_MAX_DATA_SIZE, MAX_DATA_SIZE_1M
 from milterapp.spec import ConnectionSpec, default_connection_spec
 
 __all__ = [
+    "DEFAULT_BACKLOG",
     "ServerOptions",
     "default_remove_unix_socket_on_close",
     "default_unix_socket_group",
     "default_unix_socket_mode",
 ]
+
+#: The listen(2) backlog by default: the system's maximum, as libmilter's.
+DEFAULT_BACKLOG: int = socket.SOMAXCONN
 
 
 class ServerOptions(BaseModel):
@@ -33,7 +37,11 @@ class ServerOptions(BaseModel):
 
     Attributes:
         spec: where to listen (``inet:10025@[127.0.0.1]``, ``unix:/run/milter.sock``...).
-        backlog: the listen(2) backlog.
+        backlog: the listen(2) backlog: connections the kernel completes while the server has
+            not accepted them yet. The default, ``socket.SOMAXCONN`` (as libmilter's; the
+            kernel caps it at ``net.core.somaxconn``), absorbs a burst of MTA processes
+            connecting at once; past a full backlog the kernel drops handshakes, and each such
+            connection waits a second or more for a retry.
         unix_socket_mode: permissions of a unix socket (0o660: the MTA's group may connect).
         unix_socket_group: group of a unix socket, by name or gid (None: the process's).
         remove_unix_socket_on_create: remove a stale unix socket (never a live one, never a
@@ -72,7 +80,7 @@ class ServerOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
 
     spec: ConnectionSpec = Field(default_factory=default_connection_spec)
-    backlog: int = Field(default=128, ge=1)
+    backlog: int = Field(default=DEFAULT_BACKLOG, ge=1)
     unix_socket_mode: int = Field(default=0o660, ge=0, le=0o777)
     unix_socket_group: str | int | None = None
     remove_unix_socket_on_create: bool = True

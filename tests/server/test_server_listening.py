@@ -22,8 +22,10 @@ from milterapp.app import App
 from milterapp.context import Context
 from milterapp.errors import ServerError, ServerErrorKind
 from milterapp.events import ConnectionOpened, EndOfMessage
+from milterapp.listener import open_listener
 from milterapp.replies import AddHeader, Continue
 from milterapp.server import MilterServer, ServerOptions
+from milterapp.spec import ConnectionSpec
 from tests.server.support import (
     LOOPBACK,
     connect,
@@ -434,6 +436,37 @@ def test_backlog_zero_is_a_validation_error() -> None:
         ServerOptions(backlog=0)
     with pytest.raises(ValidationError, match="backlog"):
         MilterServer(stamping_app(), spec=LOOPBACK, backlog=0)
+
+
+def _accept_queue(sock: socket.socket) -> int:
+    """Connections the kernel completed that ``sock`` has not accepted (Linux)."""
+    local = "{:08X}:{:04X}".format(
+        int.from_bytes(socket.inet_aton("127.0.0.1"), "little"), sock.getsockname()[1]
+    )
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == local and fields[3] == "0A":  # LISTEN
+            return int(fields[4].split(":")[1], 16)  # rx_queue of a listener: its accept queue
+    raise AssertionError(f"listener {local} not in /proc/net/tcp")
+
+
+def test_backlog_default_holds_a_burst_of_connections() -> None:
+    # Postfix's smtpd processes connect at once when mail arrives in a burst. Past a full
+    # backlog the kernel drops handshakes and each of those waits a second or more; with the
+    # old default of 128 the 129th connection here waited out its timeout.
+    assert ServerOptions().backlog == socket.SOMAXCONN
+    burst = min(300, int(Path("/proc/sys/net/core/somaxconn").read_text()))
+    listener = open_listener(ConnectionSpec.parse(LOOPBACK))
+    clients: list[socket.socket] = []
+    try:
+        port = listener.sock.getsockname()[1]
+        for _ in range(burst):  # nothing accepts them: they all wait in the backlog
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=0.5))
+        assert _accept_queue(listener.sock) == burst
+    finally:
+        for client in clients:
+            client.close()
+        listener.close()
 
 
 def test_backlog_one_serves() -> None:
