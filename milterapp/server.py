@@ -149,8 +149,10 @@ class MilterServer:
             self._connection_log = structlog.get_logger("milterapp").bind()
             self._negotiations = {}
             self._writes = WriteBatch(self._loop)
+            # The loop listens again on the socket it is given: without our backlog, with its
+            # own default of 100.
             self._server = await self._loop.create_server(
-                self._new_connection, sock=self.listener.sock
+                self._new_connection, sock=self.listener.sock, backlog=options.backlog
             )
         except BaseException:
             self.app._stop = None

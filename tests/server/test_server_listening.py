@@ -469,6 +469,28 @@ def test_backlog_default_holds_a_burst_of_connections() -> None:
         listener.close()
 
 
+def test_running_server_keeps_its_backlog() -> None:
+    # The event loop listens again on the socket it serves (asyncio's and uvloop's default
+    # backlog is 100): the server must pass its own.
+    burst = min(300, int(Path("/proc/sys/net/core/somaxconn").read_text()))
+
+    async def main() -> None:
+        async with running_server(stamping_app()) as server:
+            assert server.listener is not None
+            port = server.listener.sock.getsockname()[1]
+            clients: list[socket.socket] = []
+            try:
+                # Connected without awaiting: the loop does not run, so nothing is accepted.
+                for _ in range(burst):
+                    clients.append(socket.create_connection(("127.0.0.1", port), timeout=0.5))
+                assert _accept_queue(server.listener.sock) == burst
+            finally:
+                for client in clients:
+                    client.close()
+
+    run(main())
+
+
 def test_backlog_one_serves() -> None:
     async def main() -> None:
         async with running_server(stamping_app(), backlog=1) as server:
