@@ -22,6 +22,7 @@ from typing import Any, Final
 import structlog
 from pydantic import ValidationError
 
+from milterapp.acceptor import Acceptor
 from milterapp.app import App
 from milterapp.errors import (
     MilterError,
@@ -72,7 +73,7 @@ class MilterServer:
             options = ServerOptions.model_validate(_parsed_spec(kwargs))
         self.options = options
         self.listener: Listener | None = None
-        self._server: asyncio.Server | None = None
+        self._acceptor: Acceptor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = asyncio.Event()
         self._stopping = False
@@ -149,11 +150,11 @@ class MilterServer:
             self._connection_log = structlog.get_logger("milterapp").bind()
             self._negotiations = {}
             self._writes = WriteBatch(self._loop)
-            # The loop listens again on the socket it is given: without our backlog, with its
-            # own default of 100.
-            self._server = await self._loop.create_server(
-                self._new_connection, sock=self.listener.sock, backlog=options.backlog
+            # Not loop.create_server: see milterapp.acceptor.
+            self._acceptor = Acceptor(
+                self._loop, self.listener.sock, self._new_connection, self.log
             )
+            self._acceptor.start()
         except BaseException:
             self.app._stop = None
             if self.listener is not None:
@@ -198,8 +199,13 @@ class MilterServer:
             return
         self._closed = True
         self._stopping = True
-        if self._server is not None:
-            self._server.close()
+        if self._acceptor is not None:
+            await self._acceptor.close()
+        if self.listener is not None:
+            # New connections are refused from now on, not left waiting in the backlog while
+            # we drain: the MTA applies its own policy at once. (A unix socket's file stays
+            # until the end, as it marks the socket ours.)
+            self.listener.sock.close()
         for connection in list(self._connections):
             connection.stop()  # idle ones close now, the others after their message
         pending = {connection.done for connection in self._connections}

@@ -51,6 +51,7 @@ LAYERS: dict[str, int] = {
     "milterapp.dispatch": 4,
     "milterapp.server": 5,
     "milterapp.listener": 5,
+    "milterapp.acceptor": 5,
     "milterapp.session": 5,
     "milterapp.endings": 5,
     "milterapp.steps": 5,

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from typing import Any, Final, TypeVar
 
 from milterapp.app import App
+from milterapp.context import Context
 from milterapp.events import (
     AddressFamily,
     Body,
@@ -28,7 +29,7 @@ from milterapp.events import (
     Helo,
     Macros,
 )
-from milterapp.replies import Continue, Reject, TempFail
+from milterapp.replies import AddHeader, Continue, Reject, TempFail
 from milterapp.server import MilterServer
 from milterapp.testing import Answer, MtaClient
 
@@ -37,12 +38,14 @@ __all__ = [
     "HELO",
     "LOOPBACK",
     "TEST_TIMEOUT",
+    "assert_serves",
     "connect",
     "message_events",
     "run",
     "running_server",
     "send",
     "send_message",
+    "stamping_app",
     "start_session",
     "target",
     "until",
@@ -169,3 +172,23 @@ async def until(predicate: Callable[[], bool]) -> None:
     # Not a timed sleep: sleep(0) yields one loop turn, so this only lets ready work run.
     while not predicate():  # noqa: ASYNC110 - the server offers no event for this state
         await asyncio.sleep(0)
+
+
+def stamping_app(name: str = "listening") -> App:
+    """An app that stamps every message with one header."""
+    app = App(name)
+
+    @app.on("eom")
+    def stamp(event: EndOfMessage, ctx: Context) -> None:
+        ctx.add_header("X-Stamp", name)
+
+    return app
+
+
+async def assert_serves(server: MilterServer, name: str = "listening") -> None:
+    """Negotiate with ``server`` and get one message answered, stamped."""
+    async with await connect(server) as client:
+        await start_session(client)
+        answer = await send_message(client)
+    assert answer.modifications == [AddHeader(name="X-Stamp", value=name)]
+    assert answer.verdict == Continue()

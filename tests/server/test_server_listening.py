@@ -18,42 +18,19 @@ import structlog
 import structlog.testing
 from pydantic import ValidationError
 
-from milterapp.app import App
-from milterapp.context import Context
 from milterapp.errors import ServerError, ServerErrorKind
-from milterapp.events import ConnectionOpened, EndOfMessage
+from milterapp.events import ConnectionOpened
 from milterapp.listener import open_listener
 from milterapp.replies import AddHeader, Continue
 from milterapp.server import MilterServer, ServerOptions
 from milterapp.spec import ConnectionSpec
 from tests.server.support import (
     LOOPBACK,
-    connect,
+    assert_serves,
     run,
     running_server,
-    send_message,
-    start_session,
+    stamping_app,
 )
-
-
-def stamping_app(name: str = "listening") -> App:
-    """An app that stamps every message with one header."""
-    app = App(name)
-
-    @app.on("eom")
-    def stamp(event: EndOfMessage, ctx: Context) -> None:
-        ctx.add_header("X-Stamp", name)
-
-    return app
-
-
-async def assert_serves(server: MilterServer, name: str = "listening") -> None:
-    """Negotiate with ``server`` and get one message answered, stamped."""
-    async with await connect(server) as client:
-        await start_session(client)
-        answer = await send_message(client)
-    assert answer.modifications == [AddHeader(name="X-Stamp", value=name)]
-    assert answer.verdict == Continue()
 
 
 def ipv6_loopback_available() -> bool:

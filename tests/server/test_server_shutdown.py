@@ -40,8 +40,8 @@ async def send_until_eom(client: MtaClient) -> None:
 
 def accepting(server: MilterServer) -> bool:
     """Whether the server still accepts connections (its close has not begun)."""
-    assert server._server is not None
-    return server._server.is_serving()
+    assert server._acceptor is not None
+    return server._acceptor.accepting
 
 
 def test_shutdown_lets_message_in_flight_finish_and_refuses_new_connections() -> None:
