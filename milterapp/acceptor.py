@@ -27,10 +27,10 @@ __all__ = ["ACCEPTS_PER_TURN", "RETRY_DELAY", "Acceptor"]
 #: Connections accepted each time the socket is readable: enough for any burst, few enough
 #: that the connections already served are not kept waiting (the rest wait for the next turn).
 ACCEPTS_PER_TURN: Final = 64
-#: Seconds before accepting again when the process or the system ran out of file descriptors
-#: or memory (the connections wait in the backlog meanwhile), as asyncio's own servers do.
+#: Seconds before accepting again after accept() failed, for instance when the process ran
+#: out of file descriptors (the connections wait in the backlog meanwhile), as asyncio's own
+#: servers do for that case.
 RETRY_DELAY: Final = 1.0
-_OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class Acceptor:
@@ -96,17 +96,17 @@ class Acceptor:
             task.add_done_callback(self._set_up)
 
     def _failed(self, exc: OSError) -> None:
-        if exc.errno in _OUT_OF_RESOURCES:
-            self._log.error(
-                "accept_failed",
-                error=str(exc),
-                errno=errno.errorcode.get(exc.errno or 0),
-                retry_in=RETRY_DELAY,
-            )
-            self._pause()
-            self._retry = self._loop.call_later(RETRY_DELAY, self.start)
-        else:
-            self._log.error("accept_failed", error=str(exc))
+        # Out of descriptors or memory, most often; whatever it is, the socket stays readable,
+        # so accepting pauses rather than failing again at every turn of the loop. The
+        # connections wait in the backlog meanwhile.
+        self._log.error(
+            "accept_failed",
+            error=str(exc),
+            errno=errno.errorcode.get(exc.errno or 0),
+            retry_in=RETRY_DELAY,
+        )
+        self._pause()
+        self._retry = self._loop.call_later(RETRY_DELAY, self.start)
 
     def _set_up(self, task: asyncio.Task[Any]) -> None:
         self._setting_up.discard(task)
