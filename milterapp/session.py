@@ -240,29 +240,18 @@ class ConnectionHandler(Endings, asyncio.BufferedProtocol):
         """Hand every available event to the steps; write the replies in one batch."""
         machine = self.machine
         steps = self.steps
-        out = self._out
         try:
             while (event := machine.next_event()) is not None:
                 if event.__class__ in _ENDINGS:
                     self._run(self._quit(event))  # type: ignore[arg-type]
                 else:
-                    step = steps.on_event(event)
-                    if isinstance(step, bytes):
-                        if step:
-                            out.append(step)
-                        continue
-                    self._start(step)
+                    self._run(steps.on_event(event))
                 if self._task is not None or self._ending:
                     break
         except Exception as exc:  # noqa: BLE001 - classified and logged by _fail
             self._fail(exc)
             return
-        if out:
-            data = out[0] if len(out) == 1 else b"".join(out)
-            out.clear()
-            if not self._lost:
-                assert self.transport is not None
-                self._writes.add(self.transport, data)
+        self._flush()
         if self._task is None and not self._ending:
             # Between batches: shutdown at an idle point, and the per-command read deadline.
             idle = self.idle = machine.state is not _MESSAGE
