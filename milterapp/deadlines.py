@@ -61,10 +61,6 @@ class Deadlines:
         if limits.timeout:
             self._idle = loop.call_later(limits.timeout, self._idle_check)
 
-    def data_read(self) -> None:
-        """The MTA sent something."""
-        self.last_read = self._loop.time()
-
     def command_incomplete(self, incomplete: bool) -> None:
         """Whether a command has begun and is not whole yet (after each batch of reads)."""
         if incomplete and self._limits.read_timeout:
