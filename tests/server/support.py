@@ -29,6 +29,7 @@ from milterapp.events import (
     Helo,
     Macros,
 )
+from milterapp.loops import loop_factory
 from milterapp.replies import AddHeader, Continue, Reject, TempFail
 from milterapp.server import MilterServer
 from milterapp.testing import Answer, MtaClient
@@ -69,14 +70,16 @@ HELO: Final = Helo(name="client.example.com")
 T = TypeVar("T")
 
 
-def run(coro: Coroutine[Any, Any, T], timeout: float = TEST_TIMEOUT) -> T:
-    """Run a test body in a fresh event loop, bounded by ``timeout`` seconds."""
+def run(coro: Coroutine[Any, Any, T], timeout: float = TEST_TIMEOUT, loop: str = "asyncio") -> T:
+    """Run a test body in a fresh event loop (``loop``: asyncio or uvloop), bounded by
+    ``timeout`` seconds."""
 
     async def bounded() -> T:
         async with asyncio.timeout(timeout):
             return await coro
 
-    return asyncio.run(bounded())
+    with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
+        return runner.run(bounded())
 
 
 @contextlib.asynccontextmanager

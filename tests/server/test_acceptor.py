@@ -7,18 +7,15 @@ import asyncio
 import os
 import resource
 import socket
-from collections.abc import Coroutine, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 import structlog.testing
 
 from milterapp import acceptor
-from milterapp.loops import loop_factory
 from milterapp.server import MilterServer
 from tests.server.support import (
     LOOPBACK,
-    TEST_TIMEOUT,
     assert_serves,
     run,
     running_server,
@@ -40,15 +37,6 @@ LOOPS = [
         marks=pytest.mark.skipif(not UVLOOP, reason="uvloop is not installed (.[speed])"),
     ),
 ]
-
-
-def run_on(loop: str, coro: Coroutine[Any, Any, None]) -> None:
-    async def bounded() -> None:
-        async with asyncio.timeout(TEST_TIMEOUT):
-            await coro
-
-    with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
-        runner.run(bounded())
 
 
 @pytest.fixture
@@ -77,7 +65,7 @@ def test_every_waiting_connection_is_accepted_within_a_few_turns(
                 await asyncio.sleep(0)
             assert len(server._connections) == burst
 
-    run_on(loop, main())
+    run(main(), loop=loop)
 
 
 def _lowest_free_fd() -> int:
