@@ -47,9 +47,14 @@ with _instrumentation():
     from milterapp.errors import NegotiationError, ProtocolError
     from milterapp.events import Event, Negotiate
     from milterapp.protocol.codec import decode_command, decode_response, encode_command
-    from milterapp.protocol.constants import MAX_DATA_SIZE_1M, ActionFlag, ProtocolFlag
+    from milterapp.protocol.constants import (
+        MAX_DATA_SIZE_1M,
+        ActionFlag,
+        ConnectionState,
+        ProtocolFlag,
+    )
     from milterapp.protocol.framing import FrameDecoder
-    from milterapp.protocol.machine import ConnectionState, MilterConnection
+    from milterapp.protocol.machine import MilterConnection
     from milterapp.protocol.mta import DEFAULT_OFFER
     from milterapp.protocol.negotiation import Requirements, negotiate
     from milterapp.replies import (

@@ -11,38 +11,18 @@ from typing import Final
 
 from milterapp.errors import ActionNotNegotiated, LocalProtocolError
 from milterapp.protocol.negotiation import SessionOptions
-from milterapp.replies import (
-    Accept,
-    Continue,
-    Discard,
-    Reject,
-    Reply,
-    Shutdown,
-    Skip,
-    TempFail,
-)
+from milterapp.protocol.stages import BY_COMMAND
+from milterapp.replies import Reply, Skip
 
-__all__ = [
-    "check_modification",
-    "check_verdict",
-    "refuses_one_recipient",
-    "require_end_of_message",
-]
+__all__ = ["LEGAL_REPLIES", "check_modification", "check_verdict", "require_end_of_message"]
 
-_CONNECTION_VERDICTS: Final = (Continue, Accept, Reject, TempFail, Shutdown)
-_MESSAGE_VERDICTS: Final = (Continue, Accept, Reject, TempFail, Discard, Shutdown)
-#: Legal final replies per command byte. Skip is checked apart (it needs SKIP).
-_LEGAL: Final[dict[int, tuple[type[Reply], ...]]] = {
-    ord("C"): _CONNECTION_VERDICTS,
-    ord("H"): _CONNECTION_VERDICTS,
-    ord("U"): _CONNECTION_VERDICTS,
-    **{ord(command): _MESSAGE_VERDICTS for command in "MRTLNE"},
-    ord("B"): (*_MESSAGE_VERDICTS, Skip),
+#: Legal final replies per command byte (``Stage.replies``). Skip is checked apart (it needs
+#: SKIP).
+LEGAL_REPLIES: Final[dict[int, tuple[type[Reply], ...]]] = {
+    command: stage.replies for command, stage in BY_COMMAND.items() if stage.replies
 }
 _EOM: Final = ord("E")
 _BODY: Final = ord("B")
-#: At RCPT, these refuse (or accept) that recipient alone: the message goes on.
-_RECIPIENT_LEVEL: Final = (Continue, Reject, TempFail)
 
 
 def require_end_of_message(command: int, reply: Reply) -> None:
@@ -69,7 +49,7 @@ def check_modification(command: int, reply: Reply, options: SessionOptions) -> N
 
 def check_verdict(command: int, reply: Reply, options: SessionOptions) -> None:
     """Raise unless ``reply`` is a valid final answer to ``command``."""
-    legal = _LEGAL.get(command, ())
+    legal = LEGAL_REPLIES.get(command, ())
     if isinstance(reply, Skip) and command == _BODY and not options.skip:
         raise LocalProtocolError("Skip needs the SKIP protocol flag", command="s")
     if not isinstance(reply, legal):
@@ -78,8 +58,3 @@ def check_verdict(command: int, reply: Reply, options: SessionOptions) -> None:
             f"{type(reply).__name__} is not a valid answer to {chr(command)!r}; valid: {names}",
             command=chr(command),
         )
-
-
-def refuses_one_recipient(reply: Reply) -> bool:
-    """Whether ``reply``, at RCPT, concerns that recipient alone."""
-    return isinstance(reply, _RECIPIENT_LEVEL)

@@ -10,6 +10,7 @@ import enum
 from typing import Final
 
 __all__ = [
+    "ALL_COMMANDS",
     "DEFAULT_MAX_DATA_SIZE",
     "MAX_DATA_SIZE_1M",
     "MAX_DATA_SIZE_256K",
@@ -19,6 +20,7 @@ __all__ = [
     "MIN_VERSION",
     "ActionFlag",
     "Command",
+    "ConnectionState",
     "MacroStage",
     "ProtocolFlag",
     "ResponseCode",
@@ -58,6 +60,11 @@ class Command(bytes, enum.Enum):
     ABORT = b"A"
     QUIT = b"Q"
     QUIT_NC = b"K"
+
+
+#: Every command byte the MTA sends, as integers (what indexing a packet gives), in the order
+#: of :class:`Command`.
+ALL_COMMANDS: Final = tuple(command.value[0] for command in Command)
 
 
 class ResponseCode(bytes, enum.Enum):
@@ -151,6 +158,18 @@ class MacroStage(enum.IntEnum):
     DATA = 4
     EOM = 5
     EOH = 6
+
+
+class ConnectionState(enum.Enum):
+    """Where a milter connection stands (§7)."""
+
+    NEGOTIATING = "negotiating"  # waiting for the MTA's O, or our answer to it
+    CONNECTING = "connecting"  # negotiated; CONNECT (or what follows it) comes next
+    SESSION = "session"  # connected; no message open
+    MESSAGE = "message"  # a message is open
+    DONE = "done"  # a connection-level verdict was given; only quit/abort/macros follow
+    CLOSED = "closed"  # quit or end of file
+    ERROR = "error"  # the MTA broke the protocol
 
 
 def max_data_size_for(protocol: ProtocolFlag) -> int:

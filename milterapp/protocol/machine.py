@@ -24,8 +24,9 @@ when no message is open. Everything the MTA sends out of order or malformed rais
 Everything we are asked to send at the wrong time raises :class:`LocalProtocolError` and
 changes nothing, so the caller can send a fallback reply instead.
 
-This module is the receiving half; the sending half (:meth:`~MilterConnection.send` and the
-rules for replies) is :class:`~milterapp.protocol.replying.Replying`, which it inherits.
+Receiving and sending are one class: the two halves share all their state, and the reply
+rules that need no state are pure functions in :mod:`milterapp.protocol.answers`. At about
+500 lines it is the largest class of the core, on purpose: it is the core.
 """
 
 from __future__ import annotations
@@ -39,35 +40,50 @@ from milterapp.errors import (
     ProtocolError,
     RemoteProtocolError,
 )
-from milterapp.events import (
-    Abort,
-    ConnectionClosed,
-    Event,
-    Macros,
-    Negotiate,
-)
-from milterapp.protocol.codec import decode_command
+from milterapp.events import Abort, ConnectionClosed, Event, Macros, Negotiate
+from milterapp.protocol.answers import check_modification, check_verdict, require_end_of_message
+from milterapp.protocol.codec import decode_command, encode_response
 from milterapp.protocol.commands import decode_macros
+from milterapp.protocol.constants import ALL_COMMANDS, ActionFlag, ConnectionState
 from milterapp.protocol.framing import FrameDecoder
-from milterapp.protocol.macros import STAGE_ORDER, MacroTable
-from milterapp.protocol.negotiation import SessionOptions
-from milterapp.protocol.replying import ALL_COMMANDS, ConnectionState, Replying
+from milterapp.protocol.macros import MacroTable
+from milterapp.protocol.negotiation import SessionOptions, session_options
+from milterapp.protocol.stages import BY_COMMAND, SEQUENCE
+from milterapp.replies import (
+    Continue,
+    NegotiationReply,
+    Progress,
+    ReplaceBody,
+    Reply,
+    Shutdown,
+    Skip,
+)
 
-__all__ = ["ConnectionState", "MilterConnection"]
+__all__ = ["MilterConnection"]
 
 _O, _D, _C, _H, _M, _R, _T, _L, _N, _B, _E, _U, _A, _Q, _K = ALL_COMMANDS
 
-# Rank of each message command; a command may follow one of lower rank, or its own if it repeats.
-_RANK: Final = {ord(c): STAGE_ORDER.index(c) for c in "MRTLNBE"}
-_REPEATS: Final = frozenset({_R, _L, _B})
+# Rank of each message command in the sequence of stages; a command may follow one of lower
+# rank, or its own if it repeats.
+_RANK: Final = {
+    ord(letter): rank
+    for rank, letter in enumerate(SEQUENCE)
+    if BY_COMMAND[ord(letter)].scope == "message"
+}
+_REPEATS: Final = frozenset(command for command, stage in BY_COMMAND.items() if stage.repeats)
 # Message commands that go on with an open message (MAIL starts a new one).
 _FORWARD: Final = {command: rank for command, rank in _RANK.items() if command != _M}
+# By command: what a verdict ends (the connection or the message), and the verdicts that
+# end nothing.
+_SCOPE: Final = {command: stage.scope for command, stage in BY_COMMAND.items() if stage.scope}
+_GOES_ON: Final = {command: stage.goes_on for command, stage in BY_COMMAND.items()}
+_CONTINUE_PACKET: Final = encode_response(Continue())
 _MESSAGE: Final = ConnectionState.MESSAGE
 _CLOSED: Final = ConnectionState.CLOSED
 _ERROR: Final = ConnectionState.ERROR
 
 
-class MilterConnection(Replying):
+class MilterConnection:
     """Sans-IO state machine for the milter side of one MTA connection.
 
     Args:
@@ -344,7 +360,7 @@ class MilterConnection(Replying):
             self._open_message(command)
             return
         if rank < self.rank or (rank == self.rank and command not in _REPEATS):
-            raise self._fail(command, f"out of order after {STAGE_ORDER[self.rank]!r}")
+            raise self._fail(command, f"out of order after {SEQUENCE[self.rank]!r}")
         if command == _B and self.skipped:
             raise self._fail(command, "body chunk after Skip")
         self.rank = rank
@@ -365,3 +381,107 @@ class MilterConnection(Replying):
         self.skipped = False
         self._body_replaced = self._body_closed = False
         self.macros.enter(chr(command))
+
+    # --- sending -----------------------------------------------------------------------
+
+    def send(self, reply: Reply) -> bytes:
+        """Check ``reply`` against the protocol and return the bytes to write.
+
+        Modifications and Progress may precede the verdict at end of message; every other
+        reply answers the pending command.
+
+        Raises:
+            LocalProtocolError: no command waits for this reply, or it is not allowed now.
+            ActionNotNegotiated: a modification whose action the MTA did not grant.
+        """
+        command = self._pending
+        if command is None:
+            raise LocalProtocolError(
+                f"{type(reply).__name__} sent while no command waits for a reply "
+                f"(state {self.state.value})"
+            )
+        if isinstance(reply, NegotiationReply):
+            return self._send_negotiation(command, reply)
+        options = self.options
+        if command == _O or options is None:
+            raise LocalProtocolError(
+                f"{type(reply).__name__} sent in answer to option negotiation; "
+                "send a NegotiationReply",
+                command="O",
+            )
+        if isinstance(reply, Progress):
+            require_end_of_message(command, reply)
+            if self._body_replaced:  # Postfix ends body replacement at any other packet
+                self._body_closed = True
+            return encode_response(reply)
+        if reply.required_action is not ActionFlag.NONE:
+            self._check_modification(command, reply, options)
+            return encode_response(reply, max_data_size=options.max_data_size)
+        check_verdict(command, reply, options)
+        self._pending = None
+        self._after_verdict(command, reply)
+        return encode_response(reply)
+
+    def send_continue(self) -> bytes:
+        """``send(Continue())``, without the checks only other replies need.
+
+        Continue is a valid answer to every command that expects one, and only at end of
+        message (where it ends the message) does it change more than the pending command.
+        """
+        if self._pending is None:
+            return self.send(Continue())  # raises: nothing to answer
+        return self.continue_if_owed()
+
+    def continue_if_owed(self) -> bytes:
+        """:meth:`send_continue` if a reply is owed, else nothing (``b""``)."""
+        command = self._pending
+        if command is None:
+            return b""
+        if command in (_O, _E) or self.options is None:
+            return self.send(Continue())  # raises, or ends the message
+        self._pending = None
+        return _CONTINUE_PACKET
+
+    def _send_negotiation(self, command: int, reply: NegotiationReply) -> bytes:
+        if command != _O:
+            raise LocalProtocolError(
+                f"negotiation reply sent in answer to {chr(command)!r}", command="O"
+            )
+        offer = self.offer
+        assert offer is not None
+        options = session_options(offer, reply)
+        self._expects = options.replied_commands
+        self.options = options
+        self._leading_space = options.leading_space
+        if self._limit is None:
+            self._frames.max_data_size = options.max_data_size
+        self._pending = None
+        self.state = ConnectionState.CONNECTING
+        return encode_response(reply)
+
+    def _check_modification(self, command: int, reply: Reply, options: SessionOptions) -> None:
+        check_modification(command, reply, options)
+        # Postfix fails the milter when anything comes between replacement body packets.
+        if isinstance(reply, ReplaceBody):
+            if self._body_closed:
+                raise LocalProtocolError(
+                    "ReplaceBody packets must be sent together, with nothing in between",
+                    command="b",
+                )
+            self._body_replaced = True
+        elif self._body_replaced:
+            self._body_closed = True
+
+    def _after_verdict(self, command: int, reply: Reply) -> None:
+        if isinstance(reply, Shutdown):
+            self.state = ConnectionState.DONE
+            return
+        scope = _SCOPE.get(command)
+        if scope == "connection":
+            if not isinstance(reply, _GOES_ON[command]):
+                self.state = ConnectionState.DONE
+        elif scope == "message" and self.state is _MESSAGE:
+            if isinstance(reply, Skip):
+                self.skipped = True
+            elif not isinstance(reply, _GOES_ON[command]):
+                self.state = ConnectionState.SESSION

@@ -15,12 +15,13 @@ from typing import Final
 
 from milterapp.events import macro_name
 from milterapp.protocol.commands import decode_macros
+from milterapp.protocol.stages import BY_COMMAND, SEQUENCE
 
-__all__ = ["STAGE_ORDER", "MacroTable"]
+__all__ = ["MacroTable"]
 
-#: Stage letters in the order a transaction goes through them ("U" stands apart).
-STAGE_ORDER: Final = "CHMRTLNBE"
-_MESSAGE_STAGES: Final = frozenset("MRTLNBE")
+_MESSAGE_STAGES: Final = frozenset(
+    letter for letter in SEQUENCE if BY_COMMAND[ord(letter)].scope == "message"
+)
 
 
 class MacroTable(Mapping[str, str]):
@@ -66,10 +67,10 @@ class MacroTable(Mapping[str, str]):
 
     def enter(self, command: str) -> None:
         """Drop the tables of stages after ``command``, which the MTA has just sent."""
-        position = STAGE_ORDER.find(command)
+        position = SEQUENCE.find(command)
         if position < 0:
             return
-        for later in STAGE_ORDER[position + 1 :]:
+        for later in SEQUENCE[position + 1 :]:
             self._stages.pop(later, None)
 
     def reset_message(self) -> None:

@@ -27,26 +27,23 @@ Milter packets may be big (Postfix reads up to ``INT_MAX/2`` bytes): the limit i
 from __future__ import annotations
 
 from collections import deque
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, cast
 
 from milterapp.errors import LocalProtocolError, RemoteProtocolError
 from milterapp.events import Body, Event, Macros, Negotiate
+from milterapp.protocol.answers import LEGAL_REPLIES
 from milterapp.protocol.codec import decode_response, encode_command
-from milterapp.protocol.constants import MAX_VERSION, ActionFlag, ProtocolFlag
+from milterapp.protocol.constants import ALL_COMMANDS, MAX_VERSION, ActionFlag, ProtocolFlag
 from milterapp.protocol.framing import FrameDecoder
-from milterapp.protocol.negotiation import OptionalEvent, SessionOptions, session_options
+from milterapp.protocol.negotiation import SessionOptions, session_options
+from milterapp.protocol.stages import BY_COMMAND, OptionalEvent, Stage
 from milterapp.replies import (
-    Accept,
-    Continue,
-    Discard,
     Modification,
     NegotiationReply,
     Progress,
-    Reject,
     Reply,
     Shutdown,
     Skip,
-    TempFail,
     Verdict,
 )
 
@@ -57,43 +54,25 @@ DEFAULT_OFFER: Final = Negotiate(version=6, actions=ActionFlag.ALL, protocol=Pro
 #: Largest milter packet payload accepted by default (Postfix: INT_MAX/2, about 1 GiB).
 MAX_REPLY_DATA_SIZE: Final = 1 << 30
 
-_ALL_COMMANDS: Final = tuple(ord(c) for c in "ODCHMRTLNBEUAQK")
-_O, _D, _C, _H, _M, _R, _T, _L, _N, _B, _E, _U, _A, _Q, _K = _ALL_COMMANDS
+_O, _D, _C, _H, _M, _R, _T, _L, _N, _B, _E, _U, _A, _Q, _K = ALL_COMMANDS
 
-# command -> (event name for SessionOptions.suppressed, the NO flag that suppresses it)
-_OPTIONAL: Final[dict[int, tuple[OptionalEvent, ProtocolFlag]]] = {
-    _C: ("connect", ProtocolFlag.NOCONNECT),
-    _H: ("helo", ProtocolFlag.NOHELO),
-    _M: ("envfrom", ProtocolFlag.NOMAIL),
-    _R: ("envrcpt", ProtocolFlag.NORCPT),
-    _T: ("data", ProtocolFlag.NODATA),
-    _U: ("unknown", ProtocolFlag.NOUNKNOWN),
-    _L: ("header", ProtocolFlag.NOHDRS),
-    _N: ("eoh", ProtocolFlag.NOEOH),
-    _B: ("body", ProtocolFlag.NOBODY),
+#: The optional stages by command byte (a NO flag can ask the MTA not to send them).
+_OPTIONAL: Final[dict[int, Stage]] = {
+    command: stage for command, stage in BY_COMMAND.items() if stage.optional
 }
-_MESSAGE_COMMANDS: Final = frozenset({_R, _T, _L, _N, _B, _E})
-_AFTER_CONNECTION_VERDICT: Final = frozenset({_D, _A, _Q, _K})
+#: Commands of an open message (MAIL starts a new one).
+_MESSAGE_COMMANDS: Final = frozenset(
+    command for command, stage in BY_COMMAND.items() if stage.scope == "message"
+) - {_M}
+#: What may still be sent after a connection-level verdict: macros, and the commands that
+#: get no reply (abort and the quits).
+_AFTER_CONNECTION_VERDICT: Final = frozenset(
+    command for command, stage in BY_COMMAND.items() if not stage.replies
+) | {_D}
 # Before negotiation nothing is reply-less but what never gets a reply.
 _NO_OPTIONS: Final = SessionOptions(
     version=MAX_VERSION, actions=ActionFlag.NONE, protocol=ProtocolFlag.NONE
 )
-
-_CONNECTION_VERDICTS: Final = (Continue, Accept, Reject, TempFail, Shutdown)
-_MESSAGE_VERDICTS: Final = (*_CONNECTION_VERDICTS, Discard)
-#: Legal final replies per command (§4, §7); the same table as the milter side's.
-_LEGAL: Final[dict[int, tuple[type[Reply], ...]]] = {
-    **dict.fromkeys((_C, _H, _U), _CONNECTION_VERDICTS),
-    **dict.fromkeys((_M, _R, _T, _L, _N, _E), _MESSAGE_VERDICTS),
-    _B: (*_MESSAGE_VERDICTS, Skip),
-}
-#: Final replies after which the message goes on, per message command; any other ends it.
-_MESSAGE_GOES_ON: Final[dict[int, tuple[type[Reply], ...]]] = {
-    **dict.fromkeys((_M, _T, _L, _N), (Continue,)),
-    _R: (Continue, Reject, TempFail),  # only this recipient is refused
-    _B: (Continue, Skip),
-    _E: (),  # every verdict at end of message ends it (Continue means accept)
-}
 
 
 class Answer(NamedTuple):
@@ -177,15 +156,14 @@ class MtaConnection:
         return self._suppression(_command_of(command)) is not None
 
     def _suppression(self, command: int) -> str | None:
-        entry = _OPTIONAL.get(command)
+        stage = _OPTIONAL.get(command)
         options = self._options
-        if entry is None or options is None:
+        if stage is None or options is None:
             return None
-        event, flag = entry
-        if options.protocol & flag:
-            return f"the milter negotiated {flag.name}"
-        if options.suppressed(event):
-            return f"protocol version {options.version} has no {event!r} event"
+        if options.protocol & stage.suppress:
+            return f"the milter negotiated {stage.suppress.name}"
+        if options.suppressed(cast(OptionalEvent, stage.name)):
+            return f"protocol version {options.version} has no {stage.name!r} event"
         return None
 
     # --- sending -----------------------------------------------------------------------
@@ -346,7 +324,7 @@ class MtaConnection:
             raise error from None
 
     def _check_verdict(self, command: int, code: int, reply: Verdict | Shutdown) -> None:
-        legal = _LEGAL.get(command, ())
+        legal = LEGAL_REPLIES.get(command, ())
         if not isinstance(reply, legal):
             names = ", ".join(cls.__name__ for cls in legal)
             raise RemoteProtocolError(
@@ -355,9 +333,12 @@ class MtaConnection:
             )
         if isinstance(reply, Skip) and not (self._options or _NO_OPTIONS).skip:
             raise RemoteProtocolError("Skip without the SKIP protocol flag", command=chr(code))
-        if isinstance(reply, Shutdown) or (command in (_C, _H) and not isinstance(reply, Continue)):
+        stage = BY_COMMAND[command]
+        if isinstance(reply, Shutdown) or (
+            stage.scope == "connection" and not isinstance(reply, stage.goes_on)
+        ):
             self._connection_done = True
         elif isinstance(reply, Skip):
             self._skipped = True
-        elif command in _MESSAGE_GOES_ON and not isinstance(reply, _MESSAGE_GOES_ON[command]):
+        elif stage.scope == "message" and not isinstance(reply, stage.goes_on):
             self._message_over = True

@@ -7,7 +7,7 @@ session will then look like (which commands come, which need replies, the packet
 
 from __future__ import annotations
 
-from typing import Final, Literal, TypeAlias
+from typing import Final, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
@@ -20,44 +20,33 @@ from milterapp.protocol.constants import (
     MAX_VERSION,
     MIN_VERSION,
     ActionFlag,
-    Command,
     MacroStage,
     ProtocolFlag,
     max_data_size_for,
 )
+from milterapp.protocol.stages import STAGES, OptionalEvent
 from milterapp.replies import NegotiationReply
 
 __all__ = [
     "OPTIONAL_EVENTS",
-    "OptionalEvent",
     "Requirements",
     "SessionOptions",
     "negotiate",
     "session_options",
 ]
 
+_OPTIONAL_STAGES: Final = tuple(stage for stage in STAGES if stage.optional)
 #: Events the MTA can be asked not to send (end of message, abort and quit always come).
-OptionalEvent: TypeAlias = Literal[
-    "connect", "helo", "envfrom", "envrcpt", "data", "unknown", "header", "eoh", "body"
-]
-
-# event -> (command byte, flag that suppresses it, flag that makes it reply-less, first version)
-_EVENT_FLAGS: Final[dict[str, tuple[bytes, ProtocolFlag, ProtocolFlag, int]]] = {
-    "connect": (Command.CONNECT.value, ProtocolFlag.NOCONNECT, ProtocolFlag.NR_CONN, 2),
-    "helo": (Command.HELO.value, ProtocolFlag.NOHELO, ProtocolFlag.NR_HELO, 2),
-    "envfrom": (Command.MAIL.value, ProtocolFlag.NOMAIL, ProtocolFlag.NR_MAIL, 2),
-    "envrcpt": (Command.RCPT.value, ProtocolFlag.NORCPT, ProtocolFlag.NR_RCPT, 2),
-    "data": (Command.DATA.value, ProtocolFlag.NODATA, ProtocolFlag.NR_DATA, 4),
-    "unknown": (Command.UNKNOWN.value, ProtocolFlag.NOUNKNOWN, ProtocolFlag.NR_UNKN, 3),
-    "header": (Command.HEADER.value, ProtocolFlag.NOHDRS, ProtocolFlag.NR_HDR, 2),
-    "eoh": (Command.EOH.value, ProtocolFlag.NOEOH, ProtocolFlag.NR_EOH, 2),
-    "body": (Command.BODY.value, ProtocolFlag.NOBODY, ProtocolFlag.NR_BODY, 2),
-}
 OPTIONAL_EVENTS: Final[frozenset[OptionalEvent]] = frozenset(
-    ("connect", "helo", "envfrom", "envrcpt", "data", "unknown", "header", "eoh", "body")
+    cast(OptionalEvent, stage.name) for stage in _OPTIONAL_STAGES
 )
-_MDS_BITS: Final = ProtocolFlag.MDS_256K | ProtocolFlag.MDS_1M
-_ALWAYS_REPLY: Final = frozenset({Command.OPTNEG.value[0], Command.BODYEOB.value[0]})
+#: Commands the MTA waits for a reply to, unless negotiated otherwise (``Stage.no_reply``).
+_REPLIED: Final = frozenset(
+    command for stage in STAGES if stage.replies for command in stage.commands
+)
+#: Session options already computed, by offer and reply (see :func:`session_options`).
+_SESSIONS: dict[tuple[int, ...], SessionOptions] = {}
+_SESSIONS_KEPT: Final = 64
 
 
 class Requirements(BaseModel):
@@ -113,30 +102,37 @@ class SessionOptions(BaseModel):
     max_data_size: int = DEFAULT_MAX_DATA_SIZE
 
     _no_reply: frozenset[int] = PrivateAttr(default=frozenset())
+    _replied: frozenset[int] = PrivateAttr(default=frozenset())
     _suppressed: frozenset[str] = PrivateAttr(default=frozenset())
 
     def model_post_init(self, context: object, /) -> None:
         # Computed once: the per-message path asks, and IntFlag's & runs in Python.
+        protocol = int(self.protocol)
         self._no_reply = frozenset(
-            command[0] for command, _, nr, _ in _EVENT_FLAGS.values() if self.protocol & nr
+            command
+            for stage in _OPTIONAL_STAGES
+            if protocol & stage.no_reply
+            for command in stage.commands
         )
+        self._replied = _REPLIED - self._no_reply
         self._suppressed = frozenset(
-            event
-            for event, (_, no_flag, _, first_version) in _EVENT_FLAGS.items()
-            if self.protocol & no_flag or self.version < first_version
+            stage.name
+            for stage in _OPTIONAL_STAGES
+            if protocol & stage.suppress or self.version < stage.since
         )
 
     def reply_expected(self, command: int) -> bool:
         """Whether the MTA waits for a reply to the command with byte ``command``."""
-        if command in _ALWAYS_REPLY:
-            return True
-        if command in _NEVER_REPLY:
-            return False
-        return command not in self._no_reply
+        return command in self._replied
+
+    @property
+    def replied_commands(self) -> frozenset[int]:
+        """The command bytes the MTA waits for a reply to."""
+        return self._replied
 
     def suppressed(self, event: OptionalEvent) -> bool:
         """Whether the MTA was asked not to send ``event`` (or cannot at this version)."""
-        if event not in _EVENT_FLAGS:
+        if event not in OPTIONAL_EVENTS:
             raise KeyError(event)
         return event in self._suppressed
 
@@ -149,11 +145,6 @@ class SessionOptions(BaseModel):
     def skip(self) -> bool:
         """The milter may answer a body chunk with Skip."""
         return bool(self.protocol & ProtocolFlag.SKIP)
-
-
-_NEVER_REPLY: Final = frozenset(
-    c.value[0] for c in (Command.MACRO, Command.ABORT, Command.QUIT, Command.QUIT_NC)
-)
 
 
 def _names(flags: ActionFlag | ProtocolFlag) -> list[str]:
@@ -210,11 +201,11 @@ def negotiate(offer: Negotiate, needs: Requirements) -> NegotiationReply:
         actions |= ActionFlag.SETSYMLIST
 
     protocol = ProtocolFlag.NONE
-    for event, (_, no_flag, nr_flag, _) in _EVENT_FLAGS.items():
-        if event not in needs.events:
-            protocol |= no_flag
-        if event not in needs.events or event in needs.no_reply:
-            protocol |= nr_flag
+    for stage in _OPTIONAL_STAGES:
+        if stage.name not in needs.events:
+            protocol |= stage.suppress
+        if stage.name not in needs.events or stage.name in needs.no_reply:
+            protocol |= stage.no_reply
     if needs.skip:
         protocol |= ProtocolFlag.SKIP
     if needs.rejected_recipients:
@@ -248,6 +239,25 @@ def session_options(offer: Negotiate, reply: NegotiationReply) -> SessionOptions
         LocalProtocolError: the reply asks for a higher version, or for actions or protocol
             flags the MTA did not offer (the MTA would drop the milter).
     """
+    # Every connection from one MTA negotiates alike: the options are computed once.
+    key = (
+        offer.version,
+        int(offer.actions),
+        int(offer.protocol),
+        reply.version,
+        int(reply.actions),
+        int(reply.protocol),
+    )
+    known = _SESSIONS.get(key)
+    if known is None:
+        known = _check_reply(offer, reply)
+        if len(_SESSIONS) >= _SESSIONS_KEPT:
+            _SESSIONS.clear()
+        _SESSIONS[key] = known
+    return known
+
+
+def _check_reply(offer: Negotiate, reply: NegotiationReply) -> SessionOptions:
     offered_actions, offered_protocol = _offered(offer)
     if not MIN_VERSION <= reply.version <= offer.version:
         raise LocalProtocolError(

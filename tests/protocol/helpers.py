@@ -28,9 +28,9 @@ from milterapp.events import (
     Quit,
 )
 from milterapp.protocol.codec import decode_response, encode_command
-from milterapp.protocol.constants import ActionFlag, ProtocolFlag
+from milterapp.protocol.constants import ActionFlag, ConnectionState, ProtocolFlag
 from milterapp.protocol.framing import FrameDecoder
-from milterapp.protocol.machine import ConnectionState, MilterConnection
+from milterapp.protocol.machine import MilterConnection
 from milterapp.protocol.negotiation import Requirements, negotiate
 from milterapp.replies import Continue, Reply
 

@@ -40,8 +40,8 @@ from milterapp.events import (
     Unknown,
 )
 from milterapp.protocol.codec import encode_command
-from milterapp.protocol.constants import ActionFlag, ProtocolFlag
-from milterapp.protocol.machine import ConnectionState, MilterConnection
+from milterapp.protocol.constants import ActionFlag, ConnectionState, ProtocolFlag
+from milterapp.protocol.machine import MilterConnection
 from milterapp.protocol.negotiation import Requirements, negotiate
 from milterapp.replies import (
     Accept,

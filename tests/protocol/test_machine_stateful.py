@@ -43,8 +43,8 @@ from milterapp.events import (
     Unknown,
 )
 from milterapp.protocol.codec import encode_command
-from milterapp.protocol.constants import ActionFlag, MacroStage, ProtocolFlag
-from milterapp.protocol.machine import ConnectionState, MilterConnection
+from milterapp.protocol.constants import ActionFlag, ConnectionState, MacroStage, ProtocolFlag
+from milterapp.protocol.machine import MilterConnection
 from milterapp.protocol.negotiation import OPTIONAL_EVENTS, Requirements, negotiate
 from milterapp.replies import (
     Accept,

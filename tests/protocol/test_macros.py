@@ -13,14 +13,15 @@ from milterapp.events import macro_name
 from milterapp.protocol.codec import encode_command
 from milterapp.protocol.commands import decode_macros
 from milterapp.protocol.machine import MilterConnection
-from milterapp.protocol.macros import STAGE_ORDER, MacroTable
+from milterapp.protocol.macros import MacroTable
 from milterapp.protocol.negotiation import Requirements, negotiate
+from milterapp.protocol.stages import SEQUENCE
 from tests.protocol.helpers import POSTFIX_OFFER, negotiated_connection
 
 
 def full_table() -> MacroTable:
     table = MacroTable()
-    for letter in STAGE_ORDER:
+    for letter in SEQUENCE:
         table.define(letter, {f"{{at_{letter}}}": letter.lower()})
     return table
 
@@ -118,19 +119,19 @@ def test_macro_table_enter_mail_drops_later_stages() -> None:
 
     table.enter("M")
 
-    assert [s for s in STAGE_ORDER if table.stage(s)] == ["C", "H", "M"]
+    assert [s for s in SEQUENCE if table.stage(s)] == ["C", "H", "M"]
     assert "at_R" not in table
     assert table["at_M"] == "m"
 
 
-@pytest.mark.parametrize("letter", list(STAGE_ORDER))
+@pytest.mark.parametrize("letter", list(SEQUENCE))
 def test_macro_table_enter_keeps_stages_up_to_itself(letter: str) -> None:
     table = full_table()
 
     table.enter(letter)
 
-    kept = STAGE_ORDER[: STAGE_ORDER.index(letter) + 1]
-    assert [s for s in STAGE_ORDER if table.stage(s)] == list(kept)
+    kept = SEQUENCE[: SEQUENCE.index(letter) + 1]
+    assert [s for s in SEQUENCE if table.stage(s)] == list(kept)
 
 
 def test_macro_table_enter_ignores_other_letters() -> None:
@@ -140,7 +141,7 @@ def test_macro_table_enter_ignores_other_letters() -> None:
     table.enter("U")
     table.enter("D")
 
-    assert len(table) == len(STAGE_ORDER) + 1
+    assert len(table) == len(SEQUENCE) + 1
 
 
 def test_macro_table_reset_message_keeps_connect_and_helo() -> None:
@@ -149,7 +150,7 @@ def test_macro_table_reset_message_keeps_connect_and_helo() -> None:
 
     table.reset_message()
 
-    assert [s for s in STAGE_ORDER if table.stage(s)] == ["C", "H"]
+    assert [s for s in SEQUENCE if table.stage(s)] == ["C", "H"]
     assert table.stage("U") == {"u": "unknown"}
     assert dict(table) == {"at_C": "c", "at_H": "h", "u": "unknown"}
 
@@ -161,7 +162,7 @@ def test_macro_table_clear() -> None:
 
     assert len(table) == 0
     assert dict(table) == {}
-    assert all(not table.stage(s) for s in STAGE_ORDER)
+    assert all(not table.stage(s) for s in SEQUENCE)
 
 
 def test_macro_table_stage_of_undefined_letter_is_empty() -> None:

@@ -12,12 +12,12 @@ from milterapp.events import Negotiate
 from milterapp.protocol.constants import ActionFlag, MacroStage, ProtocolFlag
 from milterapp.protocol.negotiation import (
     OPTIONAL_EVENTS,
-    OptionalEvent,
     Requirements,
     SessionOptions,
     negotiate,
     session_options,
 )
+from milterapp.protocol.stages import OptionalEvent
 from milterapp.replies import NegotiationReply
 from tests.protocol.helpers import POSTFIX_OFFER, negotiated_connection
 
