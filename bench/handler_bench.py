@@ -1,6 +1,6 @@
 """Connection handler benchmark: microseconds of Python per message, without sockets.
 
-The server's own :class:`~milterapp.session.ConnectionHandler` is given a transport that
+The server's own :class:`~milterapp.server.connection.Connection` is given a transport that
 keeps nothing, and the transaction of ``protocol_bench.py`` is fed to it one MTA write at a
 time (a macro packet and its command together), through ``get_buffer()`` and
 ``buffer_updated()`` as the event loop does after each read.
@@ -27,7 +27,7 @@ from refmilter import build
 from milterapp import Accept, App
 from milterapp.events import Abort, EndOfMessage, Event, Macros
 from milterapp.protocol.codec import encode_command
-from milterapp.session import ConnectionHandler
+from milterapp.server.connection import Connection
 
 
 def async_reference_app() -> App:
@@ -93,7 +93,7 @@ async def measure(app: App, count: int, rounds: int, body_size: int) -> float:
     writes = writes_of(events)
     # Reads go through get_buffer() and buffer_updated(), into a shared buffer, as the
     # server's event loop does them.
-    handler = ConnectionHandler(app, app.requirements(), read_buffer=bytearray(256 * 1024))
+    handler = Connection(app, app.requirements(), read_buffer=bytearray(256 * 1024))
     transport = NullTransport()
     handler.connection_made(transport)
     for data in writes_of(SETUP):

@@ -20,6 +20,7 @@ import platform
 import time
 from collections.abc import Callable
 
+from milterapp.constants import ActionFlag, ProtocolFlag
 from milterapp.events import (
     AddressFamily,
     Body,
@@ -42,7 +43,6 @@ from milterapp.protocol.codec import (
     encode_command,
     encode_response,
 )
-from milterapp.protocol.constants import ActionFlag, ProtocolFlag
 from milterapp.protocol.framing import FrameDecoder
 from milterapp.protocol.machine import MilterConnection
 from milterapp.protocol.negotiation import Requirements, negotiate

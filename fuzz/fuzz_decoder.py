@@ -44,15 +44,15 @@ def _instrumentation() -> Any:
 
 
 with _instrumentation():
-    from milterapp.errors import NegotiationError, ProtocolError
-    from milterapp.events import Event, Negotiate
-    from milterapp.protocol.codec import decode_command, decode_response, encode_command
-    from milterapp.protocol.constants import (
+    from milterapp.constants import (
         MAX_DATA_SIZE_1M,
         ActionFlag,
         ConnectionState,
         ProtocolFlag,
     )
+    from milterapp.errors import NegotiationError, ProtocolError
+    from milterapp.events import Event, Negotiate
+    from milterapp.protocol.codec import decode_command, decode_response, encode_command
     from milterapp.protocol.framing import FrameDecoder
     from milterapp.protocol.machine import MilterConnection
     from milterapp.protocol.mta import DEFAULT_OFFER

@@ -1,18 +1,20 @@
 """milterapp: write Postfix and Sendmail mail filters (milters) in Python.
 
-The public API is re-exported here; the sans-IO protocol core lives in
-:mod:`milterapp.protocol`.
+This module only re-exports the public API. The layers under it, lowest first: the models
+(``events``, ``replies``, ``errors``, ``spec``), the sans-IO protocol core
+(:mod:`milterapp.protocol`), what a handler sees (``context``), the server
+(:mod:`milterapp.server`), the App (``app``, ``handlers``, ``config``), and the tools on top
+(:mod:`milterapp.testing`, :mod:`milterapp.load`, :mod:`milterapp.demo`, ``cli``);
+docs/architecture.md draws the map.
 """
 
-from importlib.machinery import EXTENSION_SUFFIXES as _EXTENSION_SUFFIXES
-
-from milterapp import session as _session
-from milterapp.app import App, AppConfig
+from milterapp.app import App
+from milterapp.config import AppConfig
+from milterapp.constants import ActionFlag
 from milterapp.context import Context, Message
 from milterapp.errors import (
     ActionNotNegotiated,
     ConnectionSpecError,
-    FrameTooLargeError,
     LocalProtocolError,
     MilterError,
     NegotiationError,
@@ -44,7 +46,6 @@ from milterapp.events import (
     QuitNoClose,
     Unknown,
 )
-from milterapp.protocol.constants import ActionFlag, MacroStage, ProtocolFlag
 from milterapp.replies import (
     Accept,
     AddHeader,
@@ -55,8 +56,6 @@ from milterapp.replies import (
     DeleteRecipient,
     Discard,
     InsertHeader,
-    NegotiationReply,
-    Progress,
     Quarantine,
     Reject,
     ReplaceBody,
@@ -65,14 +64,10 @@ from milterapp.replies import (
     TempFail,
 )
 from milterapp.server import MilterServer, ServerOptions
+from milterapp.server.connection import COMPILED
 from milterapp.spec import ConnectionSpec
 
 __version__ = "0.1.0.dev0"
-
-#: True when this installation runs the per-packet path compiled with mypyc (a build with
-#: ``HATCH_BUILD_HOOK_ENABLE_MYPYC=1``); False for the pure-Python build. Same behaviour either
-#: way; see docs/performance.md.
-COMPILED: bool = (_session.__file__ or "").endswith(tuple(_EXTENSION_SUFFIXES))
 
 __all__ = [
     "COMPILED",
@@ -104,22 +99,17 @@ __all__ = [
     "EnvRcpt",
     "EsmtpArgs",
     "Event",
-    "FrameTooLargeError",
     "Header",
     "Helo",
     "InsertHeader",
     "LocalProtocolError",
-    "MacroStage",
     "Macros",
     "Message",
     "MilterError",
     "MilterServer",
     "Negotiate",
     "NegotiationError",
-    "NegotiationReply",
-    "Progress",
     "ProtocolError",
-    "ProtocolFlag",
     "Quarantine",
     "Quit",
     "QuitNoClose",

@@ -1,130 +1,98 @@
-"""The App: handler registry, options, and what to negotiate with the MTA.
+"""The App: a milter's handlers, options and lifecycle, and running it.
 
 Handlers are registered with ``@app.on(name)`` (or :meth:`App.add_handler`); the decorator
-returns the function unchanged. Running them is :mod:`milterapp.dispatch` (a mixin of App): in
-registration order, replies combined with :func:`milterapp.replies.decide`, and a handler that
-raises, times out or returns something that is not a valid reply gives the app's fallback
-reply (TempFail by default), so no message is accepted because our code failed.
+returns the function unchanged. Running them is :class:`~milterapp.handlers.Dispatcher`'s work,
+which App extends: in registration order, replies combined with
+:func:`milterapp.replies.decide`, and a handler that raises, times out or returns something
+that is not a valid reply gives the app's fallback reply (TempFail by default), so no message
+is accepted because our code failed. ``app.run()`` hands the app to :mod:`milterapp.server`,
+which serves anything shaped like an App (:class:`~milterapp.server.servable.Servable`) and
+never imports this module.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
-from typing import Any, Final
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, TypeVar, overload
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from milterapp.context import DEFAULT_SPOOL_THRESHOLD
-from milterapp.dispatch import Dispatch, Pending
+from milterapp import server
+from milterapp.config import AppConfig
+from milterapp.constants import ActionFlag
+from milterapp.context import Context
 from milterapp.errors import SetupError
+from milterapp.events import (
+    Abort,
+    Body,
+    Connect,
+    ConnectionOpened,
+    Data,
+    EndOfHeaders,
+    EndOfMessage,
+    EnvFrom,
+    EnvRcpt,
+    Header,
+    Helo,
+    Negotiate,
+    Unknown,
+)
 from milterapp.handlers import (
-    ALIASES,
-    EVENT_NAMES,
     CloseEvent,
-    ErrorMapper,
-    HandlerName,
+    Dispatcher,
+    Handler,
     HandlerSpec,
-    Hook,
-    MacroStageName,
-    Registration,
+    MaybeAwaitable,
     canonical_name,
     handler_label,
     is_async,
     positional_arity,
 )
-from milterapp.protocol.constants import ActionFlag, MacroStage
-from milterapp.protocol.negotiation import OPTIONAL_EVENTS, OptionalEvent, Requirements
-from milterapp.replies import (
-    Accept,
-    Continue,
-    Discard,
-    NegotiationReply,
-    Reject,
-    TempFail,
+from milterapp.protocol.negotiation import OPTIONAL_EVENTS, Requirements
+from milterapp.server.servable import Serving
+
+__all__ = ["App"]
+
+NegotiateH = TypeVar("NegotiateH", bound=Handler[Negotiate])
+OpenH = TypeVar("OpenH", bound=Handler[ConnectionOpened])
+ConnectH = TypeVar("ConnectH", bound=Handler[Connect])
+HeloH = TypeVar("HeloH", bound=Handler[Helo])
+EnvFromH = TypeVar("EnvFromH", bound=Handler[EnvFrom])
+EnvRcptH = TypeVar("EnvRcptH", bound=Handler[EnvRcpt])
+DataH = TypeVar("DataH", bound=Handler[Data])
+UnknownH = TypeVar("UnknownH", bound=Handler[Unknown])
+HeaderH = TypeVar("HeaderH", bound=Handler[Header])
+EohH = TypeVar("EohH", bound=Handler[EndOfHeaders])
+BodyH = TypeVar("BodyH", bound=Handler[Body])
+EomH = TypeVar("EomH", bound=Handler[EndOfMessage])
+AbortH = TypeVar("AbortH", bound=Handler[Abort])
+CloseH = TypeVar(
+    "CloseH",
+    bound=Callable[[CloseEvent, Context], MaybeAwaitable] | Callable[[CloseEvent], MaybeAwaitable],
 )
-
-__all__ = [
-    "ALIASES",
-    "EVENT_NAMES",
-    "App",
-    "AppConfig",
-    "CloseEvent",
-    "HandlerName",
-    "Pending",
-]
-
-_STAGES: Final[dict[str, MacroStage]] = {
-    "connect": MacroStage.CONNECT,
-    "helo": MacroStage.HELO,
-    "envfrom": MacroStage.ENVFROM,
-    "envrcpt": MacroStage.ENVRCPT,
-    "data": MacroStage.DATA,
-    "eoh": MacroStage.EOH,
-    "eom": MacroStage.EOM,
-}
+AnyH = TypeVar("AnyH", bound=Callable[..., Any])
+Hook = TypeVar("Hook", bound=Callable[[], Awaitable[None] | None])
+ErrorMapper = TypeVar("ErrorMapper", bound=Callable[..., Any])
 
 
-class AppConfig(BaseModel):
-    """Every option of an App, validated when the App is created.
-
-    Attributes:
-        fallback: the reply when a handler fails (raises, times out, returns a non-reply).
-            TempFail by default: the MTA retries later and no mail passes unchecked.
-        handler_timeout: seconds an async handler may run (None: no limit). Keep it below
-            the MTA's timeouts (Postfix milter_command_timeout 30 s, Sendmail T=R:10s).
-        progress_interval: seconds between progress packets while an end-of-message handler
-            runs (Postfix milter_content_timeout is 300 s; Sendmail's T=E is 5 min in all).
-        actions: the actions the app needs; None asks for all the MTA offers and requires
-            none. When given, negotiation fails if the MTA lacks one of them.
-        macros: macro names to ask for, per stage name (``{"envfrom": ["{auth_authen}"]}``).
-        no_reply: handled events whose handlers never change the verdict.
-        leading_space: header values with their leading whitespace (HDR_LEADSPC).
-        rejected_recipients: also see recipients the MTA rejected (RCPT_REJ).
-        keep_message: keep sender, recipients, headers and body for end of message.
-        spool_threshold: kept bodies above this many bytes go to a temporary file.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    fallback: TempFail | Reject | Discard | Accept | Continue = TempFail()
-    handler_timeout: float | None = Field(default=25.0, gt=0)
-    progress_interval: float = Field(default=10.0, gt=0)
-    actions: ActionFlag | None = None
-    macros: dict[MacroStageName, tuple[str, ...]] = Field(default_factory=dict)
-    no_reply: frozenset[OptionalEvent] = frozenset()
-    leading_space: bool = False
-    rejected_recipients: bool = False
-    keep_message: bool = False
-    spool_threshold: int = Field(default=DEFAULT_SPOOL_THRESHOLD, ge=0)
-
-    @field_validator("macros")
-    @classmethod
-    def _check_macros(
-        cls, value: dict[MacroStageName, tuple[str, ...]]
-    ) -> dict[MacroStageName, tuple[str, ...]]:
-        NegotiationReply(macros={_STAGES[stage]: names for stage, names in value.items()})
-        return value
-
-
-class App(Dispatch, Registration):
+class App(Dispatcher):
     """A milter application: handlers per event, options, and what to ask the MTA for.
 
     Args:
         name: the milter's name (logs, the demo header, ``ctx.app_name``).
-        **options: any field of :class:`AppConfig`.
+        **options: any field of :class:`~milterapp.config.AppConfig`.
+
+    Attributes:
+        config: the validated options.
+        serving: whether the app runs, and how to stop the server that runs it.
     """
 
     def __init__(self, name: str, **options: Any) -> None:
         self.name = name
         self.config = AppConfig(**options)
-        self._handlers: dict[str, list[HandlerSpec]] = {}
-        self._error_mappers: dict[type[BaseException], Callable[..., Any]] = {}
+        super().__init__(self.config.fallback)
+        self.serving = Serving(name)
         self._startup: list[Callable[[], Any]] = []
         self._shutdown: list[Callable[[], Any]] = []
-        self._started = False
-        # Set by the server while it runs: a thread-safe "please stop" callable.
-        self._stop: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return f"<App {self.name!r}>"
@@ -132,7 +100,7 @@ class App(Dispatch, Registration):
     # --- registration --------------------------------------------------------------------
 
     def _check_not_started(self, what: str) -> None:
-        if self._started:
+        if self.serving.started:
             raise SetupError(
                 f"cannot {what} on {self.name!r}: the app is already serving; "
                 "register everything before app.run() or app.serve()"
@@ -200,6 +168,82 @@ class App(Dispatch, Registration):
         """Whether any handler is registered for event ``name``."""
         return bool(self._handlers.get(canonical_name(name)))
 
+    @overload
+    def on(
+        self, name: Literal["negotiate"], *, timeout: float | None = None
+    ) -> Callable[[NegotiateH], NegotiateH]: ...
+    @overload
+    def on(
+        self, name: Literal["open", "connection-established"], *, timeout: float | None = None
+    ) -> Callable[[OpenH], OpenH]: ...
+    @overload
+    def on(
+        self, name: Literal["connect"], *, timeout: float | None = None
+    ) -> Callable[[ConnectH], ConnectH]: ...
+    @overload
+    def on(
+        self, name: Literal["helo"], *, timeout: float | None = None
+    ) -> Callable[[HeloH], HeloH]: ...
+    @overload
+    def on(
+        self, name: Literal["envfrom", "envelope-from"], *, timeout: float | None = None
+    ) -> Callable[[EnvFromH], EnvFromH]: ...
+    @overload
+    def on(
+        self, name: Literal["envrcpt", "envelope-recipient"], *, timeout: float | None = None
+    ) -> Callable[[EnvRcptH], EnvRcptH]: ...
+    @overload
+    def on(
+        self, name: Literal["data"], *, timeout: float | None = None
+    ) -> Callable[[DataH], DataH]: ...
+    @overload
+    def on(
+        self, name: Literal["unknown"], *, timeout: float | None = None
+    ) -> Callable[[UnknownH], UnknownH]: ...
+    @overload
+    def on(
+        self, name: Literal["header"], *, timeout: float | None = None
+    ) -> Callable[[HeaderH], HeaderH]: ...
+    @overload
+    def on(
+        self,
+        name: Literal["eoh", "end-of-header", "end-of-headers"],
+        *,
+        timeout: float | None = None,
+    ) -> Callable[[EohH], EohH]: ...
+    @overload
+    def on(
+        self, name: Literal["body"], *, timeout: float | None = None
+    ) -> Callable[[BodyH], BodyH]: ...
+    @overload
+    def on(
+        self, name: Literal["eom", "end-of-message"], *, timeout: float | None = None
+    ) -> Callable[[EomH], EomH]: ...
+    @overload
+    def on(
+        self, name: Literal["abort"], *, timeout: float | None = None
+    ) -> Callable[[AbortH], AbortH]: ...
+    @overload
+    def on(
+        self, name: Literal["close", "finished"], *, timeout: float | None = None
+    ) -> Callable[[CloseH], CloseH]: ...
+    @overload
+    def on(self, name: str, *, timeout: float | None = None) -> Callable[[AnyH], AnyH]: ...
+    def on(self, name: str, *, timeout: float | None = None) -> Callable[[AnyH], AnyH]:
+        """Register the decorated function for event ``name``; it is returned unchanged.
+
+        Names: negotiate, open, connect, helo, envfrom, envrcpt, data, unknown, header, eoh,
+        body, eom, abort, close, and milter-manager's aliases (connection-established,
+        envelope-from, envelope-recipient, end-of-header, end-of-message, finished).
+        """
+        canonical_name(name)  # fail at decoration time, before the function is even defined
+
+        def register(handler: AnyH) -> AnyH:
+            self.add_handler(name, handler, timeout=timeout)
+            return handler
+
+        return register
+
     # --- negotiation ---------------------------------------------------------------------
 
     def requirements(self) -> Requirements:
@@ -216,7 +260,7 @@ class App(Dispatch, Registration):
             if config.actions is None
             else config.actions,
             required_actions=config.actions or ActionFlag.NONE,
-            macros={_STAGES[stage]: names for stage, names in config.macros.items()},
+            macros=config.macro_requests(),
             leading_space=config.leading_space,
             rejected_recipients=config.rejected_recipients,
             # Skipping the body would cut what keep_message collects for end of message.
@@ -227,7 +271,7 @@ class App(Dispatch, Registration):
 
     async def run_startup(self) -> None:
         """Run the startup hooks in order; registration is closed from now on."""
-        self._started = True
+        self.serving.mark_started()
         for hook in self._startup:
             result = hook()
             if inspect.isawaitable(result):
@@ -254,21 +298,15 @@ class App(Dispatch, Registration):
         ``spec`` defaults to ``--spec`` on the command line, then ``$MILTERAPP_SPEC``, then
         the loopback default.
         """
-        from milterapp.server import run  # deferred: the server layer sits above the app
-
-        run(self, spec, **options)
+        server.run(self, spec, **options)
 
     async def serve(self, spec: str | None = None, **options: Any) -> None:
         """Serve inside a running event loop until :meth:`shutdown` is called."""
-        from milterapp.server import serve  # deferred: the server layer sits above the app
-
-        await serve(self, spec, **options)
+        await server.serve(self, spec, **options)
 
     def shutdown(self) -> None:
         """Ask the running server to shut down gracefully; safe from any thread or signal.
 
         Does nothing when the app is not serving.
         """
-        stop = self._stop
-        if stop is not None:
-            stop()
+        self.serving.stop()

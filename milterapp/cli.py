@@ -21,8 +21,8 @@ from typing import Any
 from milterapp import COMPILED, __version__
 from milterapp.app import App
 from milterapp.errors import MilterError, ProtocolError
-from milterapp.logconfig import configure_logging
-from milterapp.loops import LOOP_NAMES
+from milterapp.server.logsetup import configure_logging
+from milterapp.server.loops import LOOP_NAMES
 
 __all__ = ["main"]
 
@@ -280,7 +280,7 @@ def _send(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from milterapp.loadgen import LoadOptions, run_load
+    from milterapp.load.generator import LoadOptions, run_load
 
     try:
         options = LoadOptions(
@@ -307,7 +307,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _record(args: argparse.Namespace) -> int:
-    from milterapp.testing.record import record_sync
+    from milterapp.testing.recording import record_sync
 
     configure_logging("text", "INFO")
     record_sync(args.listen, args.upstream, args.out)
@@ -337,10 +337,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _bench(args)
         configure_logging("text", "WARNING")
         if args.wire:
-            from milterapp.wiredemo import run_wire_demo
+            from milterapp.demo.wire import run_wire_demo
 
             return run_wire_demo()
-        from milterapp.demo import run_demo
+        from milterapp.demo.live import run_demo
 
         return run_demo()
     except CommandError as exc:

@@ -17,9 +17,9 @@ from typing import IO, TYPE_CHECKING, Any, Final
 
 import structlog
 
+from milterapp.constants import DEFAULT_MAX_DATA_SIZE, ActionFlag
 from milterapp.errors import ActionNotNegotiated, LocalProtocolError
 from milterapp.events import Connect, EnvFrom, EnvRcpt, Header
-from milterapp.protocol.constants import DEFAULT_MAX_DATA_SIZE, ActionFlag
 from milterapp.protocol.negotiation import SessionOptions
 from milterapp.protocol.responses import body_chunks
 from milterapp.replies import (
@@ -34,10 +34,8 @@ from milterapp.replies import (
     ReplaceBody,
 )
 
-__all__ = ["DEFAULT_SPOOL_THRESHOLD", "Context", "Message"]
+__all__ = ["Context", "Message"]
 
-#: Bodies up to this size stay in memory; larger ones go to a temporary file.
-DEFAULT_SPOOL_THRESHOLD: Final = 1024 * 1024
 _READ_SIZE: Final = DEFAULT_MAX_DATA_SIZE
 
 
@@ -174,6 +172,8 @@ class Context:
         spool_threshold: int | None = None,
         progress: Callable[[], Awaitable[None]] | None = None,
         log: Any = None,
+        options: SessionOptions | None = None,
+        raise_errors: bool = False,
     ) -> None:
         self.app_name = app_name
         self.conn_id = conn_id
@@ -181,7 +181,7 @@ class Context:
         self.client: Connect | None = None
         self.helo: str | None = None
         self.macros = macros
-        self.options: SessionOptions | None = None
+        self.options = options
         self.state: dict[str, Any] = {}
         # The logger is bound when first used: most sessions log nothing, and binding costs
         # a new logger each time (twice per connection and once per message otherwise).
@@ -195,7 +195,7 @@ class Context:
         self._at_eom = False
         self.message = Message(macros, spool_threshold)
         #: Let handler exceptions escape instead of the fallback reply (the testing kit).
-        self.raise_errors = False
+        self.raise_errors = raise_errors
 
     def detach(self) -> None:
         """The connection is over: forget its progress callback (:meth:`progress` then does

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal, Self, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from milterapp.protocol.constants import ActionFlag, Command, ProtocolFlag
+from milterapp.constants import ActionFlag, Command, ProtocolFlag
 from milterapp.smtpvalues import (
     EsmtpArgs,
     decode_text,

@@ -1,131 +1,66 @@
-"""Handler names, their typing, and registration by decorator.
+"""Handlers: what one may look like, and running an event's handlers (failing closed).
 
-What an event handler may look like (plain or async; ``(event, ctx)`` or ``(event)``), how
-names and milter-manager's aliases map to events, and :class:`Registration`, whose typed
-``on()`` overloads let mypy catch a handler whose event type does not match its name.
+A handler is plain or async and takes ``(event, ctx)`` or ``(event)``; this is inspected once,
+at registration (:class:`HandlerSpec`). :class:`Dispatcher` runs the handlers of an event in
+registration order, combines their replies with :func:`milterapp.replies.decide`, and turns
+every failure (an exception, a deadline, a reply that is not valid at that stage) into the
+app's fallback reply, so that no message is accepted because our code failed. Plain handlers
+run without a coroutine (:meth:`Dispatcher.dispatch_now`); :class:`milterapp.App` is a
+Dispatcher with registration on top.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Any, Final, Literal, TypeAlias, TypeVar, get_args, overload
+from typing import Any, Final, TypeAlias, TypeVar
 
 from milterapp.context import Context
 from milterapp.errors import SetupError
-from milterapp.events import (
-    Abort,
-    Body,
-    Connect,
-    ConnectionClosed,
-    ConnectionOpened,
-    Data,
-    EndOfHeaders,
-    EndOfMessage,
-    EnvFrom,
-    EnvRcpt,
-    Event,
-    EventName,
-    Header,
-    Helo,
-    Negotiate,
-    Quit,
-    QuitNoClose,
-    Unknown,
-)
-from milterapp.protocol.constants import MacroStage
-from milterapp.replies import (
-    Accept,
-    Continue,
-    Discard,
-    Reject,
-    Shutdown,
-    Skip,
-    TempFail,
-    Verdict,
-)
+from milterapp.events import ConnectionClosed, Event, Quit, QuitNoClose
+from milterapp.protocol.stages import BY_NAME, STAGES
+from milterapp.replies import RESTRICTIVE, Continue, TempFail, Verdict, decide
+from milterapp.server.servable import Outcome
 
 __all__ = [
     "ALIASES",
     "EVENT_NAMES",
     "CloseEvent",
+    "Dispatcher",
     "Handler",
-    "HandlerName",
     "HandlerSpec",
-    "Registration",
     "canonical_name",
     "handler_label",
     "is_async",
     "positional_arity",
 ]
 
-#: Canonical handler names, in the order events arrive (see :data:`milterapp.events.EventName`).
-EVENT_NAMES: Final[tuple[str, ...]] = get_args(EventName)
-#: milter-manager's signal names (and a few spellings people type) for the same events.
-ALIASES: Final = {
-    "connection-established": "open",
-    "envelope-from": "envfrom",
-    "envelope-recipient": "envrcpt",
-    "end-of-header": "eoh",
-    "end-of-headers": "eoh",
-    "end-of-message": "eom",
-    "finished": "close",
-}
-HandlerName: TypeAlias = str
-MacroStageName: TypeAlias = Literal["connect", "helo", "envfrom", "envrcpt", "data", "eoh", "eom"]
+#: Canonical handler names, in the order events arrive.
+EVENT_NAMES: Final[tuple[str, ...]] = tuple(stage.name for stage in STAGES)
+#: Other names for the same events (milter-manager's signal names and common spellings).
+ALIASES: Final[dict[str, str]] = {alias: stage.name for stage in STAGES for alias in stage.aliases}
+#: The events a ``close`` handler receives.
 CloseEvent: TypeAlias = Quit | QuitNoClose | ConnectionClosed
 
-_OBSERVERS: Final = frozenset({"negotiate", "open", "abort", "close"})
-_CONNECTION_REPLIES: Final = (Continue, Accept, Reject, TempFail, Shutdown)
-_MESSAGE_REPLIES: Final = (*_CONNECTION_REPLIES, Discard)
-_VALID_REPLIES: Final[dict[str, tuple[type, ...]]] = {
-    "connect": _CONNECTION_REPLIES,
-    "helo": _CONNECTION_REPLIES,
-    "unknown": _CONNECTION_REPLIES,
-    "body": (*_MESSAGE_REPLIES, Skip),
-    **{name: _MESSAGE_REPLIES for name in ("envfrom", "envrcpt", "data", "header", "eoh", "eom")},
-}
-_STAGES: Final[dict[str, MacroStage]] = {
-    "connect": MacroStage.CONNECT,
-    "helo": MacroStage.HELO,
-    "envfrom": MacroStage.ENVFROM,
-    "envrcpt": MacroStage.ENVRCPT,
-    "data": MacroStage.DATA,
-    "eoh": MacroStage.EOH,
-    "eom": MacroStage.EOM,
-}
-
-Result: TypeAlias = Verdict | Shutdown | None
-MaybeAwaitable: TypeAlias = Result | Awaitable[Result]
+MaybeAwaitable: TypeAlias = Outcome | Awaitable[Outcome]
 E = TypeVar("E", bound=Event)
 #: A handler of events of type E: ``(event, ctx)`` or ``(event)``, plain or async.
 Handler: TypeAlias = Callable[[E, Context], MaybeAwaitable] | Callable[[E], MaybeAwaitable]
 
-NegotiateH = TypeVar("NegotiateH", bound=Handler[Negotiate])
-OpenH = TypeVar("OpenH", bound=Handler[ConnectionOpened])
-ConnectH = TypeVar("ConnectH", bound=Handler[Connect])
-HeloH = TypeVar("HeloH", bound=Handler[Helo])
-EnvFromH = TypeVar("EnvFromH", bound=Handler[EnvFrom])
-EnvRcptH = TypeVar("EnvRcptH", bound=Handler[EnvRcpt])
-DataH = TypeVar("DataH", bound=Handler[Data])
-UnknownH = TypeVar("UnknownH", bound=Handler[Unknown])
-HeaderH = TypeVar("HeaderH", bound=Handler[Header])
-EohH = TypeVar("EohH", bound=Handler[EndOfHeaders])
-BodyH = TypeVar("BodyH", bound=Handler[Body])
-EomH = TypeVar("EomH", bound=Handler[EndOfMessage])
-AbortH = TypeVar("AbortH", bound=Handler[Abort])
-CloseH = TypeVar(
-    "CloseH",
-    bound=Callable[[CloseEvent, Context], MaybeAwaitable] | Callable[[CloseEvent], MaybeAwaitable],
-)
-AnyH = TypeVar("AnyH", bound=Callable[..., Any])
-Hook = TypeVar("Hook", bound=Callable[[], Awaitable[None] | None])
-ErrorMapper = TypeVar("ErrorMapper", bound=Callable[..., Any])
+_CONTINUE: Final = Continue()  # what handlers that all returned None give
+_OBSERVERS: Final = frozenset(stage.name for stage in STAGES if stage.observer)
+#: The replies a handler may give, per stage (observers give none).
+_VALID_REPLIES: Final[dict[str, tuple[type, ...]]] = {
+    stage.name: stage.replies for stage in STAGES if not stage.observer
+}
 
 
 @dataclass(frozen=True, slots=True)
 class HandlerSpec:
+    """A registered handler and how to call it (inspected once, at registration)."""
+
     fn: Callable[..., Any]
     name: str
     is_async: bool
@@ -134,14 +69,20 @@ class HandlerSpec:
 
 
 def canonical_name(name: str) -> str:
-    canonical = ALIASES.get(name, name)
-    if canonical not in EVENT_NAMES:
+    """The handler name of ``name`` (itself, or what the alias stands for).
+
+    Raises:
+        SetupError: an unknown name; the message lists the valid ones.
+    """
+    stage = BY_NAME.get(name)
+    if stage is None:
         valid = ", ".join((*EVENT_NAMES, *ALIASES))
         raise SetupError(f"unknown event name {name!r}; valid names: {valid}")
-    return canonical
+    return stage.name
 
 
 def is_async(fn: Callable[..., Any]) -> bool:
+    """Whether calling ``fn`` gives a coroutine (an async function or ``__call__``)."""
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004 - a callable object with async __call__
     )
@@ -175,89 +116,158 @@ def handler_label(fn: Callable[..., Any]) -> str:
     return name if isinstance(name, str) else type(fn).__qualname__
 
 
-class Registration:
-    """The ``on()`` decorator, with one typed overload per event name.
+class Dispatcher:
+    """Runs the handlers registered for each event and combines their replies.
 
-    Mixed into :class:`milterapp.app.App`, which provides :meth:`add_handler`.
+    Args:
+        fallback: the reply when a handler fails (where it is valid; TempFail elsewhere).
     """
 
-    def add_handler(
-        self, name: str, handler: Callable[..., Any], *, timeout: float | None = None
-    ) -> None:
-        raise NotImplementedError  # pragma: no cover - App defines it
+    def __init__(self, fallback: Verdict) -> None:
+        self._fallback = fallback
+        self._handlers: dict[str, list[HandlerSpec]] = {}
+        self._error_mappers: dict[type[BaseException], Callable[..., Any]] = {}
 
-    @overload
-    def on(
-        self, name: Literal["negotiate"], *, timeout: float | None = None
-    ) -> Callable[[NegotiateH], NegotiateH]: ...
-    @overload
-    def on(
-        self, name: Literal["open", "connection-established"], *, timeout: float | None = None
-    ) -> Callable[[OpenH], OpenH]: ...
-    @overload
-    def on(
-        self, name: Literal["connect"], *, timeout: float | None = None
-    ) -> Callable[[ConnectH], ConnectH]: ...
-    @overload
-    def on(
-        self, name: Literal["helo"], *, timeout: float | None = None
-    ) -> Callable[[HeloH], HeloH]: ...
-    @overload
-    def on(
-        self, name: Literal["envfrom", "envelope-from"], *, timeout: float | None = None
-    ) -> Callable[[EnvFromH], EnvFromH]: ...
-    @overload
-    def on(
-        self, name: Literal["envrcpt", "envelope-recipient"], *, timeout: float | None = None
-    ) -> Callable[[EnvRcptH], EnvRcptH]: ...
-    @overload
-    def on(
-        self, name: Literal["data"], *, timeout: float | None = None
-    ) -> Callable[[DataH], DataH]: ...
-    @overload
-    def on(
-        self, name: Literal["unknown"], *, timeout: float | None = None
-    ) -> Callable[[UnknownH], UnknownH]: ...
-    @overload
-    def on(
-        self, name: Literal["header"], *, timeout: float | None = None
-    ) -> Callable[[HeaderH], HeaderH]: ...
-    @overload
-    def on(
-        self,
-        name: Literal["eoh", "end-of-header", "end-of-headers"],
-        *,
-        timeout: float | None = None,
-    ) -> Callable[[EohH], EohH]: ...
-    @overload
-    def on(
-        self, name: Literal["body"], *, timeout: float | None = None
-    ) -> Callable[[BodyH], BodyH]: ...
-    @overload
-    def on(
-        self, name: Literal["eom", "end-of-message"], *, timeout: float | None = None
-    ) -> Callable[[EomH], EomH]: ...
-    @overload
-    def on(
-        self, name: Literal["abort"], *, timeout: float | None = None
-    ) -> Callable[[AbortH], AbortH]: ...
-    @overload
-    def on(
-        self, name: Literal["close", "finished"], *, timeout: float | None = None
-    ) -> Callable[[CloseH], CloseH]: ...
-    @overload
-    def on(self, name: str, *, timeout: float | None = None) -> Callable[[AnyH], AnyH]: ...
-    def on(self, name: str, *, timeout: float | None = None) -> Callable[[AnyH], AnyH]:
-        """Register the decorated function for event ``name``; it is returned unchanged.
+    async def dispatch(self, name: str, event: Event, ctx: Context) -> Outcome:
+        """Run the handlers of event ``name`` and combine their replies.
 
-        Names: negotiate, open, connect, helo, envfrom, envrcpt, data, unknown, header, eoh,
-        body, eom, abort, close, and milter-manager's aliases (connection-established,
-        envelope-from, envelope-recipient, end-of-header, end-of-message, finished).
+        Returns None when no handler is registered (the server then answers Continue).
+        Observers (negotiate, open, abort, close) always give None.
         """
-        canonical_name(name)  # fail at decoration time, before the function is even defined
+        result = self.dispatch_now(name, event, ctx)
+        if isinstance(result, Coroutine):
+            return await result
+        return result
 
-        def register(handler: AnyH) -> AnyH:
-            self.add_handler(name, handler, timeout=timeout)
-            return handler
+    def dispatch_now(
+        self, name: str, event: Event, ctx: Context
+    ) -> Outcome | Coroutine[Any, Any, Outcome]:
+        """As :meth:`dispatch`, but without a coroutine while every handler is plain.
 
-        return register
+        Plain handlers run at once and their combined reply is returned. From the first
+        handler that is async, returns an awaitable, raises or gives an invalid reply, the
+        rest of the work is returned as a coroutine to await: the server serves most
+        commands of a plain-function app without creating one.
+        """
+        handlers = self._handlers.get(name)
+        if not handlers:
+            return None
+        results: list[Outcome] = []  # one per handler run: len(results) is the next index
+        opinions = False  # a handler returned something other than None
+        for handler in handlers:
+            if handler.is_async:
+                return self._dispatch_from(name, event, ctx, handlers, len(results), results)
+            try:
+                result = handler.fn(event, ctx) if handler.takes_ctx else handler.fn(event)
+                if result is not None:
+                    if inspect.isawaitable(result):  # a plain function that returned a coroutine
+                        return self._dispatch_from(
+                            name, event, ctx, handlers, len(results), results, result
+                        )
+                    result = self._check_result(name, result)
+                    opinions = True
+            except Exception as exc:  # noqa: BLE001 - handled (fail closed) by _dispatch_from
+                return self._dispatch_from(name, event, ctx, handlers, len(results), results, exc)
+            results.append(result)
+            if opinions and isinstance(result, RESTRICTIVE):
+                break
+        if name in _OBSERVERS:
+            return None
+        return decide(results) if opinions else _CONTINUE
+
+    async def _dispatch_from(
+        self,
+        name: str,
+        event: Event,
+        ctx: Context,
+        handlers: list[HandlerSpec],
+        index: int,
+        results: list[Outcome],
+        started: object = None,
+    ) -> Outcome:
+        """Go on with handlers from ``index``; ``started`` is what that one already gave:
+        an awaitable to finish, or the exception it raised."""
+        for position in range(index, len(handlers)):
+            handler = handlers[position]
+            if position == index and isinstance(started, Exception):
+                result = await self._failed(handler, name, started, ctx)
+            elif position == index and started is not None:
+                result = await self._finish(handler, name, started, ctx)
+            else:
+                result = await self._run(handler, name, event, ctx)
+            results.append(result)
+            if isinstance(result, RESTRICTIVE):
+                break
+        if name in _OBSERVERS:
+            return None
+        return decide(results)
+
+    async def _run(self, handler: HandlerSpec, name: str, event: Event, ctx: Context) -> Outcome:
+        args = (event, ctx) if handler.takes_ctx else (event,)
+        try:
+            result = handler.fn(*args)
+        except Exception as exc:  # noqa: BLE001 - every handler failure must fail closed
+            return await self._failed(handler, name, exc, ctx)
+        return await self._finish(handler, name, result, ctx)
+
+    async def _finish(
+        self, handler: HandlerSpec, name: str, result: object, ctx: Context
+    ) -> Outcome:
+        """Await what a handler returned if it is awaitable (bounded by its timeout), then
+        check the reply."""
+        try:
+            if inspect.isawaitable(result):
+                async with asyncio.timeout(handler.timeout):
+                    result = await result
+            return self._check_result(name, result)
+        except Exception as exc:  # noqa: BLE001 - every handler failure must fail closed
+            return await self._failed(handler, name, exc, ctx)
+
+    def _check_result(self, name: str, result: object) -> Outcome:
+        if result is None:
+            return None
+        if name in _OBSERVERS:
+            raise TypeError(f"{name!r} handlers observe only; return None, not {result!r}")
+        if not isinstance(result, _VALID_REPLIES[name]):
+            valid = ", ".join(cls.__name__ for cls in _VALID_REPLIES[name])
+            raise TypeError(f"returned {result!r}, which is not a valid {name!r} reply ({valid})")
+        return result  # type: ignore[return-value]
+
+    async def _failed(
+        self, handler: HandlerSpec, name: str, exc: Exception, ctx: Context
+    ) -> Outcome:
+        if ctx.raise_errors:
+            raise exc
+        reason = "timed out" if isinstance(exc, TimeoutError) else "raised"
+        ctx.log.error(
+            "handler_failed",
+            handler=handler.name,
+            stage=name,
+            reason=reason,
+            timeout=handler.timeout,
+            exc_info=exc,
+        )
+        if name in _OBSERVERS:
+            return None
+        mapped = await self._map_error(exc, ctx)
+        if mapped is not None and isinstance(mapped, _VALID_REPLIES[name]):
+            return mapped  # type: ignore[return-value]
+        fallback = self._fallback
+        if not isinstance(fallback, _VALID_REPLIES[name]):
+            return TempFail()  # e.g. Discard configured but not possible at connect
+        return fallback
+
+    async def _map_error(self, exc: Exception, ctx: Context) -> object:
+        for cls in type(exc).__mro__:
+            mapper = self._error_mappers.get(cls)
+            if mapper is None:
+                continue
+            try:
+                result = mapper(exc, ctx)
+                if inspect.isawaitable(result):
+                    result = await result
+            except Exception as error:
+                ctx.log.error("error_mapper_failed", mapper=repr(mapper), exc_info=error)
+                return None
+            return result
+        return None

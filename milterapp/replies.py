@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from milterapp.protocol.constants import (
+from milterapp.constants import (
     MAX_REPLY_LINE_LENGTH,
     MAX_REPLY_LINES,
     MAX_VERSION,

@@ -171,7 +171,7 @@ def test_run_serves_a_module_app_until_sigterm(tmp_path: Path) -> None:
 
 
 def test_record_command_records_until_sigterm(tmp_path: Path) -> None:
-    from milterapp.testing.record import load_recording
+    from milterapp.testing.recording import load_recording
 
     out = tmp_path / "session.jsonl"
     listen = f"unix:{tmp_path}/proxy.sock"

@@ -1,4 +1,4 @@
-"""The load generator (milterapp.loadgen, ``milterapp bench``) against real servers.
+"""The load generator (milterapp.load.generator, ``milterapp bench``) against real servers.
 
 Runs are bounded by a number of messages, never by time: the tests check counts and answers,
 not speed.
@@ -18,7 +18,7 @@ import pytest
 from milterapp import Accept, App, Reject, TempFail
 from milterapp.cli import main
 from milterapp.events import EndOfMessage, EnvRcpt
-from milterapp.loadgen import LoadOptions, run_load
+from milterapp.load import LoadOptions, run_load
 from milterapp.testing import ServerThread
 
 

@@ -13,6 +13,11 @@ from typing import Final
 
 from pydantic import ValidationError
 
+from milterapp.constants import (
+    ActionFlag,
+    Command,
+    ProtocolFlag,
+)
 from milterapp.events import (
     Abort,
     AddressFamily,
@@ -34,11 +39,6 @@ from milterapp.events import (
     Unknown,
     decode_text,
     strip_brackets,
-)
-from milterapp.protocol.constants import (
-    ActionFlag,
-    Command,
-    ProtocolFlag,
 )
 from milterapp.protocol.framing import encode_frame
 from milterapp.protocol.payload import (

@@ -17,8 +17,8 @@ from __future__ import annotations
 import struct
 from typing import Final
 
+from milterapp.constants import DEFAULT_MAX_DATA_SIZE
 from milterapp.errors import FrameTooLargeError, RemoteProtocolError
-from milterapp.protocol.constants import DEFAULT_MAX_DATA_SIZE
 
 __all__ = ["LENGTH", "FrameDecoder", "encode_frame"]
 

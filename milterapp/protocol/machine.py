@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Final
 
+from milterapp.constants import ALL_COMMANDS, ActionFlag, ConnectionState
 from milterapp.errors import (
     LimitExceededError,
     LocalProtocolError,
@@ -44,7 +45,6 @@ from milterapp.events import Abort, ConnectionClosed, Event, Macros, Negotiate
 from milterapp.protocol.answers import check_modification, check_verdict, require_end_of_message
 from milterapp.protocol.codec import decode_command, encode_response
 from milterapp.protocol.commands import decode_macros
-from milterapp.protocol.constants import ALL_COMMANDS, ActionFlag, ConnectionState
 from milterapp.protocol.framing import FrameDecoder
 from milterapp.protocol.macros import MacroTable
 from milterapp.protocol.negotiation import SessionOptions, session_options

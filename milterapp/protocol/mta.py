@@ -29,13 +29,13 @@ from __future__ import annotations
 from collections import deque
 from typing import Final, NamedTuple, cast
 
+from milterapp.constants import ALL_COMMANDS, ActionFlag, ProtocolFlag
 from milterapp.errors import LocalProtocolError, RemoteProtocolError
 from milterapp.events import Body, Event, Macros, Negotiate
 from milterapp.protocol.answers import LEGAL_REPLIES
 from milterapp.protocol.codec import decode_response, encode_command
-from milterapp.protocol.constants import ALL_COMMANDS, MAX_VERSION, ActionFlag, ProtocolFlag
 from milterapp.protocol.framing import FrameDecoder
-from milterapp.protocol.negotiation import SessionOptions, session_options
+from milterapp.protocol.negotiation import UNNEGOTIATED, SessionOptions, session_options
 from milterapp.protocol.stages import BY_COMMAND, OptionalEvent, Stage
 from milterapp.replies import (
     Modification,
@@ -69,10 +69,6 @@ _MESSAGE_COMMANDS: Final = frozenset(
 _AFTER_CONNECTION_VERDICT: Final = frozenset(
     command for command, stage in BY_COMMAND.items() if not stage.replies
 ) | {_D}
-# Before negotiation nothing is reply-less but what never gets a reply.
-_NO_OPTIONS: Final = SessionOptions(
-    version=MAX_VERSION, actions=ActionFlag.NONE, protocol=ProtocolFlag.NONE
-)
 
 
 class Answer(NamedTuple):
@@ -149,7 +145,7 @@ class MtaConnection:
 
         Before negotiation every command but macros, abort and the quits expects one.
         """
-        return (self._options or _NO_OPTIONS).reply_expected(_command_of(command))
+        return (self._options or UNNEGOTIATED).reply_expected(_command_of(command))
 
     def suppressed(self, command: str | bytes | Event | type[Event]) -> bool:
         """Whether the milter asked not to receive ``command`` (or its version lacks it)."""
@@ -213,7 +209,7 @@ class MtaConnection:
             raise refuse("the message already has its verdict; send MAIL or ABORT first")
         if command == _B and self._skipped:
             raise refuse("the milter answered Skip; end of message comes next")
-        limit = (self._options or _NO_OPTIONS).max_data_size
+        limit = (self._options or UNNEGOTIATED).max_data_size
         if isinstance(event, Body) and len(event.chunk) > limit:
             raise refuse(f"body chunk of {len(event.chunk)} bytes exceeds {limit}")
 
@@ -228,7 +224,7 @@ class MtaConnection:
             self._closed = True
         elif command == _K:
             self._connection_done = self._message_over = self._skipped = False
-        if (self._options or _NO_OPTIONS).reply_expected(command):
+        if (self._options or UNNEGOTIATED).reply_expected(command):
             self._owed.append(command)
 
     # --- receiving ---------------------------------------------------------------------
@@ -331,7 +327,7 @@ class MtaConnection:
                 f"{type(reply).__name__} is not a valid answer to {chr(command)!r}; valid: {names}",
                 command=chr(code),
             )
-        if isinstance(reply, Skip) and not (self._options or _NO_OPTIONS).skip:
+        if isinstance(reply, Skip) and not (self._options or UNNEGOTIATED).skip:
             raise RemoteProtocolError("Skip without the SKIP protocol flag", command=chr(code))
         stage = BY_COMMAND[command]
         if isinstance(reply, Shutdown) or (

@@ -11,9 +11,7 @@ from typing import Final, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
-from milterapp.errors import LocalProtocolError, NegotiationError
-from milterapp.events import Negotiate
-from milterapp.protocol.constants import (
+from milterapp.constants import (
     DEFAULT_MAX_DATA_SIZE,
     MAX_DATA_SIZE_1M,
     MAX_DATA_SIZE_256K,
@@ -24,11 +22,14 @@ from milterapp.protocol.constants import (
     ProtocolFlag,
     max_data_size_for,
 )
+from milterapp.errors import LocalProtocolError, NegotiationError
+from milterapp.events import Negotiate
 from milterapp.protocol.stages import STAGES, OptionalEvent
 from milterapp.replies import NegotiationReply
 
 __all__ = [
     "OPTIONAL_EVENTS",
+    "UNNEGOTIATED",
     "Requirements",
     "SessionOptions",
     "negotiate",
@@ -145,6 +146,13 @@ class SessionOptions(BaseModel):
     def skip(self) -> bool:
         """The milter may answer a body chunk with Skip."""
         return bool(self.protocol & ProtocolFlag.SKIP)
+
+
+#: What holds before negotiation: every stage is sent, and every command that can get a
+#: reply waits for one.
+UNNEGOTIATED: Final = SessionOptions(
+    version=MAX_VERSION, actions=ActionFlag.NONE, protocol=ProtocolFlag.NONE
+)
 
 
 def _names(flags: ActionFlag | ProtocolFlag) -> list[str]:

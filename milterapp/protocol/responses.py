@@ -11,15 +11,15 @@ from typing import IO, Final
 
 from pydantic import ValidationError
 
-from milterapp.events import (
-    decode_text,
-)
-from milterapp.protocol.constants import (
+from milterapp.constants import (
     DEFAULT_MAX_DATA_SIZE,
     ActionFlag,
     MacroStage,
     ProtocolFlag,
     ResponseCode,
+)
+from milterapp.events import (
+    decode_text,
 )
 from milterapp.protocol.framing import encode_frame
 from milterapp.protocol.payload import (

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, Literal, TypeAlias
 
+from milterapp.constants import MacroStage, ProtocolFlag
 from milterapp.events import (
     Abort,
     Body,
@@ -34,7 +35,6 @@ from milterapp.events import (
     QuitNoClose,
     Unknown,
 )
-from milterapp.protocol.constants import MacroStage, ProtocolFlag
 from milterapp.replies import (
     Accept,
     Continue,

@@ -34,6 +34,7 @@ from milterapp.events import (
     Quit,
 )
 from milterapp.protocol.mta import Answer, MtaConnection
+from milterapp.protocol.stages import STAGES
 from milterapp.replies import (
     Accept,
     Continue,
@@ -42,7 +43,7 @@ from milterapp.replies import (
     Shutdown,
     Verdict,
 )
-from milterapp.session import ConnectionHandler
+from milterapp.server.connection import Connection
 from milterapp.spec import ConnectionSpec
 from milterapp.testing.delivery import apply, parse_message
 from milterapp.testing.pipe import READ_SIZE, connect_protocol
@@ -51,16 +52,8 @@ from milterapp.testing.results import MessageResult, StageReply
 
 __all__ = ["AsyncMilterTestClient", "MessageResult", "MilterTestClient", "StageReply"]
 
-_STAGE_OF: dict[type[Event], str] = {
-    Connect: "connect",
-    Helo: "helo",
-    EnvFrom: "envfrom",
-    EnvRcpt: "envrcpt",
-    Data: "data",
-    EndOfHeaders: "eoh",
-    Body: "body",
-    EndOfMessage: "eom",
-}
+#: The stage name of each event the client sends.
+_STAGE_OF: dict[type[Event], str] = {stage.event: stage.name for stage in STAGES}
 
 
 class AsyncMilterTestClient:
@@ -95,7 +88,7 @@ class AsyncMilterTestClient:
         self.facts = facts or SessionFacts()
         self.raise_errors = raise_errors
         self.timeout = timeout
-        self.handler: ConnectionHandler | None = None
+        self.handler: Connection | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._connected = False
@@ -116,9 +109,9 @@ class AsyncMilterTestClient:
     async def open(self) -> None:
         """Open the connection (in memory, or to the target) and negotiate."""
         if self.app is not None:
-            if not self.app._started:
+            if not self.app.serving.started:
                 await self.app.run_startup()
-            self.handler = ConnectionHandler(
+            self.handler = Connection(
                 self.app, self.app.requirements(), raise_errors=self.raise_errors
             )
             self._reader, self._writer = connect_protocol(self.handler, "mta", "milter")
@@ -298,7 +291,7 @@ class AsyncMilterTestClient:
         for event in events:
             if skipping and isinstance(event, Body):
                 continue
-            answer = await self._command(event, _STAGE_OF.get(type(event), "header"), result)
+            answer = await self._command(event, _STAGE_OF[type(event)], result)
             verdict = answer.verdict if answer else None
             if isinstance(verdict, Continue) or verdict is None:
                 continue

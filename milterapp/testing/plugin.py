@@ -78,7 +78,7 @@ def milter_recording() -> Callable[[str | Path, App], None]:
     """Replay a recording against an app; fail the test if any answer differs."""
 
     def check(path: str | Path, app: App) -> None:
-        from milterapp.testing.record import replay_sync
+        from milterapp.testing.recording.replay import replay_sync
 
         replay_sync(path, app).assert_same()
 

@@ -17,23 +17,18 @@ from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from milterapp.constants import DEFAULT_MAX_DATA_SIZE, MacroStage
 from milterapp.events import Header, Negotiate, macro_name
-from milterapp.protocol.constants import DEFAULT_MAX_DATA_SIZE, MacroStage
 from milterapp.protocol.mta import DEFAULT_OFFER
+from milterapp.protocol.stages import STAGES
 
 __all__ = ["POSTFIX", "PROFILES", "SENDMAIL", "MtaProfile", "SessionFacts", "profile"]
 
-#: Every stage letter a macro packet (``D``) can carry, in transaction order, then ``U``.
-_STAGE_LETTERS: Final = "CHMRTLNBEU"
+#: Every stage letter a macro packet (``D``) can carry: the commands the milter answers.
+_STAGE_LETTERS: Final = "".join(stage.commands.decode() for stage in STAGES if not stage.observer)
 #: Stage letter of each macro list a milter can request in its negotiation reply (§2).
 _REQUEST_LETTER: Final[dict[MacroStage, str]] = {
-    MacroStage.CONNECT: "C",
-    MacroStage.HELO: "H",
-    MacroStage.ENVFROM: "M",
-    MacroStage.ENVRCPT: "R",
-    MacroStage.DATA: "T",
-    MacroStage.EOM: "E",
-    MacroStage.EOH: "N",
+    stage.macros: stage.commands.decode() for stage in STAGES if stage.macros is not None
 }
 
 

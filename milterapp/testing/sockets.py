@@ -19,7 +19,7 @@ from milterapp.errors import ProtocolError
 from milterapp.events import Event, Negotiate, Quit
 from milterapp.protocol.mta import DEFAULT_OFFER, Answer, MtaConnection
 from milterapp.replies import NegotiationReply
-from milterapp.server import MilterServer
+from milterapp.server.server import MilterServer
 from milterapp.spec import ConnectionSpec
 from milterapp.testing.pipe import READ_SIZE
 

@@ -13,10 +13,11 @@ import pytest
 import structlog.testing
 from pydantic import ValidationError
 
-from milterapp.context import DEFAULT_SPOOL_THRESHOLD, Context, Message
+from milterapp.config import DEFAULT_SPOOL_THRESHOLD
+from milterapp.constants import DEFAULT_MAX_DATA_SIZE, ActionFlag, ProtocolFlag
+from milterapp.context import Context, Message
 from milterapp.errors import ActionNotNegotiated, LocalProtocolError
 from milterapp.events import EnvFrom, EnvRcpt, Header
-from milterapp.protocol.constants import DEFAULT_MAX_DATA_SIZE, ActionFlag, ProtocolFlag
 from milterapp.protocol.macros import MacroTable
 from milterapp.protocol.negotiation import SessionOptions
 from milterapp.replies import (

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import structlog.testing
 
-from milterapp.app import EVENT_NAMES, App
+from milterapp.app import App
+from milterapp.constants import ActionFlag, ProtocolFlag
 from milterapp.context import Context
 from milterapp.events import (
     Abort,
@@ -35,7 +36,7 @@ from milterapp.events import (
     Quit,
     Unknown,
 )
-from milterapp.protocol.constants import ActionFlag, ProtocolFlag
+from milterapp.handlers import EVENT_NAMES
 from milterapp.replies import (
     Accept,
     AddHeader,

@@ -1,7 +1,7 @@
 """The two ways through a dispatch give the same answers.
 
 ``App.dispatch_now()`` runs plain handlers in place and hands the rest of the chain to a
-:class:`~milterapp.app.Pending` from the first handler that must be awaited (an async handler,
+coroutine from the first handler that must be awaited (an async handler,
 a plain one that returned a coroutine, or one that raised). Whatever mix of plain and async
 handlers, and wherever the switch happens, the combined reply and the handlers that ran must
 be those of an all-plain chain.
@@ -10,14 +10,14 @@ be those of an all-plain chain.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import structlog.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from milterapp.app import App, Pending
+from milterapp.app import App
 from milterapp.context import Context
 from milterapp.events import Abort, Body
 from milterapp.replies import Accept, Continue, Discard, Reject, Skip, TempFail
@@ -84,8 +84,8 @@ def dispatch(app: App) -> tuple[object, bool]:
 
     async def main() -> tuple[object, bool]:
         result = app.dispatch_now("body", Body(chunk=b"x"), ctx)
-        if isinstance(result, Pending):
-            return await result.awaitable, False
+        if isinstance(result, Coroutine):
+            return await result, False
         return result, True
 
     with structlog.testing.capture_logs():

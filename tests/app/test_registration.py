@@ -10,10 +10,12 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from milterapp.app import ALIASES, EVENT_NAMES, App, AppConfig
+from milterapp.app import App
+from milterapp.config import AppConfig
 from milterapp.context import Context
 from milterapp.errors import SetupError
 from milterapp.events import EnvFrom, Event, Helo
+from milterapp.handlers import ALIASES, EVENT_NAMES
 from milterapp.replies import (
     Accept,
     Continue,

@@ -6,9 +6,10 @@ from typing import Any
 
 import pytest
 
-from milterapp.app import EVENT_NAMES, App
+from milterapp.app import App
+from milterapp.constants import ActionFlag, MacroStage
 from milterapp.events import Event
-from milterapp.protocol.constants import ActionFlag, MacroStage
+from milterapp.handlers import EVENT_NAMES
 from milterapp.protocol.negotiation import OPTIONAL_EVENTS, Requirements
 
 OBSERVERS_AND_EOM = ("negotiate", "open", "abort", "close", "eom")

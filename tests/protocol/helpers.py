@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 
+from milterapp.constants import ActionFlag, ConnectionState, ProtocolFlag
 from milterapp.events import (
     Abort,
     AddressFamily,
@@ -28,7 +29,6 @@ from milterapp.events import (
     Quit,
 )
 from milterapp.protocol.codec import decode_response, encode_command
-from milterapp.protocol.constants import ActionFlag, ConnectionState, ProtocolFlag
 from milterapp.protocol.framing import FrameDecoder
 from milterapp.protocol.machine import MilterConnection
 from milterapp.protocol.negotiation import Requirements, negotiate

@@ -9,6 +9,13 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from milterapp.constants import (
+    DEFAULT_MAX_DATA_SIZE,
+    MAX_DATA_SIZE_256K,
+    ActionFlag,
+    MacroStage,
+    ProtocolFlag,
+)
 from milterapp.errors import RemoteProtocolError
 from milterapp.events import (
     AddressFamily,
@@ -28,13 +35,6 @@ from milterapp.protocol.codec import (
     encode_command,
     encode_response,
     split_body,
-)
-from milterapp.protocol.constants import (
-    DEFAULT_MAX_DATA_SIZE,
-    MAX_DATA_SIZE_256K,
-    ActionFlag,
-    MacroStage,
-    ProtocolFlag,
 )
 from milterapp.protocol.framing import FrameDecoder
 from milterapp.replies import (

@@ -10,6 +10,13 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from milterapp.constants import (
+    DEFAULT_MAX_DATA_SIZE,
+    MAX_DATA_SIZE_1M,
+    ActionFlag,
+    MacroStage,
+    ProtocolFlag,
+)
 from milterapp.events import (
     Abort,
     AddressFamily,
@@ -35,13 +42,6 @@ from milterapp.protocol.codec import (
     decode_response,
     encode_command,
     encode_response,
-)
-from milterapp.protocol.constants import (
-    DEFAULT_MAX_DATA_SIZE,
-    MAX_DATA_SIZE_1M,
-    ActionFlag,
-    MacroStage,
-    ProtocolFlag,
 )
 from milterapp.protocol.framing import FrameDecoder, encode_frame
 from milterapp.protocol.responses import body_chunks, split_body

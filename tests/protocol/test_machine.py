@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from milterapp.constants import ActionFlag, ConnectionState, ProtocolFlag
 from milterapp.errors import (
     ActionNotNegotiated,
     FrameTooLargeError,
@@ -40,7 +41,6 @@ from milterapp.events import (
     Unknown,
 )
 from milterapp.protocol.codec import encode_command
-from milterapp.protocol.constants import ActionFlag, ConnectionState, ProtocolFlag
 from milterapp.protocol.machine import MilterConnection
 from milterapp.protocol.negotiation import Requirements, negotiate
 from milterapp.replies import (

@@ -22,6 +22,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from milterapp.constants import ActionFlag, ConnectionState, MacroStage, ProtocolFlag
 from milterapp.errors import LocalProtocolError, NegotiationError, RemoteProtocolError
 from milterapp.events import (
     Abort,
@@ -43,7 +44,6 @@ from milterapp.events import (
     Unknown,
 )
 from milterapp.protocol.codec import encode_command
-from milterapp.protocol.constants import ActionFlag, ConnectionState, MacroStage, ProtocolFlag
 from milterapp.protocol.machine import MilterConnection
 from milterapp.protocol.negotiation import OPTIONAL_EVENTS, Requirements, negotiate
 from milterapp.replies import (

@@ -14,12 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from milterapp.errors import FrameTooLargeError, RemoteProtocolError
-from milterapp.protocol.codec import decode_command, decode_response
-from milterapp.protocol.constants import (
+from milterapp.constants import (
     DEFAULT_MAX_DATA_SIZE,
     MAX_DATA_SIZE_256K,
 )
+from milterapp.errors import FrameTooLargeError, RemoteProtocolError
+from milterapp.protocol.codec import decode_command, decode_response
 from milterapp.protocol.framing import FrameDecoder
 
 OPTNEG_12 = bytes.fromhex("00000006 000001ff 001fffff")

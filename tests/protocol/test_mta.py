@@ -11,6 +11,7 @@ import ipaddress
 
 import pytest
 
+from milterapp.constants import ActionFlag, MacroStage, ProtocolFlag
 from milterapp.errors import FrameTooLargeError, LocalProtocolError, RemoteProtocolError
 from milterapp.events import (
     Abort,
@@ -32,7 +33,6 @@ from milterapp.events import (
     Unknown,
 )
 from milterapp.protocol.codec import encode_command, encode_response
-from milterapp.protocol.constants import ActionFlag, MacroStage, ProtocolFlag
 from milterapp.protocol.framing import encode_frame
 from milterapp.protocol.machine import MilterConnection
 from milterapp.protocol.mta import DEFAULT_OFFER, Answer, MtaConnection

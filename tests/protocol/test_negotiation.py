@@ -7,9 +7,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from milterapp.constants import ActionFlag, MacroStage, ProtocolFlag
 from milterapp.errors import LocalProtocolError, NegotiationError
 from milterapp.events import Negotiate
-from milterapp.protocol.constants import ActionFlag, MacroStage, ProtocolFlag
 from milterapp.protocol.negotiation import (
     OPTIONAL_EVENTS,
     Requirements,

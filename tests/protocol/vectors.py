@@ -21,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any, Final
 
+from milterapp.constants import ActionFlag, MacroStage, ProtocolFlag
 from milterapp.events import (
     Abort,
     AddressFamily,
@@ -42,7 +43,6 @@ from milterapp.events import (
     Unknown,
     decode_text,
 )
-from milterapp.protocol.constants import ActionFlag, MacroStage, ProtocolFlag
 from milterapp.replies import (
     Accept,
     AddHeader,

@@ -29,9 +29,9 @@ from milterapp.events import (
     Helo,
     Macros,
 )
-from milterapp.loops import loop_factory
 from milterapp.replies import AddHeader, Continue, Reject, TempFail
 from milterapp.server import MilterServer
+from milterapp.server.loops import loop_factory
 from milterapp.testing import Answer, MtaClient
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Accepting connections (milterapp.acceptor): every waiting connection at each turn, on both
+"""Accepting connections (milterapp.server.acceptor): every waiting connection at each turn, on both
 loops; the backlog the server was given; out of file descriptors, a pause and no crash."""
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from collections.abc import Iterator
 import pytest
 import structlog.testing
 
-from milterapp import acceptor
-from milterapp.server import MilterServer
+from milterapp.server import MilterServer, acceptor
 from tests.server.support import (
     LOOPBACK,
     assert_serves,

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
-from milterapp.deadlines import Deadlines
-from milterapp.limits import Limits
+from milterapp.server.deadlines import Deadlines
+from milterapp.server.limits import Limits
 
 
 class Timer:
@@ -49,10 +48,14 @@ class FakeLoop:
         self.now = to
 
 
-def deadlines(loop: FakeLoop, busy: list[bool], fired: list[str], **limits: Any) -> Deadlines:
+def deadlines(loop: FakeLoop, busy: list[bool], fired: list[str], **given: float) -> Deadlines:
+    """Deadlines with the server's defaults, but for those ``given`` (0 turns one off)."""
+    defaults = Limits()
     return Deadlines(
         loop,  # type: ignore[arg-type]
-        Limits(**limits),
+        given.get("timeout", defaults.timeout),
+        given.get("read_timeout", defaults.read_timeout),
+        given.get("write_timeout", defaults.write_timeout),
         busy=lambda: busy[0],
         on_idle=lambda: fired.append(f"idle@{loop.now:g}"),
         on_read=lambda: fired.append(f"read@{loop.now:g}"),

@@ -9,7 +9,7 @@ import sys
 import pytest
 import structlog
 
-from milterapp.logconfig import configure_logging
+from milterapp.server.logsetup import configure_logging
 
 
 class CountingStream(io.StringIO):

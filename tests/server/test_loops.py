@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from milterapp.errors import SetupError
-from milterapp.loops import loop_factory, loop_name, run_in_loop
+from milterapp.server.loops import loop_factory, loop_name, run_in_loop
 
 
 async def which() -> str:
@@ -27,7 +27,7 @@ def test_auto_takes_uvloop_when_installed() -> None:
 
 
 def test_auto_falls_back_to_asyncio_without_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("milterapp.loops._uvloop_installed", lambda: False)
+    monkeypatch.setattr("milterapp.server.loops._uvloop_installed", lambda: False)
     assert loop_factory("auto") is asyncio.new_event_loop
 
 

@@ -17,9 +17,9 @@ import structlog
 
 from milterapp import Accept, App
 from milterapp.events import EndOfMessage
-from milterapp.loops import run_in_loop
 from milterapp.protocol.framing import LENGTH
 from milterapp.replies import AddHeader, Continue
+from milterapp.server.loops import run_in_loop
 from milterapp.testing import MtaClient
 from tests.server.support import (
     TEST_TIMEOUT,

@@ -6,7 +6,8 @@ import asyncio
 import io
 from typing import Any
 
-from milterapp.app import EVENT_NAMES, App
+from milterapp.app import App
+from milterapp.constants import ActionFlag
 from milterapp.context import Context
 from milterapp.errors import ActionNotNegotiated, LocalProtocolError
 from milterapp.events import (
@@ -25,7 +26,7 @@ from milterapp.events import (
     Quit,
     Unknown,
 )
-from milterapp.protocol.constants import ActionFlag
+from milterapp.handlers import EVENT_NAMES
 from milterapp.protocol.mta import DEFAULT_OFFER
 from milterapp.replies import (
     Accept,

@@ -8,7 +8,8 @@ import contextlib
 
 import pytest
 
-from milterapp.app import App, CloseEvent
+from milterapp.app import App
+from milterapp.constants import ActionFlag, ProtocolFlag
 from milterapp.context import Context
 from milterapp.errors import ActionNotNegotiated, RemoteProtocolError
 from milterapp.events import (
@@ -22,7 +23,7 @@ from milterapp.events import (
     Quit,
     QuitNoClose,
 )
-from milterapp.protocol.constants import ActionFlag, ProtocolFlag
+from milterapp.handlers import CloseEvent
 from milterapp.replies import (
     AddHeader,
     Continue,

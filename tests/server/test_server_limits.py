@@ -13,9 +13,14 @@ from milterapp.app import App
 from milterapp.cli import _parser, _server_options
 from milterapp.context import Context
 from milterapp.events import EndOfMessage, EnvRcpt, Header, Macros
-from milterapp.limits import HEADER_TOO_LARGE, TOO_MANY_HEADERS, TOO_MANY_RECIPIENTS
 from milterapp.replies import Continue
 from milterapp.server import ServerOptions
+from milterapp.server.limits import (
+    HEADER_TOO_LARGE,
+    TOO_MANY_HEADERS,
+    TOO_MANY_RECIPIENTS,
+    Limits,
+)
 from tests.server.support import (
     CLIENT,
     connect,
@@ -66,10 +71,10 @@ class Recorder:
 def test_limits_have_safe_defaults() -> None:
     options = ServerOptions()
     assert options.max_connections == 1000
-    assert options.max_macros_per_packet == 256
-    assert options.max_headers == 1000
-    assert options.max_header_size == 256 * 1024
-    assert options.max_recipients == 1000
+    assert options.limits.max_macros_per_packet == 256
+    assert options.limits.max_headers == 1000
+    assert options.limits.max_header_size == 256 * 1024
+    assert options.limits.max_recipients == 1000
 
 
 @pytest.mark.parametrize(
@@ -85,7 +90,9 @@ def test_limits_have_safe_defaults() -> None:
 def test_limits_are_validated_and_zero_means_no_limit(name: str) -> None:
     with pytest.raises(ValidationError, match=name):
         ServerOptions.model_validate({name: -1})
-    assert getattr(ServerOptions.model_validate({name: 0}), name) == 0
+    options = ServerOptions.model_validate({name: 0})
+    holder = options.limits if name in Limits.model_fields else options  # limits given by name
+    assert getattr(holder, name) == 0
 
 
 def test_cli_passes_the_limits_on() -> None:

@@ -20,10 +20,9 @@ from pydantic import ValidationError
 
 from milterapp.errors import ServerError, ServerErrorKind
 from milterapp.events import ConnectionOpened
-from milterapp.listener import open_listener
 from milterapp.replies import AddHeader, Continue
 from milterapp.server import MilterServer, ServerOptions
-from milterapp.spec import ConnectionSpec
+from milterapp.server.listener import listen
 from tests.server.support import (
     LOOPBACK,
     assert_serves,
@@ -433,7 +432,7 @@ def test_backlog_default_holds_a_burst_of_connections() -> None:
     # old default of 128 the 129th connection here waited out its timeout.
     assert ServerOptions().backlog == socket.SOMAXCONN
     burst = min(300, int(Path("/proc/sys/net/core/somaxconn").read_text()))
-    listener = open_listener(ConnectionSpec.parse(LOOPBACK))
+    listener = listen(ServerOptions(spec=LOOPBACK))
     clients: list[socket.socket] = []
     try:
         port = listener.sock.getsockname()[1]
@@ -511,7 +510,7 @@ def test_listen_socket_not_listening_is_refused(kind: str) -> None:
             run(server.start())
         assert caught.value.kind is ServerErrorKind.IO
         assert "listening" in str(caught.value)
-    assert app._stop is None  # not left "running"
+    assert not app.serving.running  # not left "running"
 
 
 # --- systemd socket activation (in a child process: it takes fd 3 and the environment) ---

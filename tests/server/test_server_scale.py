@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from milterapp.constants import ActionFlag, ProtocolFlag
 from milterapp.events import Negotiate
 from milterapp.protocol.codec import encode_command
-from milterapp.protocol.constants import ActionFlag, ProtocolFlag
 from milterapp.replies import Accept, AddHeader
 from milterapp.testing import MtaClient
 from tests.server.support import run, send_message, start_session

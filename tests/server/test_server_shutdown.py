@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from milterapp.app import App, CloseEvent
+from milterapp.app import App
 from milterapp.context import Context
 from milterapp.errors import ServerError, SetupError
 from milterapp.events import ConnectionClosed, ConnectionOpened, EndOfMessage, Quit
+from milterapp.handlers import CloseEvent
 from milterapp.replies import AddHeader, Continue, TempFail
 from milterapp.server import MilterServer, serve
 from milterapp.testing import MtaClient
@@ -265,7 +266,7 @@ def test_shutdown_failing_startup_hook_is_setup_error_and_removes_socket(sock_di
     with pytest.raises(SetupError, match="database down"):
         run(server.start())
     assert not os.path.lexists(path)
-    assert app._stop is None  # not left "running"
+    assert not app.serving.running  # not left "running"
 
     async def main() -> None:  # the app can be served once the cause is fixed
         async with running_server(app, f"unix:{path}") as second, await connect(second) as client:
@@ -395,7 +396,7 @@ def test_serve_stopped_by_shutdown_from_another_thread(sock_dir: Path) -> None:
 
     run(main())
     assert closes == [Quit()]
-    assert app._stop is None
+    assert not app.serving.running
 
 
 def test_serve_app_shutdown_when_not_serving_does_nothing() -> None:

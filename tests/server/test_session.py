@@ -1,4 +1,4 @@
-"""ConnectionHandler driven directly, for orderings a socket cannot produce on demand."""
+"""Connection driven directly, for orderings a socket cannot produce on demand."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import gc
 from typing import Any
 
 from milterapp import App
+from milterapp.constants import ActionFlag, ProtocolFlag
 from milterapp.events import (
     Body,
     Data,
@@ -19,8 +20,7 @@ from milterapp.events import (
     Quit,
 )
 from milterapp.protocol.codec import encode_command
-from milterapp.protocol.constants import ActionFlag, ProtocolFlag
-from milterapp.session import ConnectionHandler
+from milterapp.server.connection import Connection
 from tests.server.support import CLIENT, HELO, run
 
 
@@ -65,7 +65,7 @@ def test_a_handler_that_finishes_after_the_mta_left_still_ends_the_connection() 
         def close(event: Any, ctx: Any) -> None:
             closes.append(type(event).__name__)
 
-        handler = ConnectionHandler(app, app.requirements())
+        handler = Connection(app, app.requirements())
         transport = FakeTransport()
         handler.connection_made(transport)
         offer = Negotiate(version=6, actions=ActionFlag.ALL, protocol=ProtocolFlag.NONE)
@@ -96,7 +96,7 @@ def test_the_rest_of_a_large_body_chunk_is_read_into_its_own_buffer() -> None:
 
     async def main() -> None:
         shared = bytearray(256 * 1024)
-        handler = ConnectionHandler(app, app.requirements(), read_buffer=shared)
+        handler = Connection(app, app.requirements(), read_buffer=shared)
         transport = FakeTransport()
         handler.connection_made(transport)
         offer = Negotiate(version=6, actions=ActionFlag.ALL, protocol=ProtocolFlag.NONE)
@@ -146,7 +146,7 @@ def test_a_finished_connection_leaves_nothing_for_the_cycle_collector() -> None:
         gc.disable()
         try:
             for _ in range(5):
-                handler = ConnectionHandler(app, app.requirements())
+                handler = Connection(app, app.requirements())
                 transport = FakeTransport()
                 handler.connection_made(transport)
                 for wire in wires:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from milterapp.transports import no_delay
+from milterapp.server.writes import no_delay
 from tests.server.support import run
 
 

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from milterapp.constants import ActionFlag, MacroStage, ProtocolFlag
 from milterapp.events import Header
-from milterapp.protocol.constants import ActionFlag, MacroStage, ProtocolFlag
 from milterapp.testing.profiles import (
     POSTFIX,
     PROFILES,

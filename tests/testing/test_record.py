@@ -26,7 +26,7 @@ from milterapp.protocol.codec import encode_command, encode_response
 from milterapp.protocol.mta import DEFAULT_OFFER, Answer, MtaConnection
 from milterapp.replies import Continue, Reject, Reply
 from milterapp.testing import MtaClient
-from milterapp.testing.record import (
+from milterapp.testing.recording import (
     RecordedConnection,
     RecordedPacket,
     Recording,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 
-from milterapp.app import App, CloseEvent
+from milterapp.app import App
 from milterapp.context import Context
 from milterapp.events import (
     Abort,
@@ -29,7 +29,9 @@ from milterapp.events import (
     QuitNoClose,
     Unknown,
 )
+from milterapp.handlers import CloseEvent
 from milterapp.replies import Accept, Continue, Discard, Reject, Shutdown, Skip, TempFail
+from milterapp.server import Servable
 
 app = App("typing-good")
 
@@ -255,3 +257,6 @@ NAMES_REGISTERED = (
     "abort",
     "close",
 )
+
+# The server serves anything shaped like an App; an App is one (checked by mypy, here).
+SERVED: Servable = app

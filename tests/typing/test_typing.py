@@ -22,7 +22,7 @@ from types import ModuleType
 
 import pytest
 
-from milterapp.app import ALIASES, EVENT_NAMES
+from milterapp.handlers import ALIASES, EVENT_NAMES
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent

@@ -9,12 +9,11 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 
-from milterapp import (
-    AddHeader,
+from milterapp.constants import ActionFlag, ProtocolFlag
+from milterapp.events import (
     AddressFamily,
     Body,
     Connect,
-    Continue,
     Data,
     EndOfHeaders,
     EndOfMessage,
@@ -27,14 +26,12 @@ from milterapp import (
     Macros,
     Negotiate,
     Quit,
-    Reject,
 )
 from milterapp.protocol.codec import decode_response, encode_command
-from milterapp.protocol.constants import ActionFlag, ProtocolFlag
 from milterapp.protocol.framing import FrameDecoder
 from milterapp.protocol.machine import MilterConnection
 from milterapp.protocol.negotiation import Requirements, negotiate
-from milterapp.replies import NegotiationReply, Reply
+from milterapp.replies import AddHeader, Continue, NegotiationReply, Reject, Reply
 
 __all__ = ["run_wire_demo"]
 

@@ -12,8 +12,8 @@ A recording is one JSON object per line (``t``: seconds since the connection ope
 A close marker has an ``"error"`` when the connection could not be recorded in full: the
 milter was unreachable, or a stream was not made of milter packets (it is still relayed).
 
-:mod:`milterapp.testing.recorder` writes recordings; :mod:`milterapp.testing.replay` plays
-them back against an App.
+:mod:`~milterapp.testing.recording.proxy` writes recordings;
+:mod:`~milterapp.testing.recording.replay` plays them back against an App.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""What the connection handler needs from its transport: batched writes, prompt small
-packets, and the peer's name for the logs."""
+"""How replies go out: written together at the end of the event loop's turn, and each one
+sent at once rather than held back by Nagle's algorithm."""
 
 from __future__ import annotations
 
@@ -7,17 +7,16 @@ import asyncio
 import contextlib
 import socket
 
-__all__ = ["WriteBatch", "no_delay", "peer_name"]
+__all__ = ["WriteBatch", "no_delay"]
 
 
 class WriteBatch:
     """Replies written together, once the event loop has run every callback that is ready.
 
     Each reply wakes the MTA's process if it sleeps; written one by one between the other
-    connections' work, a reply wakes it each time. Written in one burst, a few wake it once.
-    The reference scenario went from about 2,000 to about 2,800 messages per second with this
-    alone (docs/performance.md). The delay is one turn of the loop; each connection's bytes
-    keep their order.
+    connections' work, a reply wakes it each time. Written in one burst, a few wake it once
+    (docs/performance.md has what that is worth). The delay is one turn of the loop; each
+    connection's bytes keep their order.
     """
 
     __slots__ = ("_loop", "_pending")
@@ -50,12 +49,3 @@ def no_delay(transport: asyncio.BaseTransport) -> None:
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def peer_name(transport: asyncio.BaseTransport) -> str:
-    name = transport.get_extra_info("peername")
-    if isinstance(name, tuple) and len(name) >= 2:
-        host = f"[{name[0]}]" if ":" in str(name[0]) else str(name[0])
-        return f"{host}:{name[1]}"
-    local = transport.get_extra_info("sockname")
-    return str(name or local or "unknown")

@@ -1,10 +1,16 @@
-"""What to answer: each MTA event through the App's handlers, with the limits applied.
+"""What the milter answers: each MTA event through the app's handlers, with the limits applied.
 
-:class:`Steps` turns one event into the bytes of its reply. While every handler involved is a
-plain function the answer is computed at once (``bytes``); otherwise a coroutine that gives
-the bytes is returned, for the connection handler (:mod:`milterapp.session`) to await. It
-knows nothing of transports: it writes nothing itself, except progress packets through the
-callback it is given.
+:class:`Responder` is the one place where a connection's replies are made: the negotiation
+reply, each verdict, the modifications of an end of message, the progress packets sent while
+a handler runs long, and the TempFail that a command still waiting gets when the connection
+fails or shuts down. It also keeps the server's record of the session in the context (the
+client, the HELO name, the message's envelope and headers, and the body when the app keeps
+it), applies the per-message limits, and opens and closes sessions.
+
+While every handler involved is a plain function the reply is made at once (``bytes``);
+otherwise a coroutine that gives the bytes is returned, for the connection
+(:mod:`milterapp.server.connection`) to await. It writes nothing itself but progress packets,
+through the ``write_now`` function it is given.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final
 
-from milterapp.app import App, CloseEvent, Pending
+from milterapp.constants import DEFAULT_MAX_DATA_SIZE, ConnectionState
 from milterapp.context import Context
 from milterapp.errors import LocalProtocolError, NegotiationError
 from milterapp.events import (
@@ -21,8 +27,6 @@ from milterapp.events import (
     Body,
     Connect,
     ConnectionOpened,
-    Data,
-    EndOfHeaders,
     EndOfMessage,
     EnvFrom,
     EnvRcpt,
@@ -31,101 +35,139 @@ from milterapp.events import (
     Helo,
     Macros,
     Negotiate,
-    Unknown,
 )
-from milterapp.limits import (
+from milterapp.protocol.machine import MilterConnection
+from milterapp.protocol.negotiation import Requirements, negotiate
+from milterapp.protocol.stages import BY_NAME, STAGES
+from milterapp.replies import (
+    Accept,
+    Continue,
+    NegotiationReply,
+    Progress,
+    Reject,
+    Skip,
+    TempFail,
+)
+from milterapp.server.limits import (
     HEADER_TOO_LARGE,
     TOO_MANY_HEADERS,
     TOO_MANY_RECIPIENTS,
     Limits,
     header_size,
 )
-from milterapp.protocol.constants import DEFAULT_MAX_DATA_SIZE
-from milterapp.protocol.machine import ConnectionState, MilterConnection
-from milterapp.protocol.negotiation import Requirements, negotiate
-from milterapp.replies import (
-    Accept,
-    Continue,
-    NegotiationReply,
-    Reject,
-    Shutdown,
-    Skip,
-    TempFail,
-    Verdict,
-)
+from milterapp.server.servable import Outcome, Servable
 
-__all__ = ["Step", "Steps"]
+__all__ = ["Responder", "Response"]
 
 #: The reply to one event: its bytes now, or a coroutine that gives them.
-Step = bytes | Coroutine[Any, Any, bytes]
-Outcome = Verdict | Shutdown | None
+Response = bytes | Coroutine[Any, Any, bytes]
 
 _NEGOTIATIONS_KEPT: Final = 64
-#: Commands of a message that a refused message no longer runs handlers for.
-_MESSAGE_STAGES: Final = frozenset({"envrcpt", "data", "header", "eoh", "body", "eom"})
-_HANDLER_NAMES: Final[dict[type[Event], str]] = {
-    Connect: "connect",
-    Helo: "helo",
-    EnvFrom: "envfrom",
-    EnvRcpt: "envrcpt",
-    Data: "data",
-    Unknown: "unknown",
-    Header: "header",
-    EndOfHeaders: "eoh",
-    Body: "body",
-    EndOfMessage: "eom",
+#: The stages whose handlers may reply, by event model (the others are observed only).
+_REPLYING_STAGES: Final[dict[type[Event], str]] = {
+    stage.event: stage.name for stage in STAGES if not stage.observer
 }
+_MESSAGE_STAGES: Final = [stage.name for stage in STAGES if stage.scope == "message"]
+#: Stages of a message that a refused message no longer runs handlers for (the first, MAIL,
+#: opens a new message).
+_LATER_MESSAGE_STAGES: Final = frozenset(_MESSAGE_STAGES[1:])
+_MESSAGE: Final = ConnectionState.MESSAGE
 
 
-class Steps:
-    """The replies of one connection's App; see the module docstring.
+class Responder:
+    """The replies of one connection; see the module docstring.
 
     Args:
-        negotiations: negotiation replies by offer, to share between the connections of one
-            server (they have the same requirements).
+        app: what is served (an App).
+        requirements: what to negotiate (``app.requirements()``, computed once per server).
+        machine: the connection's protocol state machine.
+        limits: the per-message limits.
+        conn_id: the connection's id in logs and ``ctx.conn_id``.
+        write_now: writes bytes at once and returns when the transport takes more (progress
+            packets are sent while a handler runs).
+        raise_errors: let handler exceptions escape instead of the fallback reply (tests).
+        log: the structlog logger that each session's ``ctx.log`` binds to.
+        negotiations: negotiation replies by offer, shared by one server's connections
+            (they have the same requirements).
 
     Attributes:
-        ctx: the current session's context (the connection handler sets it).
-        progress: sends a progress packet (the connection handler sets it).
+        ctx: the current session's context (None before the first session opens).
         closed: the current session's close handlers ran (or are running).
     """
 
     def __init__(
         self,
-        app: App,
+        app: Servable,
         requirements: Requirements,
         machine: MilterConnection,
         limits: Limits,
+        *,
+        conn_id: str,
+        write_now: Callable[[bytes], Awaitable[None]],
+        raise_errors: bool = False,
+        log: Any = None,
         negotiations: dict[tuple[int, int, int], NegotiationReply] | None = None,
     ) -> None:
         self.app = app
         self.requirements = requirements
-        # Replies by offer, shared by the connections of one server (same requirements).
-        self.negotiations = {} if negotiations is None else negotiations
         self.machine = machine
         self.limits = limits
+        self.conn_id = conn_id
+        self.negotiations = {} if negotiations is None else negotiations
         self.ctx: Context | None = None
-        self.progress: Callable[[], Awaitable[None]] | None = None
         self.closed = False
+        self._write_now: Callable[[bytes], Awaitable[None]] | None = write_now
+        self._raise_errors = raise_errors
+        self._log = log
+        self._sessions = 0
         # The message that went over a limit, and the reply it gets (at most one at a time).
         self._refused: tuple[object, TempFail] | None = None
 
     # --- sessions ------------------------------------------------------------------------
 
-    def open_session(self, ctx: Context) -> Step:
+    def open_session(self, peer: str) -> Response:
+        """Start a session (one per SMTP session on the connection) with a fresh context,
+        and run the ``open`` handlers."""
+        machine = self.machine
+        sessions = self._sessions
+        self._sessions += 1
+        ctx = self.ctx = Context(
+            app_name=self.app.name,
+            conn_id=self.conn_id if not sessions else f"{self.conn_id}.{sessions}",
+            peer=peer,
+            macros=machine.macros,
+            spool_threshold=self.app.config.kept_body_threshold,
+            progress=self.progress,
+            log=self._log,
+            options=machine.options,  # known already when a connection is reused (QUIT_NC)
+            raise_errors=self._raise_errors,
+        )
         self.closed = False
-        return _nothing_after(self.app.dispatch_now("open", ConnectionOpened(peer=ctx.peer), ctx))
+        return _nothing_after(self.app.dispatch_now("open", ConnectionOpened(peer=peer), ctx))
 
-    def close_session(self, event: CloseEvent) -> Step:
+    def close_session(self, event: Event) -> Response:
+        """Run the ``close`` handlers of the current session."""
         assert self.ctx is not None
         self.closed = True
         return _nothing_after(self.app.dispatch_now("close", event, self.ctx))
 
+    def release(self) -> None:
+        """The connection is closing: release what the current message holds."""
+        if self.ctx is not None:
+            self.ctx.message.close()
+
+    def detach(self) -> None:
+        """The connection is over: drop the references back to it (its write function, the
+        context's progress callback), so that its objects are freed by reference counting."""
+        self._write_now = None
+        if self.ctx is not None:
+            self.ctx.detach()
+
     # --- events --------------------------------------------------------------------------
 
-    def on_event(self, event: Event) -> Step:
+    def respond(self, event: Event) -> Response:
         """The reply to ``event`` (empty when the MTA expects none)."""
-        name = _HANDLER_NAMES.get(type(event))
+        name = _REPLYING_STAGES.get(type(event))
         if name is None:
             return self._on_other(event)
         ctx = self.ctx
@@ -133,7 +175,7 @@ class Steps:
         machine = self.machine
         message = ctx.message
         refused = self._refused
-        if refused is not None and name in _MESSAGE_STAGES:
+        if refused is not None and name in _LATER_MESSAGE_STAGES:
             if refused[0] is message:  # over a limit already: answer at the first chance
                 return self._refuse(ctx, refused[1]) if machine.awaiting_reply else b""
             self._refused = None  # that message is over
@@ -176,8 +218,8 @@ class Steps:
         if verdict is None or verdict.__class__ is Continue:  # the common case, at once
             return machine.continue_if_owed()
         awaiting = machine.awaiting_reply  # (plain handlers cannot have changed it)
-        if isinstance(verdict, Pending):
-            return self._reply_later(name, awaiting, verdict.awaitable)
+        if isinstance(verdict, Coroutine):
+            return self._reply_later(name, awaiting, verdict)
         return self._reply(name, awaiting, verdict)
 
     async def _reply_later(self, name: str, awaiting: bool, outcome: Awaitable[Outcome]) -> bytes:
@@ -191,20 +233,20 @@ class Steps:
             return b""
         return self._answer(name, verdict)
 
-    def _on_other(self, event: Event) -> Step:
+    def _on_other(self, event: Event) -> Response:
         ctx = self.ctx
         assert ctx is not None
         if isinstance(event, Macros):
             return b""  # the machine keeps them (and applies max_macros_per_packet)
         if isinstance(event, Negotiate):
             observed = self.app.dispatch_now("negotiate", event, ctx)
-            if isinstance(observed, Pending):
-                return self._negotiate_later(event, observed.awaitable)
+            if isinstance(observed, Coroutine):
+                return self._negotiate_later(event, observed)
             return self._negotiate(event)
         if isinstance(event, Abort):
             observed = self.app.dispatch_now("abort", event, ctx)
-            if isinstance(observed, Pending):
-                return self._abort_later(observed.awaitable)
+            if isinstance(observed, Coroutine):
+                return self._abort_later(observed)
             ctx.new_message()
         return b""
 
@@ -236,17 +278,17 @@ class Steps:
 
     # --- end of message ------------------------------------------------------------------
 
-    def _end_of_message(self, ctx: Context, event: EndOfMessage) -> Step:
+    def _end_of_message(self, ctx: Context, event: EndOfMessage) -> Response:
         app = self.app
         if event.chunk:  # libmilter treats data in end of message as a last body chunk
             ctx.message.append_body(event.chunk)
             body = app.dispatch_now("body", Body(chunk=event.chunk), ctx)
-            if isinstance(body, Pending):
-                return self._end_of_message_later(ctx, event, body.awaitable)
+            if isinstance(body, Coroutine):
+                return self._end_of_message_later(ctx, event, body)
         ctx.enter_eom(True)
         verdict = app.dispatch_now("eom", event, ctx)
-        if isinstance(verdict, Pending):
-            return self._with_progress(verdict.awaitable)
+        if isinstance(verdict, Coroutine):
+            return self._with_progress(verdict)
         return self._answer("eom", verdict)
 
     async def _end_of_message_later(
@@ -255,8 +297,8 @@ class Steps:
         await body
         ctx.enter_eom(True)
         verdict = self.app.dispatch_now("eom", event, ctx)
-        if isinstance(verdict, Pending):
-            return await self._with_progress(verdict.awaitable)
+        if isinstance(verdict, Coroutine):
+            return await self._with_progress(verdict)
         return self._answer("eom", verdict)
 
     async def _with_progress(self, outcome: Coroutine[Any, Any, Outcome]) -> bytes:
@@ -267,13 +309,29 @@ class Steps:
                 done, _ = await asyncio.wait({task}, timeout=self.app.config.progress_interval)
                 if done:
                     return self._answer("eom", task.result())
-                assert self.progress is not None
                 await self.progress()
         finally:
             if not task.done():
                 task.cancel()
 
     # --- answers -------------------------------------------------------------------------
+
+    async def progress(self) -> None:
+        """Send a progress packet now: the MTA restarts its timer (end of message only)."""
+        write = self._write_now
+        if write is not None:
+            await write(self.machine.send(Progress()))
+
+    def tempfail_pending(self) -> bytes:
+        """TempFail for a command still waiting for its reply, as the connection ends
+        abnormally (fail closed); nothing if none waits (or only negotiation does)."""
+        machine = self.machine
+        if machine.awaiting_reply and machine.pending_command != "O":
+            try:
+                return machine.send(TempFail())
+            except LocalProtocolError:
+                return b""
+        return b""
 
     def _answer(self, name: str, verdict: Outcome) -> bytes:
         machine = self.machine
@@ -285,7 +343,7 @@ class Steps:
         if isinstance(verdict, Skip) and not (machine.options and machine.options.skip):
             verdict = Continue()  # a hint we cannot pass on (e.g. keep_message needs the body)
         out: list[bytes] = []
-        was_message = machine.state is ConnectionState.MESSAGE
+        was_message = machine.state is _MESSAGE
         if name == "eom":
             if isinstance(verdict, Continue | Accept):
                 try:
@@ -304,7 +362,7 @@ class Steps:
         except LocalProtocolError as exc:
             ctx.log.error("reply_refused", stage=name, reply=repr(verdict), error=str(exc))
             out.append(machine.send(TempFail()))
-        if was_message and machine.state is not ConnectionState.MESSAGE:
+        if was_message and machine.state is not _MESSAGE:
             ctx.new_message()
         return b"".join(out)
 
@@ -314,8 +372,8 @@ class Steps:
         """A command went over a limit: log it, and refuse it or its whole message."""
         ctx.log.warning("limit_exceeded", limit=limit, value=value, stage=stage, **facts)
         awaiting = self.machine.awaiting_reply
-        if stage == "envrcpt" and awaiting:
-            return self._refuse(ctx, reply)  # only this recipient: the message goes on
+        if awaiting and isinstance(reply, BY_NAME[stage].goes_on):
+            return self._refuse(ctx, reply)  # only this command (a recipient): the message goes on
         # Without a reply to this command, the whole message gets one later (fail closed).
         self._refused = (ctx.message, reply)
         return self._refuse(ctx, reply) if awaiting else b""
@@ -323,17 +381,17 @@ class Steps:
     def _refuse(self, ctx: Context, reply: TempFail) -> bytes:
         """Answer the pending command with ``reply``, without running handlers."""
         machine = self.machine
-        was_message = machine.state is ConnectionState.MESSAGE
+        was_message = machine.state is _MESSAGE
         out = machine.send(reply)
-        if was_message and machine.state is not ConnectionState.MESSAGE:
+        if was_message and machine.state is not _MESSAGE:
             ctx.new_message()
         return out
 
 
-def _nothing_after(observed: Outcome | Pending) -> Step:
+def _nothing_after(observed: Outcome | Coroutine[Any, Any, Outcome]) -> Response:
     """Observers reply nothing: wait for them if they must be awaited."""
-    if isinstance(observed, Pending):
-        return _await_nothing(observed.awaitable)
+    if isinstance(observed, Coroutine):
+        return _await_nothing(observed)
     return b""
 
 

@@ -2,7 +2,7 @@
 
 :func:`record` relays every byte unchanged and writes each packet, both directions, to a
 recording file (:mod:`milterapp.testing.recording`); :func:`replay
-<milterapp.testing.replay.replay>` turns it into a regression test.
+<milterapp.testing.recording.replay.replay>` turns it into a regression test.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from typing import Any, Final
 import structlog
 
 from milterapp.errors import RemoteProtocolError
-from milterapp.listener import open_listener
 from milterapp.protocol.framing import FrameDecoder
+from milterapp.server import listener as listening
+from milterapp.server.options import ServerOptions
 from milterapp.spec import ConnectionSpec
 from milterapp.testing.pipe import READ_SIZE
-from milterapp.testing.recording import MAX_PACKET, Direction, RecordingWriter
+from milterapp.testing.recording.file import MAX_PACKET, Direction, RecordingWriter
 
 __all__ = ["record", "record_sync"]
 
@@ -199,7 +200,7 @@ async def record(
         ServerError: ``listen`` cannot be listened on.
     """
     listen_spec, upstream_spec = _as_spec(listen), _as_spec(upstream)
-    listener = open_listener(listen_spec)
+    listener = listening.listen(ServerOptions(spec=listen_spec, socket_activation=False))
     recorder: _Recorder | None = None
     server: asyncio.Server | None = None
     try:

@@ -2,7 +2,7 @@
 
 :func:`replay` feeds a recording's MTA packets to an App, through the server's own
 connection handler over an in-memory pipe, and compares the App's answers with the recorded
-ones: a session of a real Postfix or Sendmail (recorded by :mod:`milterapp.testing.recorder`)
+ones: a session of a real Postfix or Sendmail (recorded by :mod:`milterapp.testing.recording.proxy`)
 becomes a regression test.
 """
 
@@ -17,15 +17,15 @@ from typing import Final
 from pydantic import BaseModel, Field
 
 from milterapp.app import App
+from milterapp.constants import MAX_DATA_SIZE_1M, MODIFICATIONS, ActionFlag, ProtocolFlag
 from milterapp.errors import ProtocolError, RemoteProtocolError
 from milterapp.protocol.codec import decode_command
-from milterapp.protocol.constants import MAX_DATA_SIZE_1M, ActionFlag, ProtocolFlag
 from milterapp.protocol.framing import FrameDecoder
 from milterapp.protocol.mta import MtaConnection
-from milterapp.protocol.negotiation import SessionOptions
-from milterapp.session import ConnectionHandler
+from milterapp.protocol.negotiation import UNNEGOTIATED, SessionOptions
+from milterapp.server.connection import Connection
 from milterapp.testing.pipe import READ_SIZE, connect_protocol
-from milterapp.testing.recording import (
+from milterapp.testing.recording.file import (
     MAX_PACKET,
     RecordedConnection,
     RecordedPacket,
@@ -35,8 +35,7 @@ from milterapp.testing.recording import (
 
 __all__ = ["ComparedAnswer", "ReplayReport", "replay", "replay_sync"]
 
-_MODIFICATIONS: Final = frozenset("him+2-ebq")  # sent before an end-of-message verdict
-_NEVER_REPLY: Final = frozenset("DAQK")
+_MODIFICATIONS: Final = frozenset(code.value.decode() for code in MODIFICATIONS)
 _OPTIONS: Final = struct.Struct("!III")
 
 
@@ -129,7 +128,7 @@ class _Turns:
     def command(self, number: int, cmd: str) -> bool:
         """Note that command ``number`` was sent; return whether it owes an answer."""
         options = self.options
-        owes = options.reply_expected(ord(cmd)) if options else cmd not in _NEVER_REPLY
+        owes = (options or UNNEGOTIATED).reply_expected(ord(cmd))
         if owes:
             self.owed.append(number)
         return owes
@@ -217,7 +216,7 @@ async def _replay_connection(
 ) -> list[ComparedAnswer]:
     recorded = _recorded_answers(connection)
     # As the server runs it: same limit on MTA packets, handler errors answered by fallback.
-    handler = ConnectionHandler(
+    handler = Connection(
         app, app.requirements(), conn_id=str(connection.conn), max_data_size=MAX_DATA_SIZE_1M
     )
     # The MTA's end is ours: what we write there, the handler reads from its own end.
@@ -295,10 +294,11 @@ async def replay(
 ) -> ReplayReport:
     """Replay a recording's MTA packets against ``app`` and compare its answers.
 
-    Connections are replayed one after another, each through a :class:`ConnectionHandler`
-    as the server runs it. Each recorded MTA packet is sent as recorded (also those that owe
-    no answer); after each command that owes one, the App's answer is read and compared
-    with the recorded answer, packet for packet, Progress left out. A connection stops where
+    Connections are replayed one after another, each through a
+    :class:`~milterapp.server.connection.Connection` as the server runs it. Each recorded
+    MTA packet is sent as recorded (also those that owe no answer); after each command that
+    owes one, the App's answer is read and compared with the recorded answer, packet for
+    packet, Progress left out. A connection stops where
     the App closes it. The App's startup hooks run first unless it has started already.
 
     Args:
@@ -312,7 +312,7 @@ async def replay(
     """
     if not isinstance(recording, Recording):
         recording = load_recording(recording)
-    if not app._started:
+    if not app.serving.started:
         await app.run_startup()
     answers: list[ComparedAnswer] = []
     for connection in recording.connections:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import ipaddress
 from typing import Final
 
+from milterapp import constants
+from milterapp.constants import ResponseCode
 from milterapp.events import (
     Abort,
     AddressFamily,
@@ -28,7 +30,6 @@ from milterapp.events import (
     Quit,
 )
 from milterapp.protocol.codec import encode_command
-from milterapp.protocol.constants import ResponseCode
 from milterapp.protocol.mta import MtaConnection
 
 __all__ = ["ABORT", "MODIFICATIONS", "PROGRESS", "QUIT", "VERDICTS", "Script", "prepare"]
@@ -47,20 +48,7 @@ VERDICTS: Final = {
 }
 PROGRESS: Final = _R.PROGRESS.value[0]
 #: Modifications by response byte.
-MODIFICATIONS: Final = {
-    code.value[0]: code.name.lower()
-    for code in (
-        _R.ADDHEADER,
-        _R.INSHEADER,
-        _R.CHGHEADER,
-        _R.ADDRCPT,
-        _R.ADDRCPT_PAR,
-        _R.DELRCPT,
-        _R.CHGFROM,
-        _R.REPLBODY,
-        _R.QUARANTINE,
-    )
-}
+MODIFICATIONS: Final = {code.value[0]: code.name.lower() for code in constants.MODIFICATIONS}
 ABORT: Final = encode_command(Abort())
 QUIT: Final = encode_command(Quit())
 

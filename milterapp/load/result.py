@@ -1,5 +1,5 @@
 """What a load run is asked to do (:class:`LoadOptions`) and what it measured
-(:class:`LoadResult`); :mod:`milterapp.loadgen` runs it."""
+(:class:`LoadResult`); :mod:`milterapp.load.generator` runs it."""
 
 from __future__ import annotations
 

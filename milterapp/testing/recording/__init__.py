@@ -2,13 +2,14 @@
 
 One import for the whole feature; each part lives in its own module:
 
-- :mod:`milterapp.testing.recording`: the recording file (format, models, loader, writer);
-- :mod:`milterapp.testing.recorder`: :func:`record`, the recording proxy;
-- :mod:`milterapp.testing.replay`: :func:`replay`, which compares an App with a recording.
+    file      the recording file: its format, models, loader and writer
+    proxy     record(): the proxy between an MTA and a milter that writes the recording
+    replay    replay(): an App against a recording, answer by answer
+
+This ``__init__`` only re-exports.
 """
 
-from milterapp.testing.recorder import record, record_sync
-from milterapp.testing.recording import (
+from milterapp.testing.recording.file import (
     RECORDING_FORMAT,
     RECORDING_VERSION,
     RecordedConnection,
@@ -17,7 +18,8 @@ from milterapp.testing.recording import (
     RecordingError,
     load_recording,
 )
-from milterapp.testing.replay import ComparedAnswer, ReplayReport, replay, replay_sync
+from milterapp.testing.recording.proxy import record, record_sync
+from milterapp.testing.recording.replay import ComparedAnswer, ReplayReport, replay, replay_sync
 
 __all__ = [
     "RECORDING_FORMAT",

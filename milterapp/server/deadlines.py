@@ -11,35 +11,43 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from milterapp.limits import Limits
-
 __all__ = ["Deadlines"]
 
 
 class Deadlines:
-    """Calls ``on_idle``, ``on_read`` or ``on_write`` when that deadline of ``limits`` passes.
+    """Calls ``on_idle``, ``on_read`` or ``on_write`` when that deadline passes.
 
-    ``busy()`` tells whether our own handlers are running: the idle deadline is about the MTA's
-    silence, so it waits while they run.
+    Args:
+        timeout: seconds the MTA may stay silent between commands (the idle deadline).
+        read_timeout: seconds a command may take to arrive whole once begun.
+        write_timeout: seconds our replies may wait unread.
+        busy: whether our own handlers are running: the idle deadline is about the MTA's
+            silence, so it waits while they run.
+
+    Each deadline is off when 0.
     """
 
     __slots__ = (
         "_busy",
         "_idle",
-        "_limits",
         "_loop",
         "_on_idle",
         "_on_read",
         "_on_write",
         "_read",
+        "_read_timeout",
+        "_timeout",
         "_write",
+        "_write_timeout",
         "last_read",
     )
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        limits: Limits,
+        timeout: float,
+        read_timeout: float,
+        write_timeout: float,
         *,
         busy: Callable[[], bool],
         on_idle: Callable[[], None],
@@ -47,7 +55,9 @@ class Deadlines:
         on_write: Callable[[], None],
     ) -> None:
         self._loop = loop
-        self._limits = limits
+        self._timeout = timeout
+        self._read_timeout = read_timeout
+        self._write_timeout = write_timeout
         self._busy = busy
         self._on_idle = on_idle
         self._on_read = on_read
@@ -58,21 +68,21 @@ class Deadlines:
         self._idle: asyncio.TimerHandle | None = None
         self._read: asyncio.TimerHandle | None = None
         self._write: asyncio.TimerHandle | None = None
-        if limits.timeout:
-            self._idle = loop.call_later(limits.timeout, self._idle_check)
+        if timeout:
+            self._idle = loop.call_later(timeout, self._idle_check)
 
     def command_incomplete(self, incomplete: bool) -> None:
         """Whether a command has begun and is not whole yet (after each batch of reads)."""
-        if incomplete and self._limits.read_timeout:
+        if incomplete and self._read_timeout:
             if self._read is None:  # armed at the first byte of the command
-                self._read = self._loop.call_later(self._limits.read_timeout, self._read_expired)
+                self._read = self._loop.call_later(self._read_timeout, self._read_expired)
         elif self._read is not None:
             self._read.cancel()
             self._read = None
 
     def writing_paused(self) -> None:
-        if self._limits.write_timeout and self._write is None:
-            self._write = self._loop.call_later(self._limits.write_timeout, self._write_expired)
+        if self._write_timeout and self._write is None:
+            self._write = self._loop.call_later(self._write_timeout, self._write_expired)
 
     def writing_resumed(self) -> None:
         if self._write is not None:
@@ -86,7 +96,7 @@ class Deadlines:
         self._idle = self._read = self._write = None
 
     def _idle_check(self) -> None:
-        timeout = self._limits.timeout
+        timeout = self._timeout
         left = self.last_read + timeout - self._loop.time()
         if left > 0 or self._busy():
             self._idle = self._loop.call_later(left if left > 0 else timeout, self._idle_check)

@@ -23,10 +23,10 @@ import time
 from collections import Counter
 from typing import Any, Final
 
-from milterapp.loadresult import LoadOptions, LoadResult
-from milterapp.loadscript import ABORT, MODIFICATIONS, PROGRESS, QUIT, VERDICTS, Script, prepare
-from milterapp.loops import run_in_loop
+from milterapp.load.result import LoadOptions, LoadResult
+from milterapp.load.script import ABORT, MODIFICATIONS, PROGRESS, QUIT, VERDICTS, Script, prepare
 from milterapp.protocol.mta import DEFAULT_OFFER, MtaConnection
+from milterapp.server.loops import run_in_loop
 from milterapp.spec import ConnectionSpec
 
 __all__ = ["LoadOptions", "LoadResult", "run_load"]

@@ -1,40 +1,45 @@
-"""One MTA connection run through an App: bytes in, handlers, replies out.
+"""One MTA connection served: bytes in, events to the responder, replies out, and its end.
 
-:class:`ConnectionHandler` is an :class:`asyncio.BufferedProtocol` driving a sans-IO
-:class:`MilterConnection`: the transport reads into a buffer that the server shares between
-its connections, and packets are copied out of it once. The server makes one per accepted
-connection; the testing kit connects one to an in-memory transport, so tests exercise exactly
-the code that serves real MTAs.
+:class:`Connection` is an :class:`asyncio.BufferedProtocol` driving a sans-IO
+:class:`~milterapp.protocol.machine.MilterConnection`: the transport reads into a buffer that
+the server shares between its connections, and packets are copied out of it once. The server
+makes one per accepted connection; the testing kit connects one to an in-memory transport, so
+tests exercise exactly the code that serves real MTAs.
 
 Plain-function handlers run inside ``data_received``: the reply is written before the
 callback returns, without a task, a future or a coroutine. The first handler that needs
 awaiting moves the rest of the work to a task, and the next events wait until it is done (the
 MTA waits for our reply anyway, so reading goes on, and pauses only if a flood of commands that
-need no reply piles up). See docs/architecture.md for why. How a connection ends (quit,
-shutdown, errors, deadlines) is :class:`~milterapp.endings.Endings`, a mixin of this class.
+need no reply piles up). See docs/architecture.md for why. What to answer is the
+:class:`~milterapp.server.responder.Responder`'s business; this module owns the transport,
+the deadlines and how a connection ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Coroutine
+from importlib.machinery import EXTENSION_SUFFIXES
 from typing import Any, Final, cast
 
-from milterapp.app import App
-from milterapp.context import Context
-from milterapp.deadlines import Deadlines
-from milterapp.endings import Endings
-from milterapp.errors import ProtocolError
+from milterapp.constants import ConnectionState
+from milterapp.errors import LimitExceededError, ProtocolError
 from milterapp.events import ConnectionClosed, Quit, QuitNoClose
-from milterapp.limits import Limits
-from milterapp.protocol.machine import ConnectionState, MilterConnection
+from milterapp.protocol.machine import MilterConnection
 from milterapp.protocol.negotiation import Requirements
-from milterapp.replies import NegotiationReply, Progress
-from milterapp.steps import Step, Steps
-from milterapp.transports import WriteBatch, no_delay, peer_name
+from milterapp.replies import NegotiationReply
+from milterapp.server.deadlines import Deadlines
+from milterapp.server.limits import Limits
+from milterapp.server.responder import Responder, Response
+from milterapp.server.servable import Servable
+from milterapp.server.writes import WriteBatch, no_delay
 
-__all__ = ["ConnectionHandler"]
+__all__ = ["COMPILED", "Connection", "peer_name"]
 
+#: True when this module (and with it every module of the per-packet path) was compiled with
+#: mypyc (docs/performance.md, "The compiled build").
+COMPILED: Final = __file__.endswith(tuple(EXTENSION_SUFFIXES))
 #: Bytes the MTA may send ahead while a handler runs before reading pauses: a packet of the
 #: largest size we accept, and more.
 _BUFFER_LIMIT: Final = 2 * 1024 * 1024
@@ -48,14 +53,28 @@ _ENDINGS: Final = frozenset({Quit, QuitNoClose, ConnectionClosed})
 _MESSAGE: Final = ConnectionState.MESSAGE
 
 
-class ConnectionHandler(Endings, asyncio.BufferedProtocol):
-    """Serves one MTA connection with an App.
+def peer_name(transport: asyncio.BaseTransport) -> str:
+    """The MTA's address for logs: ``host:port``, ``[v6]:port``, or the unix socket."""
+    name = transport.get_extra_info("peername")
+    if isinstance(name, tuple) and len(name) >= 2:
+        host = f"[{name[0]}]" if ":" in str(name[0]) else str(name[0])
+        return f"{host}:{name[1]}"
+    local = transport.get_extra_info("sockname")
+    return str(name or local or "unknown")
+
+
+class Connection(asyncio.BufferedProtocol):
+    """Serves one MTA connection with an app.
+
+    At about 500 lines, the largest class of the server, on purpose: it is its heart, and
+    its parts (reading, running the responder's work, writing, ending) share every piece of
+    state; split, each half declared the other's attributes again.
 
     Args:
-        app: the App whose handlers run.
+        app: what is served (an App).
         requirements: what to negotiate (``app.requirements()``).
         conn_id: the connection's id in logs and ``ctx.conn_id``.
-        limits: deadlines and per-message limits (:class:`~milterapp.limits.Limits`).
+        limits: deadlines and per-message limits (default: :class:`Limits`'s defaults).
         max_data_size: largest packet payload accepted (None: the negotiated size).
         admit: called when the connection is made; False closes it at once, before
             negotiation (the server's connection limit).
@@ -78,41 +97,45 @@ class ConnectionHandler(Endings, asyncio.BufferedProtocol):
 
     def __init__(
         self,
-        app: App,
+        app: Servable,
         requirements: Requirements,
         *,
         conn_id: str = "1",
         limits: Limits | None = None,
         max_data_size: int | None = None,
-        admit: Callable[[ConnectionHandler], bool] | None = None,
+        admit: Callable[[Connection], bool] | None = None,
         raise_errors: bool = False,
         negotiations: dict[tuple[int, int, int], NegotiationReply] | None = None,
         log: Any = None,
         read_buffer: bytearray | None = None,
         writes: WriteBatch | None = None,
     ) -> None:
-        self.app = app
-        self.conn_id = conn_id
-        self.limits = limits or Limits()
+        self.limits = limits = limits or Limits()
         self.machine = MilterConnection(
             max_data_size=max_data_size,
             macro_events=False,
-            max_macros_per_packet=self.limits.max_macros_per_packet,
+            max_macros_per_packet=limits.max_macros_per_packet,
         )
-        self.steps = Steps(app, requirements, self.machine, self.limits, negotiations)
-        self._base_log = log
+        self.responder = Responder(
+            app,
+            requirements,
+            self.machine,
+            limits,
+            conn_id=conn_id,
+            write_now=self._write_now,
+            raise_errors=raise_errors,
+            log=log,
+            negotiations=negotiations,
+        )
         self._read_view = memoryview(read_buffer) if read_buffer is not None else None
-        self.raise_errors = raise_errors
         self.idle = True
         self.error: BaseException | None = None
-        self.ctx: Context | None = None
         self.transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._time = self._loop.time
         self._writes = writes or WriteBatch(self._loop)
         self.done: asyncio.Future[None] = self._loop.create_future()
         self._admit = admit
-        self._sessions = 0
         self._out: list[bytes] = []
         self._task: asyncio.Task[bytes] | None = None  # awaiting handlers
         self._reading_paused = False
@@ -127,7 +150,7 @@ class ConnectionHandler(Endings, asyncio.BufferedProtocol):
 
     @property
     def closed(self) -> bool:
-        return self.steps.closed
+        return self.responder.closed
 
     # --- asyncio.Protocol ----------------------------------------------------------------
 
@@ -139,16 +162,18 @@ class ConnectionHandler(Endings, asyncio.BufferedProtocol):
             self.transport.close()
             return
         no_delay(transport)
-        ctx = self._new_context(peer_name(transport))
+        limits = self.limits
         self._deadlines = Deadlines(
             self._loop,
-            self.limits,
+            limits.timeout,
+            limits.read_timeout,
+            limits.write_timeout,
             busy=lambda: self._task is not None,
             on_idle=self._idle_expired,
             on_read=self._read_expired,
             on_write=self._write_expired,
         )
-        self._run(self.steps.open_session(ctx))
+        self._run(self.responder.open_session(peer_name(transport)))
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.machine.partial:
@@ -237,15 +262,15 @@ class ConnectionHandler(Endings, asyncio.BufferedProtocol):
     # --- processing ----------------------------------------------------------------------
 
     def _process(self) -> None:
-        """Hand every available event to the steps; write the replies in one batch."""
+        """Hand every available event to the responder; write the replies in one batch."""
         machine = self.machine
-        steps = self.steps
+        responder = self.responder
         try:
             while (event := machine.next_event()) is not None:
                 if event.__class__ in _ENDINGS:
                     self._run(self._quit(event))  # type: ignore[arg-type]
                 else:
-                    self._run(steps.on_event(event))
+                    self._run(responder.respond(event))
                 if self._task is not None or self._ending:
                     break
         except Exception as exc:  # noqa: BLE001 - classified and logged by _fail
@@ -261,24 +286,24 @@ class ConnectionHandler(Endings, asyncio.BufferedProtocol):
             elif self._deadlines is not None:
                 self._deadlines.command_incomplete(machine.partial)
 
-    def _run(self, step: Step) -> None:
-        if isinstance(step, bytes):
-            if step:
-                self._out.append(step)
+    def _run(self, response: Response) -> None:
+        if isinstance(response, bytes):
+            if response:
+                self._out.append(response)
         else:
-            self._start(step)
+            self._start(response)
 
-    def _start(self, step: Coroutine[Any, Any, bytes]) -> None:
-        """Await ``step`` in a task; reading waits (the MTA waits for our reply anyway)."""
+    def _start(self, response: Coroutine[Any, Any, bytes]) -> None:
+        """Await ``response`` in a task; reading waits (the MTA waits for our reply anyway)."""
         self._flush()
         self.idle = False
         # Reading goes on: the MTA waits for our reply before it sends a command that needs
         # one, and data_received pauses it if commands that need none pile up.
-        task = self._loop.create_task(step)
+        task = self._loop.create_task(response)
         self._task = task
-        task.add_done_callback(self._step_done)
+        task.add_done_callback(self._response_done)
 
-    def _step_done(self, task: asyncio.Task[bytes]) -> None:
+    def _response_done(self, task: asyncio.Task[bytes]) -> None:
         self._task = None
         if task.cancelled():
             if self._cancelled_by == "shutdown":
@@ -319,7 +344,10 @@ class ConnectionHandler(Endings, asyncio.BufferedProtocol):
         if transport is not None and not self._lost:  # (a closing one is skipped at flush)
             self._writes.add(transport, data)
 
-    async def _drain(self) -> None:
+    async def _write_now(self, data: bytes) -> None:
+        """Write ``data`` with what is waiting, and return once the transport takes more."""
+        self._out.append(data)
+        self._flush()
         waiter = self._write_paused
         if waiter is not None and not waiter.done():
             await waiter
@@ -331,35 +359,145 @@ class ConnectionHandler(Endings, asyncio.BufferedProtocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    # --- contexts ------------------------------------------------------------------------
-
     def _log(self) -> Any:
-        assert self.ctx is not None
-        return self.ctx.log
+        ctx = self.responder.ctx
+        assert ctx is not None
+        return ctx.log
 
-    def _new_context(self, peer: str) -> Context:
-        """Start a session: a fresh context (one per SMTP session on this connection)."""
-        machine = self.machine
+    # --- ending ------------------------------------------------------------------------
 
-        async def progress() -> None:
-            self._out.append(machine.send(Progress()))
-            self._flush()
-            await self._drain()
+    def stop(self) -> None:
+        """The server is shutting down: close now if idle, else once the message is done."""
+        self._stopping = True
+        if self.idle and self._task is None and not self._ending:
+            self._log().info("closing_for_shutdown")
+            self._end()
 
-        config = self.app.config
-        ctx = Context(
-            app_name=self.app.name,
-            conn_id=self.conn_id if not self._sessions else f"{self.conn_id}.{self._sessions}",
-            peer=peer,
-            macros=machine.macros,
-            spool_threshold=config.spool_threshold if config.keep_message else None,
-            progress=progress,
-            log=self._base_log,
+    def abort(self) -> None:
+        """Shutdown ran out of grace: answer what waits with TempFail, and close."""
+        if self._ending:
+            return
+        if self._task is not None:
+            self._cancel_task("shutdown")
+            return
+        self._tempfail_pending()
+        self._log().info("connection_cancelled")
+        self._end()
+
+    def _cancel_task(self, reason: str) -> None:
+        self._cancelled_by = reason
+        # On the next turn of the loop: a task cancelled before its first step would leave
+        # the coroutines it was given never started.
+        task = self._task
+        if task is not None:
+            self._loop.call_soon(task.cancel)
+
+    def _quit(self, event: Quit | QuitNoClose | ConnectionClosed) -> Response:
+        """Run the close handlers, then close, or open the next session (QuitNoClose); at
+        once unless a handler must be awaited (every connection ends here)."""
+        closing = self.responder.close_session(event)
+        if not isinstance(closing, bytes):
+            return self._quit_later(event, closing)
+        return self._after_quit(event)
+
+    async def _quit_later(
+        self, event: Quit | QuitNoClose | ConnectionClosed, closing: Coroutine[Any, Any, bytes]
+    ) -> bytes:
+        await closing
+        return await self._await(self._after_quit(event))
+
+    def _after_quit(self, event: Quit | QuitNoClose | ConnectionClosed) -> Response:
+        if isinstance(event, QuitNoClose):  # the same socket carries a new SMTP session
+            assert self.transport is not None
+            return self.responder.open_session(peer_name(self.transport))
+        self._end()
+        return b""
+
+    async def _await(self, response: Response) -> bytes:
+        if isinstance(response, bytes):
+            return response
+        return await response
+
+    def _fail(self, exc: Exception) -> None:
+        """End the connection after an error: the MTA may get TempFail, the server goes on."""
+        if isinstance(exc, LimitExceededError):
+            self._log().warning("limit_exceeded", limit=exc.limit, value=exc.value, count=exc.count)
+        if isinstance(exc, ProtocolError):
+            self._log().warning("protocol_error", error=str(exc))
+            self.error = exc
+        elif isinstance(exc, ConnectionError | TimeoutError):
+            self._log().info("connection_lost", error=repr(exc))
+        else:
+            # A bug of ours (or raise_errors in tests): this connection ends, fail-closed.
+            self._log().error("connection_failed", exc_info=exc)
+            self._tempfail_pending()
+            self.error = exc
+        self._end()
+
+    def _end(self) -> None:
+        """Close the connection, running the close handlers first if they have not run."""
+        if self._ending:
+            return
+        self._ending = True
+        self.idle = True
+        if self.responder.closed:
+            self._closed()
+            return
+        response = self.responder.close_session(ConnectionClosed())
+        if isinstance(response, bytes):
+            self._closed()
+        else:
+            self._loop.create_task(self._close_then(response))
+
+    async def _close_then(self, response: Coroutine[Any, Any, bytes]) -> None:
+        with contextlib.suppress(Exception):
+            await response
+        self._closed()
+
+    def _closed(self) -> None:
+        self._ended = True
+        self._cancel_timers()
+        self.responder.release()
+        self._flush()
+        self._writes.flush()  # what we owe goes out before the close
+        if self.transport is not None:
+            self.transport.close()
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if self._lost and self._ended and self._task is None and not self.done.done():
+            self._unlink()
+            self.done.set_result(None)
+
+    def _unlink(self) -> None:
+        """Drop the references that point back at this connection (timers' callbacks, the
+        progress callback), so that its objects are freed as soon as the server lets it go
+        instead of waiting for the cycle collector (some 40 objects per connection)."""
+        self._deadlines = None
+        self.responder.detach()
+
+    def _tempfail_pending(self) -> None:
+        """Answer a command still waiting with TempFail before the connection closes."""
+        self._run(self.responder.tempfail_pending())
+        self._flush()
+
+    # --- deadlines ----------------------------------------------------------------------
+
+    def _idle_expired(self) -> None:
+        self._log().info("idle_timeout", timeout=self.limits.timeout)
+        self._end()
+
+    def _read_expired(self) -> None:
+        self._log().warning(
+            "read_timeout", timeout=self.limits.read_timeout, buffered=self.machine.buffered
         )
-        ctx.options = machine.options  # known already when a connection is reused (QUIT_NC)
-        ctx.raise_errors = self.raise_errors
-        self._sessions += 1
-        self.ctx = ctx
-        self.steps.ctx = ctx
-        self.steps.progress = progress
-        return ctx
+        self._end()
+
+    def _write_expired(self) -> None:
+        self._log().warning("write_timeout", timeout=self.limits.write_timeout)
+        if self.transport is not None:
+            self.transport.abort()  # close() would wait for the unread replies to be sent
+
+    def _cancel_timers(self) -> None:
+        if self._deadlines is not None:
+            self._deadlines.cancel()

@@ -1,5 +1,8 @@
 """Listening sockets: open one for a connection spec, adopt one, or take systemd's.
 
+:func:`listen` is the one way the server (and the parent of worker processes) gets its
+socket from the options: the socket given, else systemd's, else a new one for the spec.
+
 Everything that can go wrong here becomes a :class:`ServerError` whose ``kind`` follows
 milter-client (``IO`` for bind and address problems, ``UNIX_SOCKET`` for unix socket ones)
 and whose message says what to do. Unix sockets get their mode and group before the first
@@ -19,10 +22,10 @@ from dataclasses import dataclass
 from typing import Final
 
 from milterapp.errors import ServerError, ServerErrorKind
-from milterapp.serveroptions import DEFAULT_BACKLOG
+from milterapp.server.options import ServerOptions
 from milterapp.spec import ConnectionSpec
 
-__all__ = ["Listener", "open_listener", "systemd_socket"]
+__all__ = ["Listener", "adopt", "listen", "systemd_socket"]
 
 #: Longest unix socket path the kernel takes (sun_path is 108 bytes with the final NUL).
 MAX_UNIX_PATH: Final = 107
@@ -51,6 +54,22 @@ class Listener:
                 os.unlink(self.unix_path)
 
 
+def listen(options: ServerOptions) -> Listener:
+    """The listening socket ``options`` ask for: ``listen_socket`` if given, else the socket
+    systemd passed (unless ``socket_activation`` is off), else a new one for ``spec``.
+
+    Raises:
+        ServerError: the address is in use or not available, permission is denied, the
+            unix socket path is too long, its directory is missing, a live milter holds it,
+            or the given socket is not a listening stream socket.
+    """
+    if options.listen_socket is not None:
+        return adopt(options.listen_socket)
+    if options.socket_activation and (inherited := systemd_socket()) is not None:
+        return adopt(inherited)
+    return _open(options)
+
+
 def _io_error(message: str) -> ServerError:
     return ServerError(message, kind=ServerErrorKind.IO)
 
@@ -59,32 +78,25 @@ def _unix_error(message: str) -> ServerError:
     return ServerError(message, kind=ServerErrorKind.UNIX_SOCKET)
 
 
-def open_listener(
-    spec: ConnectionSpec,
-    *,
-    backlog: int = DEFAULT_BACKLOG,
-    unix_socket_mode: int = 0o660,
-    unix_socket_group: str | int | None = None,
-    remove_unix_socket_on_create: bool = True,
-    remove_unix_socket_on_close: bool = True,
-) -> Listener:
-    """Create, bind and listen on a socket for ``spec``.
+def _open(options: ServerOptions) -> Listener:
+    """Create, bind and listen on a socket for ``options.spec``.
 
     Raises:
         ServerError: the address is in use or not available, permission is denied, the
             unix socket path is too long, its directory is missing, or a live milter holds it.
     """
+    spec = options.spec
     if spec.scheme == "unix":
         assert spec.path is not None
         return _open_unix(
             spec.path,
-            backlog=backlog,
-            mode=unix_socket_mode,
-            group=unix_socket_group,
-            remove_stale=remove_unix_socket_on_create,
-            remove_on_close=remove_unix_socket_on_close,
+            backlog=options.backlog,
+            mode=options.unix_socket_mode,
+            group=options.unix_socket_group,
+            remove_stale=options.remove_unix_socket_on_create,
+            remove_on_close=options.remove_unix_socket_on_close,
         )
-    return _open_inet(spec, backlog)
+    return _open_inet(spec, options.backlog)
 
 
 def _open_inet(spec: ConnectionSpec, backlog: int) -> Listener:

@@ -16,7 +16,7 @@ from milterapp.app import App
 from milterapp.context import Context
 from milterapp.events import EndOfMessage, EnvFrom, Header
 from milterapp.replies import Reject
-from milterapp.server import MilterServer
+from milterapp.server.server import MilterServer
 from milterapp.testing.client import AsyncMilterTestClient, MessageResult
 from milterapp.testing.report import describe_result
 

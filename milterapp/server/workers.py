@@ -23,11 +23,12 @@ from typing import Any, Final, NoReturn
 
 import structlog
 
-from milterapp.app import App
 from milterapp.errors import MilterError, SetupError
-from milterapp.listener import Listener, adopt, open_listener, systemd_socket
-from milterapp.loops import run_in_loop
-from milterapp.server import ServerOptions, serve
+from milterapp.server.listener import Listener, listen
+from milterapp.server.loops import run_in_loop
+from milterapp.server.options import ServerOptions
+from milterapp.server.servable import Servable
+from milterapp.server.server import serve
 
 __all__ = ["MAX_FAST_DEATHS", "YOUNG", "run_workers"]
 
@@ -47,23 +48,7 @@ class _Worker:
     started: float
 
 
-def open_shared_listener(options: ServerOptions) -> Listener:
-    """Open the socket the workers share, as a single-process server would open it."""
-    if options.listen_socket is not None:
-        return adopt(options.listen_socket)
-    if options.socket_activation and (inherited := systemd_socket()) is not None:
-        return adopt(inherited)
-    return open_listener(
-        options.spec,
-        backlog=options.backlog,
-        unix_socket_mode=options.unix_socket_mode,
-        unix_socket_group=options.unix_socket_group,
-        remove_unix_socket_on_create=options.remove_unix_socket_on_create,
-        remove_unix_socket_on_close=options.remove_unix_socket_on_close,
-    )
-
-
-def run_workers(app: App, options: ServerOptions, count: int, *, loop: str = "auto") -> int:
+def run_workers(app: Servable, options: ServerOptions, count: int, *, loop: str = "auto") -> int:
     """Serve ``app`` with ``count`` worker processes until SIGTERM or SIGINT.
 
     Returns the exit status: 0 after a graceful stop, 1 after a crash loop.
@@ -74,7 +59,7 @@ def run_workers(app: App, options: ServerOptions, count: int, *, loop: str = "au
     """
     if sys.platform != "linux":
         raise SetupError("workers > 1 needs Linux (fork() and sigwaitinfo()); use workers=1")
-    listener = open_shared_listener(options)
+    listener = listen(options)  # opened once, as a single-process server opens it
     # Blocked signals wait for sigwaitinfo(): none is lost between fork() and the wait.
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     # The lifeline: workers read a pipe whose write end only this process holds. When it dies,
@@ -98,7 +83,7 @@ def run_workers(app: App, options: ServerOptions, count: int, *, loop: str = "au
 class _Supervisor:
     def __init__(
         self,
-        app: App,
+        app: Servable,
         options: ServerOptions,
         listener: Listener,
         count: int,
@@ -217,7 +202,7 @@ class _Supervisor:
 
 
 def _worker_main(
-    app: App,
+    app: Servable,
     options: ServerOptions,
     listener: Listener,
     slot: int,
@@ -252,7 +237,7 @@ def _worker_main(
 
 
 async def _serve_while_parent_lives(
-    app: App, options: dict[str, Any], lifeline: int | None
+    app: Servable, options: dict[str, Any], lifeline: int | None
 ) -> None:  # pragma: no cover - runs in the forked worker
     """Serve; stop gracefully, as on SIGTERM, if the parent dies (end of file on the lifeline)."""
     loop = asyncio.get_running_loop()
@@ -264,10 +249,10 @@ async def _serve_while_parent_lives(
         stop()
 
     def stop() -> None:
-        if app._stop is None:  # not serving yet: ask again in a moment
+        if not app.serving.running:  # not serving yet: ask again in a moment
             loop.call_later(0.05, stop)
         else:
-            app.shutdown()
+            app.serving.stop()
 
     if lifeline is not None:
         loop.add_reader(lifeline, parent_gone)

@@ -18,6 +18,7 @@ __all__ = [
     "MAX_REPLY_LINE_LENGTH",
     "MAX_VERSION",
     "MIN_VERSION",
+    "MODIFICATIONS",
     "ActionFlag",
     "Command",
     "ConnectionState",
@@ -89,6 +90,20 @@ class ResponseCode(bytes, enum.Enum):
     REPLBODY = b"b"
     QUARANTINE = b"q"
     SHUTDOWN = b"4"
+
+
+#: The responses that change the message: sent during end of message, before its verdict.
+MODIFICATIONS: Final = (
+    ResponseCode.ADDHEADER,
+    ResponseCode.INSHEADER,
+    ResponseCode.CHGHEADER,
+    ResponseCode.ADDRCPT,
+    ResponseCode.ADDRCPT_PAR,
+    ResponseCode.DELRCPT,
+    ResponseCode.CHGFROM,
+    ResponseCode.REPLBODY,
+    ResponseCode.QUARANTINE,
+)
 
 
 class ActionFlag(enum.IntFlag):
