@@ -10,19 +10,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, get_args
+
+from pydantic.fields import FieldInfo
 
 from milterapp import COMPILED, __version__
 from milterapp.app import App
 from milterapp.errors import MilterError, ProtocolError
+from milterapp.load.result import LoadOptions
+from milterapp.server.limits import Limits
 from milterapp.server.logsetup import configure_logging
 from milterapp.server.loops import LOOP_NAMES
+from milterapp.server.options import ServerOptions
 
 __all__ = ["main"]
 
@@ -75,54 +81,66 @@ def _positive(text: str) -> int:
     return value
 
 
+#: Server options that are no flags: a socket object, and the holder of the limits (whose
+#: own fields are flags).
+_NOT_FLAGS: Final = frozenset({"listen_socket", "socket_activation", "limits"})
+#: Options on by default, and the flag that turns each off.
+_OFF_FLAGS: Final = {
+    "remove_unix_socket_on_create": "--keep-stale-unix-socket",
+    "remove_unix_socket_on_close": "--keep-unix-socket-on-close",
+}
+#: How a value is written on the command line, where that is not ``str()``.
+_OCTAL: Final = frozenset({"unix_socket_mode"})
+
+
+def _option_fields() -> dict[str, FieldInfo]:
+    """The fields of ServerOptions and of its Limits that are command-line flags, in order."""
+    fields = {n: f for n, f in ServerOptions.model_fields.items() if n not in _NOT_FLAGS}
+    return {**fields, **Limits.model_fields}
+
+
+def _shown(name: str, field: FieldInfo) -> str:
+    default = field.get_default(call_default_factory=True)
+    if default is None:
+        return "none"
+    if name in _OCTAL:
+        return f"{default:o}"
+    return f"{default:g}" if isinstance(default, float) else str(default)
+
+
+def _add_option(group: argparse._ArgumentGroup, name: str, field: FieldInfo) -> None:
+    """One flag for ``field``: its name, type, help and default all come from the field."""
+    if name in _OFF_FLAGS:
+        group.add_argument(
+            _OFF_FLAGS[name],
+            dest=name,
+            action="store_false",
+            default=None,
+            help=f"do not {field.description}",
+        )
+        return
+    kinds = set(get_args(field.annotation) or (field.annotation,))
+    kind: Callable[[str], Any]
+    if name in _OCTAL:
+        kind, metavar = _octal, "MODE"
+    elif float in kinds:
+        kind, metavar = float, "SECONDS"
+    elif int in kinds and str not in kinds:
+        kind, metavar = int, "N"
+    else:  # text, or a value parsed from text (the spec)
+        kind, metavar = str, name.rpartition("_")[2].upper()
+    group.add_argument(
+        f"--{name.replace('_', '-')}",
+        type=kind,
+        metavar=metavar,
+        help=f"{field.description} (default: {_shown(name, field)})",
+    )
+
+
 def _add_server_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server options (see docs/server.md)")
-    group.add_argument("--spec", help="where to listen, e.g. inet:10025@[127.0.0.1] or unix:/path")
-    group.add_argument("--backlog", type=int)
-    group.add_argument("--unix-socket-mode", type=_octal, metavar="MODE")
-    group.add_argument("--unix-socket-group", metavar="GROUP")
-    group.add_argument(
-        "--keep-stale-unix-socket",
-        dest="remove_unix_socket_on_create",
-        action="store_false",
-        default=None,
-        help="fail instead of removing a stale unix socket",
-    )
-    group.add_argument(
-        "--keep-unix-socket-on-close",
-        dest="remove_unix_socket_on_close",
-        action="store_false",
-        default=None,
-        help="leave the unix socket file when stopping",
-    )
-    group.add_argument("--timeout", type=float, help="idle seconds before a connection is closed")
-    group.add_argument("--shutdown-grace", type=float, help="seconds in-flight messages may take")
-    group.add_argument("--max-data-size", type=int, help="largest packet accepted, in bytes")
-    group.add_argument(
-        "--max-connections", type=int, metavar="N", help="connections served at once (0: no limit)"
-    )
-    group.add_argument(
-        "--max-macros-per-packet", type=int, metavar="N", help="macros in one D packet (256)"
-    )
-    group.add_argument("--max-headers", type=int, metavar="N", help="headers per message (1000)")
-    group.add_argument(
-        "--max-header-size", type=int, metavar="BYTES", help="largest header (262144)"
-    )
-    group.add_argument(
-        "--max-recipients", type=int, metavar="N", help="recipients per message (1000)"
-    )
-    group.add_argument(
-        "--read-timeout",
-        type=float,
-        metavar="SECONDS",
-        help="time for a command to arrive whole once begun (60; 0: no limit)",
-    )
-    group.add_argument(
-        "--write-timeout",
-        type=float,
-        metavar="SECONDS",
-        help="time the MTA may leave replies unread (60; 0: no limit)",
-    )
+    for name, field in _option_fields().items():
+        _add_option(group, name, field)
     group.add_argument(
         "--workers", type=_positive, default=1, metavar="N", help="processes serving (Linux; 1)"
     )
@@ -181,23 +199,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Drive a running milter with many MTA connections and report "
         "messages per second, latency and every answer.",
     )
-    bench.add_argument("--spec", required=True, help="the milter, e.g. inet:10025@[127.0.0.1]")
-    bench.add_argument("--connections", type=int, default=32, metavar="N", help="at once (32)")
-    bench.add_argument("--duration", type=float, default=10.0, metavar="S", help="measured (10)")
-    bench.add_argument("--warmup", type=float, default=1.0, metavar="S", help="not measured (1)")
-    bench.add_argument(
-        "--messages", type=int, default=0, metavar="N", help="send N messages instead of a duration"
-    )
-    bench.add_argument("--processes", type=int, default=1, metavar="N", help="generators (1)")
-    bench.add_argument(
-        "--messages-per-connection", type=int, default=10, metavar="N", help="then reconnect (10)"
-    )
-    bench.add_argument("--recipients", type=int, default=2, metavar="N", help="per message (2)")
-    bench.add_argument("--headers", type=int, default=10, metavar="N", help="per message (10)")
-    bench.add_argument("--body-size", type=int, default=4096, metavar="BYTES", help="(4096)")
-    bench.add_argument(
-        "--timeout", type=float, default=30.0, metavar="S", help="for each answer (30)"
-    )
+    for field in dataclasses.fields(LoadOptions):
+        _add_load_option(bench, field)
     bench.add_argument("--json", action="store_true", help="print one JSON object")
 
     record = commands.add_parser(
@@ -211,25 +214,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _server_options(args: argparse.Namespace) -> dict[str, Any]:
-    names = (
-        "backlog",
-        "unix_socket_mode",
-        "unix_socket_group",
-        "remove_unix_socket_on_create",
-        "remove_unix_socket_on_close",
-        "timeout",
-        "read_timeout",
-        "write_timeout",
-        "shutdown_grace",
-        "max_data_size",
-        "max_connections",
-        "max_macros_per_packet",
-        "max_headers",
-        "max_header_size",
-        "max_recipients",
+def _add_load_option(parser: argparse.ArgumentParser, field: dataclasses.Field[Any]) -> None:
+    """One ``bench`` flag for a field of LoadOptions: help and default from the field."""
+    flag = f"--{field.name.replace('_', '-')}"
+    if field.default is dataclasses.MISSING:
+        parser.add_argument(flag, required=True, help=field.metadata["help"])
+        return
+    default = field.default
+    parser.add_argument(
+        flag,
+        type=type(default),
+        default=default,
+        metavar=field.metadata["metavar"],
+        help=f"{field.metadata['help']} ({default:g})",
     )
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _server_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The server options given on the command line (the spec apart), by name."""
+    given = {name: getattr(args, name) for name in _option_fields() if name != "spec"}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -280,21 +284,11 @@ def _send(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from milterapp.load.generator import LoadOptions, run_load
+    from milterapp.load.generator import run_load
 
     try:
         options = LoadOptions(
-            spec=args.spec,
-            connections=args.connections,
-            duration=args.duration,
-            warmup=args.warmup,
-            messages=args.messages,
-            processes=args.processes,
-            messages_per_connection=args.messages_per_connection,
-            recipients=args.recipients,
-            headers=args.headers,
-            body_size=args.body_size,
-            timeout=args.timeout,
+            **{field.name: getattr(args, field.name) for field in dataclasses.fields(LoadOptions)}
         )
     except ValueError as exc:
         raise CommandError(f"invalid option: {exc}") from None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from typing import Any, ClassVar, Literal, Self, TypeAlias
+from typing import Any, ClassVar, Self, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -37,7 +37,6 @@ __all__ = [
     "EnvRcpt",
     "EsmtpArgs",
     "Event",
-    "EventName",
     "Header",
     "Helo",
     "Macros",
@@ -339,23 +338,3 @@ class ConnectionClosed(Event):
     """The MTA closed the connection (end of file); no packet carries this event."""
 
     command: ClassVar[bytes] = b""
-
-
-#: Literal names of the events that reach applications, in the order they arrive (``unknown``
-#: may come at any point after ``connect``; ``abort`` ends a message instead of ``eom``).
-EventName: TypeAlias = Literal[
-    "open",
-    "negotiate",
-    "connect",
-    "helo",
-    "envfrom",
-    "envrcpt",
-    "data",
-    "unknown",
-    "header",
-    "eoh",
-    "body",
-    "eom",
-    "abort",
-    "close",
-]

@@ -12,6 +12,8 @@ import pytest
 import milterapp
 from milterapp import App, Context, EndOfMessage, EnvFrom, Reject
 from milterapp.cli import main
+from milterapp.server.limits import Limits
+from milterapp.server.options import ServerOptions
 from milterapp.testing.sockets import ServerThread
 
 
@@ -210,3 +212,19 @@ def test_record_command_records_until_sigterm(tmp_path: Path) -> None:
     commands = [p.cmd for p in recording.connections[0].packets if p.dir == "mta"]
     assert commands[0] == "O"
     assert "E" in commands
+
+
+def test_cli_server_flags_and_their_defaults_come_from_the_models(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for name, field in Limits.model_fields.items():
+        default = field.default
+        shown = f"{default:g}" if isinstance(default, float) else str(default)
+        flag = "--" + name.replace("_", "-")
+        assert f"{flag} " in help_text
+        assert f"{field.description} (default: {shown})" in help_text, name
+    assert "(default: 660)" in help_text  # the unix socket mode, in octal
+    assert f"(default: {ServerOptions().backlog})" in help_text

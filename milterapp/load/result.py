@@ -11,21 +11,27 @@ from milterapp.spec import ConnectionSpec
 __all__ = ["LoadOptions", "LoadResult"]
 
 
+def _option(default: Any, description: str, metavar: str = "N") -> Any:
+    # The help text and metavar go with the field: ``milterapp bench`` builds its flags
+    # from these fields, so a default is written once.
+    return dataclasses.field(default=default, metadata={"help": description, "metavar": metavar})
+
+
 @dataclasses.dataclass(frozen=True)
 class LoadOptions:
     """What to send, how much and for how long."""
 
-    spec: str
-    connections: int = 32
-    duration: float = 10.0
-    warmup: float = 1.0
-    messages: int = 0  # instead of a duration: this many messages in all
-    processes: int = 1
-    messages_per_connection: int = 10
-    recipients: int = 2
-    headers: int = 10
-    body_size: int = 4096
-    timeout: float = 30.0
+    spec: str = dataclasses.field(metadata={"help": "the milter, e.g. inet:10025@[127.0.0.1]"})
+    connections: int = _option(32, "at once")
+    duration: float = _option(10.0, "seconds measured", "S")
+    warmup: float = _option(1.0, "seconds not measured, first", "S")
+    messages: int = _option(0, "messages in all, instead of a duration; 0 runs for the duration")
+    processes: int = _option(1, "generator processes")
+    messages_per_connection: int = _option(10, "then reconnect")
+    recipients: int = _option(2, "per message")
+    headers: int = _option(10, "per message")
+    body_size: int = _option(4096, "bytes per message", "BYTES")
+    timeout: float = _option(30.0, "seconds for each answer", "S")
 
     def __post_init__(self) -> None:
         ConnectionSpec.parse(self.spec)  # a clear error for a bad spec, before anything runs

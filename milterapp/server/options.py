@@ -58,8 +58,8 @@ class ServerOptions(BaseModel):
     )
     unix_socket_group: str | int | None = Field(
         default=None,
-        description="group of a unix socket, by name or gid (default: the process's); the "
-        "milter's user must be a member",
+        description="group of a unix socket, by name or gid (none: the process's); the "
+        "milter's user must be a member of it",
     )
     remove_unix_socket_on_create: bool = Field(
         default=True,
@@ -84,7 +84,7 @@ class ServerOptions(BaseModel):
         default=MAX_DATA_SIZE_1M,
         ge=DEFAULT_MAX_DATA_SIZE,
         description="largest packet payload accepted from the MTA, in bytes (Postfix sends "
-        "each header in one packet whatever its size); None: only the negotiated size",
+        "each header in one packet whatever its size; none: only the negotiated size)",
     )
     max_connections: int = Field(
         default=1000,

@@ -92,7 +92,7 @@ class MilterServer:
             self._connection_log = structlog.get_logger("milterapp").bind()
             self._negotiations = {}
             self._writes = WriteBatch(self._loop)
-            # Not loop.create_server: see milterapp.acceptor.
+            # Not loop.create_server: see milterapp.server.acceptor.
             self._acceptor = Acceptor(
                 self._loop, self.listener.sock, self._new_connection, self.log
             )
