@@ -22,7 +22,7 @@ from milterapp.errors import SetupError
 from milterapp.events import ConnectionClosed, Event, Quit, QuitNoClose
 from milterapp.protocol.stages import BY_NAME, STAGES
 from milterapp.replies import RESTRICTIVE, Continue, TempFail, Verdict, decide
-from milterapp.server.servable import Outcome
+from milterapp.server.servable import Outcome, decided
 
 __all__ = [
     "ALIASES",
@@ -135,9 +135,7 @@ class Dispatcher:
         Observers (negotiate, open, abort, close) always give None.
         """
         result = self.dispatch_now(name, event, ctx)
-        if isinstance(result, Coroutine):
-            return await result
-        return result
+        return result if decided(result) else await result
 
     def dispatch_now(
         self, name: str, event: Event, ctx: Context

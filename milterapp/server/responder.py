@@ -55,7 +55,7 @@ from milterapp.server.limits import (
     Limits,
     header_size,
 )
-from milterapp.server.servable import Outcome, Servable
+from milterapp.server.servable import Outcome, Servable, decided
 
 __all__ = ["Responder", "Response"]
 
@@ -111,7 +111,10 @@ class Responder:
         self.app = app
         self.requirements = requirements
         self.machine = machine
-        self.limits = limits
+        # The counts the per-packet path reads, as plain attributes (quicker than a model's).
+        self._max_headers = limits.max_headers
+        self._max_header_size = limits.max_header_size
+        self._max_recipients = limits.max_recipients
         self.conn_id = conn_id
         self.negotiations = {} if negotiations is None else negotiations
         self.ctx: Context | None = None
@@ -179,13 +182,12 @@ class Responder:
             if refused[0] is message:  # over a limit already: answer at the first chance
                 return self._refuse(ctx, refused[1]) if machine.awaiting_reply else b""
             self._refused = None  # that message is over
-        limits = self.limits
         if name == "header":
             assert isinstance(event, Header)
-            limit = limits.max_headers
+            limit = self._max_headers
             if limit and len(message.headers) >= limit:
                 return self._over_limit(ctx, name, "max_headers", limit, TOO_MANY_HEADERS)
-            limit = limits.max_header_size
+            limit = self._max_header_size
             if limit and (size := header_size(event, limit)) > limit:
                 return self._over_limit(
                     ctx, name, "max_header_size", limit, HEADER_TOO_LARGE, size=size
@@ -195,7 +197,7 @@ class Responder:
             assert isinstance(event, Body)
             message.append_body(event.chunk)
         elif name == "envrcpt":
-            limit = limits.max_recipients
+            limit = self._max_recipients
             if limit and len(message.recipients) >= limit:
                 return self._over_limit(ctx, name, "max_recipients", limit, TOO_MANY_RECIPIENTS)
             assert isinstance(event, EnvRcpt)
@@ -218,7 +220,7 @@ class Responder:
         if verdict is None or verdict.__class__ is Continue:  # the common case, at once
             return machine.continue_if_owed()
         awaiting = machine.awaiting_reply  # (plain handlers cannot have changed it)
-        if isinstance(verdict, Coroutine):
+        if not decided(verdict):
             return self._reply_later(name, awaiting, verdict)
         return self._reply(name, awaiting, verdict)
 
@@ -240,12 +242,12 @@ class Responder:
             return b""  # the machine keeps them (and applies max_macros_per_packet)
         if isinstance(event, Negotiate):
             observed = self.app.dispatch_now("negotiate", event, ctx)
-            if isinstance(observed, Coroutine):
+            if not decided(observed):
                 return self._negotiate_later(event, observed)
             return self._negotiate(event)
         if isinstance(event, Abort):
             observed = self.app.dispatch_now("abort", event, ctx)
-            if isinstance(observed, Coroutine):
+            if not decided(observed):
                 return self._abort_later(observed)
             ctx.new_message()
         return b""
@@ -283,11 +285,11 @@ class Responder:
         if event.chunk:  # libmilter treats data in end of message as a last body chunk
             ctx.message.append_body(event.chunk)
             body = app.dispatch_now("body", Body(chunk=event.chunk), ctx)
-            if isinstance(body, Coroutine):
+            if not decided(body):
                 return self._end_of_message_later(ctx, event, body)
         ctx.enter_eom(True)
         verdict = app.dispatch_now("eom", event, ctx)
-        if isinstance(verdict, Coroutine):
+        if not decided(verdict):
             return self._with_progress(verdict)
         return self._answer("eom", verdict)
 
@@ -297,7 +299,7 @@ class Responder:
         await body
         ctx.enter_eom(True)
         verdict = self.app.dispatch_now("eom", event, ctx)
-        if isinstance(verdict, Coroutine):
+        if not decided(verdict):
             return await self._with_progress(verdict)
         return self._answer("eom", verdict)
 
@@ -390,7 +392,7 @@ class Responder:
 
 def _nothing_after(observed: Outcome | Coroutine[Any, Any, Outcome]) -> Response:
     """Observers reply nothing: wait for them if they must be awaited."""
-    if isinstance(observed, Coroutine):
+    if not decided(observed):
         return _await_nothing(observed)
     return b""
 

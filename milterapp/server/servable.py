@@ -10,20 +10,38 @@ how to stop that server.
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol, TypeAlias
+from types import CoroutineType
+from typing import Any, Final, Protocol, TypeAlias
+
+from typing_extensions import TypeIs
 
 from milterapp.config import AppConfig
 from milterapp.context import Context
 from milterapp.errors import ServerError, ServerErrorKind
 from milterapp.events import Event
 from milterapp.protocol.negotiation import Requirements
-from milterapp.replies import Shutdown, Verdict
+from milterapp.replies import Accept, Continue, Discard, Reject, Shutdown, Skip, TempFail, Verdict
 
-__all__ = ["Outcome", "Servable", "Serving"]
+__all__ = ["Outcome", "Servable", "Serving", "decided"]
 
 #: What the handlers of one event decided: a verdict, Shutdown, or None (no handler, or
 #: observers only).
 Outcome: TypeAlias = Verdict | Shutdown | None
+_OUTCOMES: Final = frozenset({Continue, Accept, Reject, TempFail, Discard, Skip, Shutdown})
+
+
+def decided(result: Outcome | Coroutine[Any, Any, Outcome]) -> TypeIs[Outcome]:
+    """Whether what ``dispatch_now()`` gave is the outcome, rather than a coroutine to await.
+
+    The usual cases are settled by the class alone: an ABC check costs several times as much,
+    and this runs for every event whose handlers did not all continue.
+    """
+    kind = result.__class__
+    if result is None or kind in _OUTCOMES:
+        return True
+    if kind is CoroutineType:
+        return False
+    return not isinstance(result, Coroutine)  # a subclass of a reply, or another coroutine
 
 
 class Serving:
