@@ -78,9 +78,16 @@ _FORWARD: Final = {command: rank for command, rank in _RANK.items() if command !
 _SCOPE: Final = {command: stage.scope for command, stage in BY_COMMAND.items() if stage.scope}
 _GOES_ON: Final = {command: stage.goes_on for command, stage in BY_COMMAND.items()}
 _CONTINUE_PACKET: Final = encode_response(Continue())
+# The states as module constants: compiled, these are read once, where naming a member of
+# an enum of another module is an attribute lookup every time.
+_NEGOTIATING: Final = ConnectionState.NEGOTIATING
+_CONNECTING: Final = ConnectionState.CONNECTING
+_SESSION: Final = ConnectionState.SESSION
 _MESSAGE: Final = ConnectionState.MESSAGE
+_DONE: Final = ConnectionState.DONE
 _CLOSED: Final = ConnectionState.CLOSED
 _ERROR: Final = ConnectionState.ERROR
+_NO_ACTION: Final = ActionFlag.NONE
 
 
 class MilterConnection:
@@ -113,7 +120,7 @@ class MilterConnection:
         self._eof = False
         self._body_replaced = False  # a ReplaceBody was sent during this end of message
         self._body_closed = False  # ...and something else was sent after it
-        self.state = ConnectionState.NEGOTIATING
+        self.state = _NEGOTIATING
         self.offer: Negotiate | None = None
         self.options: SessionOptions | None = None
         self.macros = MacroTable()
@@ -231,7 +238,7 @@ class MilterConnection:
                 self._pending = pending
                 return event
         except ProtocolError:
-            self.state = ConnectionState.ERROR
+            self.state = _ERROR
             raise
 
     def _hand_out(self) -> Event:
@@ -249,7 +256,7 @@ class MilterConnection:
     def _advance(self, command: int, event: Event) -> bool:
         """Move the state on for ``command``; return False to swallow its event."""
         state = self.state
-        if state is ConnectionState.NEGOTIATING:
+        if state is _NEGOTIATING:
             if command != _O or self.offer is not None:
                 raise self._fail(command, "expected option negotiation first")
             assert isinstance(event, Negotiate)
@@ -264,26 +271,26 @@ class MilterConnection:
         elif command == _K:
             self._abort_open_message()
             self.macros.clear()
-            self.state = ConnectionState.CONNECTING
+            self.state = _CONNECTING
         elif command == _A:
             # Postfix sends A after every message and on RSET: only an open message aborts.
-            if state is not ConnectionState.MESSAGE:
+            if state is not _MESSAGE:
                 return False
             self._end_message()
-        elif state is ConnectionState.DONE:
+        elif state is _DONE:
             raise self._fail(command, "command after a connection-level verdict")
         elif command == _C:
-            if state is not ConnectionState.CONNECTING:
+            if state is not _CONNECTING:
                 raise self._fail(command, "CONNECT after the connection was established")
             self.macros.enter("C")
-            self.state = ConnectionState.SESSION
+            self.state = _SESSION
         elif command == _U:
             pass
         elif command == _H:
             self._require_connected(command)
             self._abort_open_message()
             self.macros.enter("H")
-            self.state = ConnectionState.SESSION
+            self.state = _SESSION
         else:
             self._advance_message(command)
         return True
@@ -303,7 +310,7 @@ class MilterConnection:
         self.macros.define_packet(stage, payload)
 
     def _check_macros(self, stage: str, count: int) -> None:
-        if self.state is ConnectionState.NEGOTIATING:
+        if self.state is _NEGOTIATING:
             raise self._fail(_D, "expected option negotiation first")
         limit = self._max_macros
         if limit and count > limit:
@@ -320,25 +327,25 @@ class MilterConnection:
             self._abort_open_message()
 
     def _quit(self) -> None:
-        if self.state is ConnectionState.MESSAGE:
+        if self.state is _MESSAGE:
             self._ready.append((Abort(), None))
-        self.state = ConnectionState.CLOSED
+        self.state = _CLOSED
         self.macros.clear()
 
     def _abort_open_message(self) -> None:
         """End an open message that the MTA left without an abort, and say so with one."""
-        if self.state is ConnectionState.MESSAGE:
+        if self.state is _MESSAGE:
             self._ready.append((Abort(), None))
             self._end_message()
 
     def _end_message(self) -> None:
-        self.state = ConnectionState.SESSION
+        self.state = _SESSION
         self.macros.reset_message()
 
     def _require_connected(self, command: int) -> None:
         options = self.options
         if (
-            self.state is ConnectionState.CONNECTING
+            self.state is _CONNECTING
             and options is not None
             and not options.suppressed("connect")
         ):
@@ -348,12 +355,12 @@ class MilterConnection:
         rank = _RANK[command]
         if command == _M:
             self._require_connected(command)
-            if self.state is ConnectionState.MESSAGE:
+            if self.state is _MESSAGE:
                 # Keep the MAIL macros just defined: opening the message drops later stages.
                 self._ready.append((Abort(), None))
             self._open_message(command)
             return
-        if self.state is not ConnectionState.MESSAGE:
+        if self.state is not _MESSAGE:
             self._require_connected(command)
             if not self._may_open_with(command):
                 raise self._fail(command, "message command outside a message")
@@ -376,7 +383,7 @@ class MilterConnection:
         return command == _R or options.suppressed("envrcpt")
 
     def _open_message(self, command: int) -> None:
-        self.state = ConnectionState.MESSAGE
+        self.state = _MESSAGE
         self.rank = _RANK[command]
         self.skipped = False
         self._body_replaced = self._body_closed = False
@@ -414,7 +421,7 @@ class MilterConnection:
             if self._body_replaced:  # Postfix ends body replacement at any other packet
                 self._body_closed = True
             return encode_response(reply)
-        if reply.required_action is not ActionFlag.NONE:
+        if reply.required_action is not _NO_ACTION:
             self._check_modification(command, reply, options)
             return encode_response(reply, max_data_size=options.max_data_size)
         check_verdict(command, reply, options)
@@ -456,7 +463,7 @@ class MilterConnection:
         if self._limit is None:
             self._frames.max_data_size = options.max_data_size
         self._pending = None
-        self.state = ConnectionState.CONNECTING
+        self.state = _CONNECTING
         return encode_response(reply)
 
     def _check_modification(self, command: int, reply: Reply, options: SessionOptions) -> None:
@@ -474,14 +481,14 @@ class MilterConnection:
 
     def _after_verdict(self, command: int, reply: Reply) -> None:
         if isinstance(reply, Shutdown):
-            self.state = ConnectionState.DONE
+            self.state = _DONE
             return
         scope = _SCOPE.get(command)
         if scope == "connection":
             if not isinstance(reply, _GOES_ON[command]):
-                self.state = ConnectionState.DONE
+                self.state = _DONE
         elif scope == "message" and self.state is _MESSAGE:
             if isinstance(reply, Skip):
                 self.skipped = True
             elif not isinstance(reply, _GOES_ON[command]):
-                self.state = ConnectionState.SESSION
+                self.state = _SESSION

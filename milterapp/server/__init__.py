@@ -5,15 +5,15 @@ layer. Its modules, lowest first (``tests/test_architecture.py`` holds them to t
 
     servable    what the server serves (the Servable protocol) and the Serving handle
     limits      what one connection may cost, and the replies when a limit is hit
-    options     ServerOptions: every option of the server, holding the Limits
     writes      replies written in one batch per loop turn, without Nagle's delay
-    deadlines   the idle, per-command and write deadlines of one connection, as timers
     loops       which event loop runs (uvloop when installed, or asyncio's)
     logsetup    logging set-up for scripts (the library itself never configures logging)
-    responder   every reply of a connection, and its record of the session
-    connection  one MTA connection: bytes in, events to the responder, bytes out, its end
-    listener    the listening socket: opened for a spec, adopted, or systemd's
     acceptor    accepting connections on the listening socket, on either loop
+    options     ServerOptions: every option of the server, holding the Limits
+    deadlines   the idle, per-command and write deadlines of one connection, as timers
+    responder   every reply of a connection, and its record of the session
+    listener    the listening socket: given, systemd's, or opened for the spec
+    connection  one MTA connection: bytes in, events to the responder, bytes out, its end
     server      MilterServer and serve(): one socket, its connections, graceful shutdown
     workers     several processes serving one socket (Linux)
     main        run(): serving from a script or the command line
