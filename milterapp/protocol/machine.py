@@ -344,11 +344,7 @@ class MilterConnection:
 
     def _require_connected(self, command: int) -> None:
         options = self.options
-        if (
-            self.state is _CONNECTING
-            and options is not None
-            and not options.suppressed("connect")
-        ):
+        if self.state is _CONNECTING and options is not None and not options.suppressed("connect"):
             raise self._fail(command, "expected CONNECT first")
 
     def _advance_message(self, command: int) -> None:

@@ -7,9 +7,10 @@ session will then look like (which commands come, which need replies, the packet
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Final, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from milterapp.constants import (
     DEFAULT_MAX_DATA_SIZE,
@@ -102,21 +103,25 @@ class SessionOptions(BaseModel):
     protocol: ProtocolFlag
     max_data_size: int = DEFAULT_MAX_DATA_SIZE
 
-    _no_reply: frozenset[int] = PrivateAttr(default=frozenset())
-    _replied: frozenset[int] = PrivateAttr(default=frozenset())
-    _suppressed: frozenset[str] = PrivateAttr(default=frozenset())
-
-    def model_post_init(self, context: object, /) -> None:
-        # Computed once: the per-message path asks, and IntFlag's & runs in Python.
+    # Computed when first asked, then kept in the instance (pydantic's private attributes
+    # cost a slow __getattr__ on every read): the per-message path asks, and IntFlag's &
+    # runs in Python. session_options() hands out one instance per negotiation outcome.
+    @cached_property
+    def replied_commands(self) -> frozenset[int]:
+        """The command bytes the MTA waits for a reply to."""
         protocol = int(self.protocol)
-        self._no_reply = frozenset(
+        return _REPLIED - {
             command
             for stage in _OPTIONAL_STAGES
             if protocol & stage.no_reply
             for command in stage.commands
-        )
-        self._replied = _REPLIED - self._no_reply
-        self._suppressed = frozenset(
+        }
+
+    @cached_property
+    def suppressed_events(self) -> frozenset[str]:
+        """The names of the events the MTA does not send (asked not to, or too old)."""
+        protocol = int(self.protocol)
+        return frozenset(
             stage.name
             for stage in _OPTIONAL_STAGES
             if protocol & stage.suppress or self.version < stage.since
@@ -124,18 +129,13 @@ class SessionOptions(BaseModel):
 
     def reply_expected(self, command: int) -> bool:
         """Whether the MTA waits for a reply to the command with byte ``command``."""
-        return command in self._replied
-
-    @property
-    def replied_commands(self) -> frozenset[int]:
-        """The command bytes the MTA waits for a reply to."""
-        return self._replied
+        return command in self.replied_commands
 
     def suppressed(self, event: OptionalEvent) -> bool:
         """Whether the MTA was asked not to send ``event`` (or cannot at this version)."""
         if event not in OPTIONAL_EVENTS:
             raise KeyError(event)
-        return event in self._suppressed
+        return event in self.suppressed_events
 
     @property
     def leading_space(self) -> bool:
