@@ -9,9 +9,11 @@ that is not installed is skipped with a note.
 
 Run: ``python bench/compare.py [--duration 10] [--body-size 4096] [--connections 32]
 [--eom-only] [--workers N] [--c-loadgen PATH] [--quickack] [--rounds N] [--only WORD]
-[--python PATH]``. ``--python`` adds the milterapp build of another interpreter, so that the
-compiled and the pure-Python builds are measured in one run (docs/performance.md).
-Compare ratios within one run only.
+[--python PATH[=LABEL]]``. ``--python`` adds the milterapp build of another interpreter, so
+that the compiled and the pure-Python builds are measured in one run (docs/performance.md);
+a label tells apart environments of one build (``--python before/.venv/bin/python=before``;
+naming the running interpreter this way labels its rows too). Compare ratios within one run
+only.
 """
 
 from __future__ import annotations
@@ -96,9 +98,13 @@ def commands(port: int, args: argparse.Namespace) -> dict[str, list[str]]:
     eom = ["--eom-only"] if args.eom_only else []
     spec = f"inet:{port}@127.0.0.1"
     found: dict[str, list[str]] = {}
-    # Absolute (not resolved: a venv's python is a symlink that must stay one).
-    for python in dict.fromkeys([sys.executable, *(os.path.abspath(p) for p in args.python)]):
-        build = build_of(python)
+    # Absolute (not resolved: a venv's python is a symlink that must stay one). A label
+    # (PATH=LABEL) tells apart two environments of the same build, say before and after.
+    named = [(sys.executable, "")] + [
+        (os.path.abspath(path), label) for path, _, label in (p.partition("=") for p in args.python)
+    ]
+    for python, label in dict(named).items():
+        build = f"{build_of(python)} {label}".strip()
         milter = [python, str(HERE / "refmilter.py"), spec]
         found[f"milterapp ({build}, uvloop)"] = [*milter, "--loop", "uvloop", *eom]
         found[f"milterapp ({build}, asyncio)"] = [*milter, "--loop", "asyncio", *eom]
@@ -246,9 +252,9 @@ def main() -> None:
         "--python",
         action="append",
         default=[],
-        metavar="PATH",
+        metavar="PATH[=LABEL]",
         help="also measure the milterapp build of this interpreter (repeatable), e.g. a "
-        "pure-Python venv beside a compiled one",
+        "pure-Python venv beside a compiled one; LABEL names its rows (before, after)",
     )
     parser.add_argument(
         "--quickack",
