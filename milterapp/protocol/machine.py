@@ -48,7 +48,7 @@ from milterapp.protocol.commands import decode_macros
 from milterapp.protocol.framing import FrameDecoder
 from milterapp.protocol.macros import MacroTable
 from milterapp.protocol.negotiation import SessionOptions, session_options
-from milterapp.protocol.stages import BY_COMMAND, SEQUENCE
+from milterapp.protocol.stages import BY_COMMAND, MESSAGE_STAGES, SEQUENCE
 from milterapp.replies import (
     Continue,
     NegotiationReply,
@@ -66,13 +66,11 @@ _O, _D, _C, _H, _M, _R, _T, _L, _N, _B, _E, _U, _A, _Q, _K = ALL_COMMANDS
 # Rank of each message command in the sequence of stages; a command may follow one of lower
 # rank, or its own if it repeats.
 _RANK: Final = {
-    ord(letter): rank
-    for rank, letter in enumerate(SEQUENCE)
-    if BY_COMMAND[ord(letter)].scope == "message"
+    stage.commands[0]: SEQUENCE.index(stage.commands.decode()) for stage in MESSAGE_STAGES
 }
 _REPEATS: Final = frozenset(command for command, stage in BY_COMMAND.items() if stage.repeats)
-# Message commands that go on with an open message (MAIL starts a new one).
-_FORWARD: Final = {command: rank for command, rank in _RANK.items() if command != _M}
+# Message commands that go on with an open message (the first, MAIL, starts a new one).
+_FORWARD: Final = {stage.commands[0]: _RANK[stage.commands[0]] for stage in MESSAGE_STAGES[1:]}
 # By command: what a verdict ends (the connection or the message), and the verdicts that
 # end nothing.
 _SCOPE: Final = {command: stage.scope for command, stage in BY_COMMAND.items() if stage.scope}

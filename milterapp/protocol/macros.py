@@ -15,13 +15,11 @@ from typing import Final
 
 from milterapp.events import macro_name
 from milterapp.protocol.commands import decode_macros
-from milterapp.protocol.stages import BY_COMMAND, SEQUENCE
+from milterapp.protocol.stages import MESSAGE_STAGES, SEQUENCE
 
 __all__ = ["MacroTable"]
 
-_MESSAGE_STAGES: Final = frozenset(
-    letter for letter in SEQUENCE if BY_COMMAND[ord(letter)].scope == "message"
-)
+_MESSAGE_STAGES: Final = frozenset(stage.commands.decode() for stage in MESSAGE_STAGES)
 
 
 class MacroTable(Mapping[str, str]):

@@ -36,7 +36,7 @@ from milterapp.protocol.answers import LEGAL_REPLIES
 from milterapp.protocol.codec import decode_response, encode_command
 from milterapp.protocol.framing import FrameDecoder
 from milterapp.protocol.negotiation import UNNEGOTIATED, SessionOptions, session_options
-from milterapp.protocol.stages import BY_COMMAND, OptionalEvent, Stage
+from milterapp.protocol.stages import BY_COMMAND, MESSAGE_STAGES, OptionalEvent, Stage
 from milterapp.replies import (
     Modification,
     NegotiationReply,
@@ -60,10 +60,8 @@ _O, _D, _C, _H, _M, _R, _T, _L, _N, _B, _E, _U, _A, _Q, _K = ALL_COMMANDS
 _OPTIONAL: Final[dict[int, Stage]] = {
     command: stage for command, stage in BY_COMMAND.items() if stage.optional
 }
-#: Commands of an open message (MAIL starts a new one).
-_MESSAGE_COMMANDS: Final = frozenset(
-    command for command, stage in BY_COMMAND.items() if stage.scope == "message"
-) - {_M}
+#: Commands of an open message (the first message stage, MAIL, starts a new one).
+_MESSAGE_COMMANDS: Final = frozenset(stage.commands[0] for stage in MESSAGE_STAGES[1:])
 #: What may still be sent after a connection-level verdict: macros, and the commands that
 #: get no reply (abort and the quits).
 _AFTER_CONNECTION_VERDICT: Final = frozenset(

@@ -51,6 +51,7 @@ __all__ = [
     "BY_COMMAND",
     "BY_EVENT",
     "BY_NAME",
+    "MESSAGE_STAGES",
     "SEQUENCE",
     "STAGES",
     "EventName",
@@ -270,3 +271,5 @@ BY_EVENT: Final[Mapping[type[Event], Stage]] = {
 #: The command letters of the stages that go forward in order, as a transaction does
 #: (``CHMRTLNBE``): a command may follow one of an earlier stage, or its own if it repeats.
 SEQUENCE: Final = "".join(stage.commands.decode() for stage in STAGES if stage.scope is not None)
+#: The stages of a message, in order; the first (MAIL) opens one, the others go on with it.
+MESSAGE_STAGES: Final = tuple(stage for stage in STAGES if stage.scope == "message")

@@ -38,7 +38,7 @@ from milterapp.events import (
 )
 from milterapp.protocol.machine import MilterConnection
 from milterapp.protocol.negotiation import Requirements, negotiate
-from milterapp.protocol.stages import BY_NAME, STAGES
+from milterapp.protocol.stages import BY_NAME, MESSAGE_STAGES, STAGES
 from milterapp.replies import (
     Accept,
     Continue,
@@ -67,10 +67,9 @@ _NEGOTIATIONS_KEPT: Final = 64
 _REPLYING_STAGES: Final[dict[type[Event], str]] = {
     stage.event: stage.name for stage in STAGES if not stage.observer
 }
-_MESSAGE_STAGES: Final = [stage.name for stage in STAGES if stage.scope == "message"]
 #: Stages of a message that a refused message no longer runs handlers for (the first, MAIL,
 #: opens a new message).
-_LATER_MESSAGE_STAGES: Final = frozenset(_MESSAGE_STAGES[1:])
+_LATER_MESSAGE_STAGES: Final = frozenset(stage.name for stage in MESSAGE_STAGES[1:])
 _MESSAGE: Final = ConnectionState.MESSAGE
 
 

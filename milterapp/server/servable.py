@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
 from types import CoroutineType
-from typing import Any, Final, Protocol, TypeAlias
+from typing import Any, Final, Protocol, TypeAlias, get_args
 
 from typing_extensions import TypeIs
 
@@ -20,14 +20,14 @@ from milterapp.context import Context
 from milterapp.errors import ServerError, ServerErrorKind
 from milterapp.events import Event
 from milterapp.protocol.negotiation import Requirements
-from milterapp.replies import Accept, Continue, Discard, Reject, Shutdown, Skip, TempFail, Verdict
+from milterapp.replies import Shutdown, Verdict
 
 __all__ = ["Outcome", "Servable", "Serving", "decided"]
 
 #: What the handlers of one event decided: a verdict, Shutdown, or None (no handler, or
 #: observers only).
 Outcome: TypeAlias = Verdict | Shutdown | None
-_OUTCOMES: Final = frozenset({Continue, Accept, Reject, TempFail, Discard, Skip, Shutdown})
+_OUTCOMES: Final = frozenset((*get_args(Verdict), Shutdown))
 
 
 def decided(result: Outcome | Coroutine[Any, Any, Outcome]) -> TypeIs[Outcome]:

@@ -12,6 +12,7 @@ from milterapp.protocol.stages import (
     BY_COMMAND,
     BY_EVENT,
     BY_NAME,
+    MESSAGE_STAGES,
     SEQUENCE,
     STAGES,
     EventName,
@@ -51,6 +52,7 @@ def test_each_macro_list_belongs_to_one_stage() -> None:
 
 def test_the_sequence_is_a_transaction_in_order() -> None:
     assert SEQUENCE == "CHMRTLNBE"
+    assert "".join(stage.commands.decode() for stage in MESSAGE_STAGES) == "MRTLNBE"
 
 
 @pytest.mark.parametrize("stage", STAGES, ids=lambda stage: stage.name)
