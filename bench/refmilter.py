@@ -39,8 +39,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     build(eom_only=args.eom_only).run(
-        args.spec, loop=args.loop, workers=args.workers, log_level="WARNING"
-    )
+        args.spec, loop=args.loop, workers=args.workers, log_level="WARNING", argv=[]
+    )  # argv=[]: the command line is this script's, parsed above
 
 
 if __name__ == "__main__":

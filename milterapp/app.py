@@ -13,7 +13,7 @@ never imports this module.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal, TypeVar, overload
 
 from milterapp import server
@@ -292,13 +292,19 @@ class App(Dispatcher):
 
     # --- running -------------------------------------------------------------------------
 
-    def run(self, spec: str | None = None, **options: Any) -> None:
-        """Serve until SIGTERM or SIGINT (for scripts); options: ``ServerOptions``.
+    def run(
+        self, spec: str | None = None, *, argv: Sequence[str] | None = None, **options: Any
+    ) -> None:
+        """Serve until SIGTERM or SIGINT (for scripts); options: ``ServerOptions``, and
+        ``workers``, ``loop``, ``log_format`` and ``log_level``.
 
-        ``spec`` defaults to ``--spec`` on the command line, then ``$MILTERAPP_SPEC``, then
-        the loopback default.
+        The command line (``argv``, by default ``sys.argv[1:]``) takes the options of
+        ``milterapp run`` (``--help`` lists them) and overrides those given here; pass
+        ``argv=[]`` when it is not the milter's. ``spec`` gives way to ``--spec``, and falls
+        back on ``$MILTERAPP_SPEC``, then the loopback default. See
+        :func:`milterapp.server.run`.
         """
-        server.run(self, spec, **options)
+        server.run(self, spec, argv=argv, **options)
 
     async def serve(self, spec: str | None = None, **options: Any) -> None:
         """Serve inside a running event loop until :meth:`shutdown` is called."""

@@ -1,9 +1,10 @@
 """The ``milterapp`` command line (also ``python -m milterapp``).
 
-Commands: ``run`` serves an App from a module; ``send`` plays an MTA against any running
-milter with a message file; ``bench`` loads a running milter as Postfix would and measures it;
-``demo`` shows a milter at work; ``record`` records what an MTA and a milter say to each
-other. Setup errors are one line on stderr and a non-zero status.
+Commands: ``run`` serves an App from a module or a file; ``send`` plays an MTA against any
+running milter with a message file; ``bench`` loads a running milter as Postfix would and
+measures it; ``demo`` shows a milter at work; ``record`` records what an MTA and a milter say
+to each other. Every error is one line on stderr and a non-zero status (docs/cli.md), but for
+a module that raises while it is imported, whose traceback comes first.
 """
 
 from __future__ import annotations
@@ -12,23 +13,29 @@ import argparse
 import asyncio
 import dataclasses
 import importlib
+import importlib.util
+import ipaddress
 import json
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Final, get_args
-
-from pydantic.fields import FieldInfo
+from types import ModuleType, TracebackType
+from typing import Any
 
 from milterapp import COMPILED, __version__
 from milterapp.app import App
-from milterapp.errors import MilterError, ProtocolError
+from milterapp.errors import ConnectionSpecError, MilterError, ProtocolError
 from milterapp.load.result import LoadOptions
-from milterapp.server.limits import Limits
+from milterapp.server.arguments import (
+    OneLineParser,
+    add_server_arguments,
+    given_options,
+    number,
+    whole_number,
+)
 from milterapp.server.logsetup import configure_logging
-from milterapp.server.loops import LOOP_NAMES
-from milterapp.server.options import ServerOptions
 
 __all__ = ["main"]
 
@@ -36,131 +43,147 @@ _BUILD = "compiled with mypyc" if COMPILED else "pure Python"
 
 
 class CommandError(Exception):
-    """A problem to report in one line, with the exit status to use."""
+    """A problem to report in one line, with the exit status to use and who reports it."""
 
-    def __init__(self, message: str, status: int = 2) -> None:
+    def __init__(self, message: str, status: int = 2, prog: str = "milterapp") -> None:
         super().__init__(message)
         self.status = status
+        self.prog = prog
+
+
+# --- the App to run -------------------------------------------------------------------------
+
+_MISSING = object()
 
 
 def load_app(target: str) -> App:
-    """Import ``module:attribute`` (attribute defaults to ``app``) and return the App."""
-    module_name, _, attribute = target.partition(":")
+    """The App named by ``target``: ``module[:attribute]`` or ``path/to/file.py[:attribute]``.
+
+    The attribute defaults to ``app``. A module is looked for in the current directory first,
+    as ``python -m`` does; a file is loaded as a module of its name, with its directory on
+    ``sys.path`` so that it can import its siblings.
+    """
+    where, sep, attribute = target.rpartition(":")
+    if not sep or not (attribute.isidentifier() or not attribute):
+        where, attribute = target, ""
     attribute = attribute or "app"
+    if where.endswith(".py") or os.sep in where or "/" in where:
+        module, label = _load_file(where), where
+    else:
+        module, label = _import(where), f"module {where!r}"
+    found = getattr(module, attribute, _MISSING)
+    if found is _MISSING:
+        raise CommandError(f"{label} has no attribute {attribute!r}")
+    if not isinstance(found, App):
+        raise CommandError(f"{where}:{attribute} is {_a(found)}, not a milterapp App")
+    return found
+
+
+def _a(value: object) -> str:
+    """What ``value`` is, with its article: ``a set``, ``an int``, ``None``, ``a class``."""
+    if value is None:
+        return "None"
+    kind = "class" if isinstance(value, type) else type(value).__name__
+    return f"{'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}"
+
+
+def _import(name: str) -> ModuleType:
+    if not all(part.isidentifier() for part in name.split(".")):
+        raise CommandError(f"{name!r} is neither a module name nor a path to a .py file")
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))  # as `python -m` would, for local modules
+    module: ModuleType = _executed(lambda: importlib.import_module(name), f"module {name!r}", name)
+    return module
+
+
+def _load_file(text: str) -> ModuleType:
+    path = Path(text)
+    if not path.is_file():
+        problem = "it is a directory" if path.is_dir() else "no such file"
+        raise CommandError(f"cannot load {text}: {problem}")
+    spec = importlib.util.spec_from_file_location(path.stem, path.resolve())
+    if path.suffix != ".py" or spec is None or spec.loader is None:
+        raise CommandError(f"cannot load {text}: not a Python file (.py)")
+    module, loader = importlib.util.module_from_spec(spec), spec.loader
+    directory = str(path.resolve().parent)
+    if directory not in sys.path:
+        sys.path.insert(0, directory)  # its sibling modules import as from its directory
+    registered = sys.modules.setdefault(spec.name, module) is module
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            raise CommandError(
-                f"module {module_name!r} not found (run from its directory?)"
-            ) from None
+        _executed(lambda: loader.exec_module(module), text)
+    except BaseException:
+        if registered:
+            del sys.modules[spec.name]
         raise
-    app = getattr(module, attribute, None)
-    if not isinstance(app, App):
-        found = "nothing" if app is None else type(app).__name__
-        raise CommandError(f"{module_name}:{attribute} is {found}, not a milterapp App")
-    return app
+    return module
 
 
-def _octal(text: str) -> int:
+def _executed(load: Callable[[], Any], label: str, name: str | None = None) -> Any:
+    """Run the import ``load`` (of module ``name``, if by name); a failure is a CommandError.
+
+    The module not found, a syntax error or a failing import in it are one line, with the
+    file and line. Anything else the module raises is a bug in it: its traceback is printed
+    first, from its own frames (docs/cli.md).
+    """
     try:
-        return int(text, 8)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode like 660") from None
+        return load()
+    except ImportError as exc:
+        missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+        if name and missing and (name == missing or name.startswith(f"{missing}.")):
+            hint = "run from its directory, or give the path to its file"
+            raise CommandError(f"module {name!r} not found ({hint})") from None
+        problem = f"{_where(exc.__traceback__)}: {exc}"
+    except SyntaxError as exc:
+        problem = f"{exc.filename}, line {exc.lineno}: {exc.msg}"
+    except Exception as exc:  # noqa: BLE001 - the module's own bug: show where it is
+        traceback.print_exception(type(exc), exc, _theirs(exc.__traceback__))
+        problem = f"{type(exc).__name__}: {exc} (traceback above)"
+    raise CommandError(f"cannot import {label}: {problem}", 1)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+def _ours(tb: TracebackType) -> bool:
+    name = tb.tb_frame.f_code.co_filename
+    return name in (__file__, importlib.__file__) or name.startswith("<frozen ")
+
+
+def _theirs(tb: TracebackType | None) -> TracebackType | None:
+    """The traceback from its first frame that is not milterapp's nor importlib's."""
+    while tb is not None and _ours(tb):
+        tb = tb.tb_next
+    return tb
+
+
+def _where(tb: TracebackType | None) -> str:
+    """The file and line of the last frame of ``tb`` that is not ours."""
+    last = None
+    while tb is not None:
+        last = last if _ours(tb) else tb
+        tb = tb.tb_next
+    if last is None:
+        return "location unknown"
+    return f"{last.tb_frame.f_code.co_filename}, line {last.tb_lineno}"
+
+
+# --- the parser -----------------------------------------------------------------------------
+
+
+def _seconds(text: str) -> float:
+    value = number(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, not {text}")
     return value
 
 
-#: Server options that are no flags: a socket object, and the holder of the limits (whose
-#: own fields are flags).
-_NOT_FLAGS: Final = frozenset({"listen_socket", "socket_activation", "limits"})
-#: Options on by default, and the flag that turns each off.
-_OFF_FLAGS: Final = {
-    "remove_unix_socket_on_create": "--keep-stale-unix-socket",
-    "remove_unix_socket_on_close": "--keep-unix-socket-on-close",
-}
-#: How a value is written on the command line, where that is not ``str()``.
-_OCTAL: Final = frozenset({"unix_socket_mode"})
-
-
-def _option_fields() -> dict[str, FieldInfo]:
-    """The fields of ServerOptions and of its Limits that are command-line flags, in order."""
-    fields = {n: f for n, f in ServerOptions.model_fields.items() if n not in _NOT_FLAGS}
-    return {**fields, **Limits.model_fields}
-
-
-def _shown(name: str, field: FieldInfo) -> str:
-    default = field.get_default(call_default_factory=True)
-    if default is None:
-        return "none"
-    if name in _OCTAL:
-        return f"{default:o}"
-    return f"{default:g}" if isinstance(default, float) else str(default)
-
-
-def _add_option(group: argparse._ArgumentGroup, name: str, field: FieldInfo) -> None:
-    """One flag for ``field``: its name, type, help and default all come from the field."""
-    if name in _OFF_FLAGS:
-        group.add_argument(
-            _OFF_FLAGS[name],
-            dest=name,
-            action="store_false",
-            default=None,
-            help=f"do not {field.description}",
-        )
-        return
-    kinds = set(get_args(field.annotation) or (field.annotation,))
-    kind: Callable[[str], Any]
-    if name in _OCTAL:
-        kind, metavar = _octal, "MODE"
-    elif float in kinds:
-        kind, metavar = float, "SECONDS"
-    elif int in kinds and str not in kinds:
-        kind, metavar = int, "N"
-    else:  # text, or a value parsed from text (the spec)
-        kind, metavar = str, name.rpartition("_")[2].upper()
-    group.add_argument(
-        f"--{name.replace('_', '-')}",
-        type=kind,
-        metavar=metavar,
-        help=f"{field.description} (default: {_shown(name, field)})",
-    )
-
-
-def _add_server_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("server options (see docs/server.md)")
-    for name, field in _option_fields().items():
-        _add_option(group, name, field)
-    group.add_argument(
-        "--workers", type=_positive, default=1, metavar="N", help="processes serving (Linux; 1)"
-    )
-    group.add_argument(
-        "--loop",
-        choices=LOOP_NAMES,
-        default="auto",
-        help="event loop: uvloop when installed (auto), asyncio's, or uvloop",
-    )
-    group.add_argument("--log-format", choices=["text", "json"], default="text")
-    group.add_argument(
-        "--log-level",
-        default="INFO",
-        type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
-    )
+def _ip_address(text: str) -> str:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an IPv4 or IPv6 address, not {text!r}") from None
+    return text
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="milterapp", description="Write, run and test Postfix and Sendmail milters."
     )
     parser.add_argument(
@@ -168,9 +191,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="serve an App", description="Serve module:app.")
-    run.add_argument("target", metavar="MODULE:APP", help="e.g. mymilter:app")
-    _add_server_options(run)
+    run = commands.add_parser(
+        "run", help="serve an App", description="Serve the App of a module or a file."
+    )
+    run.add_argument(
+        "target", metavar="MODULE:APP", help="mymilter:app, or path/to/mymilter.py[:app]"
+    )
+    add_server_arguments(run)
 
     send = commands.add_parser(
         "send",
@@ -181,13 +208,13 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--spec", required=True, help="the milter, e.g. inet:10025@[127.0.0.1]")
     send.add_argument("--from", dest="sender", default="sender@example.org")
     send.add_argument("--to", dest="recipients", action="append", metavar="ADDR")
-    send.add_argument("--client-address", default="192.0.2.10")
+    send.add_argument("--client-address", type=_ip_address, default="192.0.2.10")
     send.add_argument("--client-name", default="client.example.org")
     send.add_argument("--helo", default="client.example.org")
     send.add_argument("--mta", choices=["postfix", "sendmail"], default="postfix")
     send.add_argument("--json", action="store_true", help="print one JSON object")
     send.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds to wait for each answer (30)"
+        "--timeout", type=_seconds, default=30.0, help="seconds to wait for each answer (30)"
     )
 
     demo = commands.add_parser("demo", help="show a milter at work (no setup needed)")
@@ -223,31 +250,33 @@ def _add_load_option(parser: argparse.ArgumentParser, field: dataclasses.Field[A
     default = field.default
     parser.add_argument(
         flag,
-        type=type(default),
+        type=whole_number if isinstance(default, int) else number,
         default=default,
         metavar=field.metadata["metavar"],
         help=f"{field.metadata['help']} ({default:g})",
     )
 
 
-def _server_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The server options given on the command line (the spec apart), by name."""
-    given = {name: getattr(args, name) for name in _option_fields() if name != "spec"}
-    return {name: value for name, value in given.items() if value is not None}
+# --- the commands ---------------------------------------------------------------------------
 
 
 def _run(args: argparse.Namespace) -> int:
     app = load_app(args.target)
-    spec = args.spec or os.environ.get("MILTERAPP_SPEC")
-    app.run(
-        spec,
-        workers=args.workers,
-        loop=args.loop,
-        log_format=args.log_format,
-        log_level=args.log_level,
-        **_server_options(args),
-    )
+    app.run(argv=[], **given_options(args))  # the command line is parsed already
     return 0
+
+
+def _file_problem(path: Path, exc: OSError, *, writing: bool) -> str:
+    """``cannot read PATH: WHY`` (or write), in one line."""
+    if isinstance(exc, FileNotFoundError):
+        why = f"directory '{path.parent}' does not exist" if writing else "no such file"
+    elif isinstance(exc, IsADirectoryError):
+        why = "it is a directory"
+    elif isinstance(exc, PermissionError):
+        why = "permission denied"
+    else:
+        why = (exc.strerror or str(exc)).lower()
+    return f"cannot {'write' if writing else 'read'} {path}: {why}"
 
 
 def _send(args: argparse.Namespace) -> int:
@@ -256,7 +285,7 @@ def _send(args: argparse.Namespace) -> int:
     try:
         data = args.message.read_bytes()
     except OSError as exc:
-        raise CommandError(f"cannot read {args.message}: {exc.strerror}") from None
+        raise CommandError(_file_problem(args.message, exc, writing=False)) from None
 
     async def exchange() -> Any:
         client = AsyncMilterTestClient(target=args.spec, mta=args.mta, timeout=args.timeout)
@@ -290,8 +319,12 @@ def _bench(args: argparse.Namespace) -> int:
         options = LoadOptions(
             **{field.name: getattr(args, field.name) for field in dataclasses.fields(LoadOptions)}
         )
-    except ValueError as exc:
-        raise CommandError(f"invalid option: {exc}") from None
+    except ConnectionSpecError as exc:
+        raise CommandError(str(exc), 1) from None
+    except ValueError as exc:  # "connections: must be at least 1, not 0"
+        name, _, problem = str(exc).partition(": ")
+        flag = f"--{name.replace('_', '-')}"
+        raise CommandError(f"{flag}: {problem}", prog="milterapp bench") from None
     result = run_load(options)
     if args.json:
         print(json.dumps(result.summary()))
@@ -304,7 +337,12 @@ def _record(args: argparse.Namespace) -> int:
     from milterapp.testing.recording import record_sync
 
     configure_logging("text", "INFO")
-    record_sync(args.listen, args.upstream, args.out)
+    try:
+        record_sync(args.listen, args.upstream, args.out)
+    except OSError as exc:
+        if exc.filename != str(args.out):
+            raise
+        raise CommandError(_file_problem(args.out, exc, writing=True)) from None
     return 0
 
 
@@ -338,7 +376,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_demo()
     except CommandError as exc:
-        print(f"milterapp: error: {exc}", file=sys.stderr)
+        print(f"{exc.prog}: error: {exc}", file=sys.stderr)
         return exc.status
     except MilterError as exc:
         print(f"milterapp: error: {exc}", file=sys.stderr)

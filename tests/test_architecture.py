@@ -59,7 +59,7 @@ LAYERS: list[list[str]] = [
     ["milterapp.server.listener", "milterapp.server.connection"],
     ["milterapp.server.server"],
     ["milterapp.server.workers"],
-    ["milterapp.server.main"],
+    ["milterapp.server.arguments", "milterapp.server.main"],
     ["milterapp.server"],
     # The App on top of the server (as Flask's app.run() on werkzeug).
     ["milterapp.handlers"],

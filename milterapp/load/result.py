@@ -17,6 +17,10 @@ def _option(default: Any, description: str, metavar: str = "N") -> Any:
     return dataclasses.field(default=default, metadata={"help": description, "metavar": metavar})
 
 
+def _shown(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class LoadOptions:
     """What to send, how much and for how long."""
@@ -35,14 +39,15 @@ class LoadOptions:
 
     def __post_init__(self) -> None:
         ConnectionSpec.parse(self.spec)  # a clear error for a bad spec, before anything runs
+        # Each bound written so that NaN fails it too.
         for name in ("connections", "processes", "messages_per_connection"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be at least 1 (not {getattr(self, name)})")
+            if not getattr(self, name) >= 1:
+                raise ValueError(f"{name}: must be at least 1, not {_shown(getattr(self, name))}")
         for name in ("duration", "warmup", "messages", "recipients", "headers", "body_size"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must not be negative (not {getattr(self, name)})")
-        if self.timeout <= 0:
-            raise ValueError(f"timeout: must be above 0 (not {self.timeout})")
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}: must be at least 0, not {_shown(getattr(self, name))}")
+        if not self.timeout > 0:
+            raise ValueError(f"timeout: must be greater than 0, not {_shown(self.timeout)}")
 
 
 @dataclasses.dataclass

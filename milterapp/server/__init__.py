@@ -16,6 +16,7 @@ layer. Its modules, lowest first (``tests/test_architecture.py`` holds them to t
     connection  one MTA connection: bytes in, events to the responder, bytes out, its end
     server      MilterServer and serve(): one socket, its connections, graceful shutdown
     workers     several processes serving one socket (Linux)
+    arguments   the server's options on a command line, and their errors in one line
     main        run(): serving from a script or the command line
 
 This ``__init__`` only re-exports.

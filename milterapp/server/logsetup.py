@@ -14,9 +14,10 @@ from typing import Literal, TypeAlias
 
 import structlog
 
-__all__ = ["LogFormat", "configure_logging"]
+__all__ = ["LogFormat", "LogLevel", "configure_logging"]
 
 LogFormat: TypeAlias = Literal["text", "json"]
+LogLevel: TypeAlias = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
 def _stderr_logger(*args: object) -> structlog.WriteLogger:

@@ -3,7 +3,8 @@
 
 The per-connection limits are a model of their own (:class:`~milterapp.server.limits.Limits`)
 that the options hold; they may be given flat (``ServerOptions(max_recipients=100)``), as
-every caller does. The command line builds its flags and help texts from these fields.
+every caller does. :class:`RunOptions` holds what ``app.run()`` takes besides: processes,
+event loop and logging. The command line builds its flags and help texts from these fields.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from milterapp.constants import DEFAULT_MAX_DATA_SIZE, MAX_DATA_SIZE_1M
 from milterapp.server.limits import Limits
+from milterapp.server.logsetup import LogFormat, LogLevel
+from milterapp.server.loops import LoopName
 from milterapp.spec import ConnectionSpec, default_connection_spec
 
 __all__ = [
     "DEFAULT_BACKLOG",
+    "RunOptions",
     "ServerOptions",
     "default_remove_unix_socket_on_close",
     "default_unix_socket_group",
@@ -134,6 +138,38 @@ class ServerOptions(BaseModel):
         if value is None:
             return default_connection_spec()
         return ConnectionSpec.parse(value) if isinstance(value, str) else value
+
+
+class RunOptions(BaseModel):
+    """What ``app.run()`` and ``milterapp run`` take besides :class:`ServerOptions`.
+
+    Each field's description is also its help text on the command line.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    workers: int = Field(
+        default=1,
+        ge=1,
+        strict=True,
+        description="processes serving the socket, forked (Linux; see docs/server.md)",
+    )
+    loop: LoopName = Field(
+        default="auto",
+        description="event loop: uvloop when installed (auto), asyncio's, or uvloop",
+    )
+    log_format: LogFormat = Field(
+        default="text",
+        description="one key=value line per event on stderr (text), or one JSON object (json)",
+    )
+    log_level: LogLevel = Field(
+        default="INFO", description="the least severe events logged (any case)"
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
 
 
 def default_unix_socket_mode() -> int:

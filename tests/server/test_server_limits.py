@@ -10,11 +10,12 @@ import structlog
 from pydantic import ValidationError
 
 from milterapp.app import App
-from milterapp.cli import _parser, _server_options
+from milterapp.cli import _parser
 from milterapp.context import Context
 from milterapp.events import EndOfMessage, EnvRcpt, Header, Macros
 from milterapp.replies import Continue
 from milterapp.server import ServerOptions
+from milterapp.server.arguments import given_options
 from milterapp.server.limits import (
     HEADER_TOO_LARGE,
     TOO_MANY_HEADERS,
@@ -107,14 +108,14 @@ def test_cli_passes_the_limits_on() -> None:
             "--max-recipients=9",
         ]
     )
-    assert _server_options(args) == {
+    assert given_options(args) == {
         "max_connections": 5,
         "max_macros_per_packet": 6,
         "max_headers": 7,
         "max_header_size": 8,
         "max_recipients": 9,
     }
-    assert _server_options(_parser().parse_args(["run", "mymilter:app"])) == {}
+    assert given_options(_parser().parse_args(["run", "mymilter:app"])) == {}
 
 
 # --- max_connections -----------------------------------------------------------------------
