@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar, Self, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -52,16 +53,104 @@ __all__ = [
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 
+#: Bytes longer than this are shown cut short in a model's repr, with their length.
+REPR_BYTES_LIMIT = 64
+#: How many leading bytes a cut-short value shows.
+_REPR_BYTES_SHOWN = 48
+
+
+class _Shown:
+    """A value's display form in a repr, written as it is (no quotes added)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _flag_text(value: enum.Flag) -> str:
+    kind = type(value).__name__
+    if value.name is not None and value.name.isidentifier():  # a member or an alias: ALL
+        return f"{kind}.{value.name}"
+    parts = [f"{kind}.{member.name}" for member in value]
+    known = 0
+    for member in value:
+        known |= member.value
+    rest = value.value & ~known
+    if rest or not parts:
+        parts.append(f"{kind}({rest})")
+    return "|".join(parts)
+
+
+def repr_value(value: Any) -> Any:
+    """Return ``value`` as a model's repr shows it.
+
+    Enum members read as written in code (``AddressFamily.INET``, ``ActionFlag.ADDHDRS|
+    ActionFlag.CHGBODY``); ESMTP parameters as the list of strings a model accepts; bytes
+    longer than :data:`REPR_BYTES_LIMIT` cut short with their length, so that a body chunk
+    does not flood a log. Everything else is returned unchanged.
+    """
+    if isinstance(value, bytes):
+        if len(value) > REPR_BYTES_LIMIT:
+            return _Shown(f"{value[:_REPR_BYTES_SHOWN]!r}... ({len(value)} bytes)")
+        return value
+    if isinstance(value, enum.Enum):
+        if isinstance(value, enum.Flag):
+            return _Shown(_flag_text(value))
+        return _Shown(f"{type(value).__name__}.{value.name}")
+    if isinstance(value, EsmtpArgs):
+        return value.as_strings()
+    if isinstance(value, dict) and value:
+        items = (f"{repr_value(k)!r}: {repr_value(v)!r}" for k, v in value.items())
+        return _Shown("{" + ", ".join(items) + "}")
+    return value
+
+
+def repr_args(
+    model: BaseModel, derived: Mapping[str, Any] | None = None
+) -> Iterator[tuple[str, Any]]:
+    """The fields a model's repr shows: required ones, and the others where not the default.
+
+    ``derived`` gives the value a field takes when it is not given, for fields whose default
+    is computed from others (``raw`` of an envelope is ``<address>``). Events and replies use
+    this as pydantic's ``__repr_args__`` hook, so that their ``repr()`` and ``str()`` read
+    ``TempFail(code=451, text='try later')`` and ``Continue()``. It runs only when a repr is
+    asked for: construction does no extra work.
+    """
+    fields = type(model).__pydantic_fields__
+    for name, value in model.__dict__.items():
+        field = fields.get(name)
+        if field is None or not field.repr:
+            continue
+        if derived is not None and name in derived:
+            if value == derived[name]:
+                continue
+        elif not field.is_required() and value == field.get_default(call_default_factory=True):
+            continue
+        yield name, repr_value(value)
+
 
 class Event(BaseModel):
     """Base of every MTA command model.
 
     ``command`` is the command byte on the wire (``b""`` for events with no packet).
+    ``repr()`` and ``str()`` show the class and the fields that are set:
+    ``EnvFrom(address='a@example.org', args=['SIZE=1024'])``, ``Body(chunk=b'...' (4096
+    bytes))`` (long bytes cut short).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     command: ClassVar[bytes] = b""
+
+    def __repr_args__(self) -> Iterator[tuple[str, Any]]:
+        return repr_args(self)
+
+    def __str__(self) -> str:
+        return self.__repr__()
 
 
 class Negotiate(Event):
@@ -210,6 +299,9 @@ class _Envelope(Event):
     def from_raw(cls, raw: str, args: list[str] | tuple[str, ...] = ()) -> Self:
         """Build from the argument as sent (``<a@example.org>``) and ESMTP parameters."""
         return cls(address=strip_brackets(raw), raw=raw, args=EsmtpArgs.parse(args))
+
+    def __repr_args__(self) -> Iterator[tuple[str, Any]]:
+        return repr_args(self, {"raw": f"<{self.address}>"})
 
     @property
     def domain(self) -> str:

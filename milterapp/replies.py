@@ -8,7 +8,7 @@ header line) fails where it is built, with a message naming the field.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Annotated, Any, ClassVar, TypeAlias
 
 from pydantic import (
@@ -28,6 +28,7 @@ from milterapp.constants import (
     MacroStage,
     ProtocolFlag,
 )
+from milterapp.events import repr_args
 
 __all__ = [
     "Accept",
@@ -61,10 +62,23 @@ _FIELD_NAME = re.compile(r"[!-9;-~]+")
 
 
 class _Response(BaseModel):
+    """Base of every reply.
+
+    ``repr()`` and ``str()`` show the class and the fields that are set, those that differ
+    from their default: ``TempFail(code=451, xcode='4.3.0', text='try later')``,
+    ``Continue()``, ``AddHeader(name='X-A', value='1')``; long bytes are cut short.
+    """
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     #: Action flag the MTA must have granted before this can be sent.
     action: ClassVar[ActionFlag] = ActionFlag.NONE
+
+    def __repr_args__(self) -> Iterator[tuple[str, Any]]:
+        return repr_args(self)
+
+    def __str__(self) -> str:
+        return self.__repr__()
 
     @property
     def required_action(self) -> ActionFlag:

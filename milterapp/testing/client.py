@@ -4,18 +4,24 @@
 number of messages, each split into the commands and macros the chosen MTA profile sends. It
 talks to an App in memory (through the server's own connection handler) or to any milter
 over a socket. :class:`MilterTestClient` is the same for plain, synchronous tests.
+
+Arguments are taken as a person types them: ``recipients="bob@example.net"`` is one
+recipient, and an unknown option is refused with the list of the valid ones.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import email.policy
+import functools
+import inspect
 import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from email.message import EmailMessage
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, ParamSpec, Self, TypeVar
 
 from milterapp.app import App
 from milterapp.events import (
@@ -54,6 +60,66 @@ __all__ = ["AsyncMilterTestClient", "MessageResult", "MilterTestClient", "StageR
 
 #: The stage name of each event the client sends.
 _STAGE_OF: dict[type[Event], str] = {stage.event: stage.name for stage in STAGES}
+#: The facts of the SMTP connection that ``connect()`` and ``send_message()`` take.
+_CONNECTION_FACTS = ("client_address", "client_name", "helo")
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _checked_options(function: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Refuse an unknown keyword option, naming it and listing the valid ones.
+
+    Python's own error names the option but not the alternatives; a typo in a test
+    (``recipient=``, ``helo_name=``) then needs a trip to the documentation.
+    """
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    valid = tuple(
+        parameter.name
+        for parameter in inspect.signature(function).parameters.values()
+        if parameter.kind in kinds and parameter.name != "self"
+    )
+    where = function.__qualname__.removesuffix(".__init__") + "()"
+
+    @functools.wraps(function)
+    def checked(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        for name in kwargs:
+            if name not in valid:
+                raise TypeError(_unknown_option(where, name, valid))
+        return function(*args, **kwargs)
+
+    return checked
+
+
+def _unknown_option(where: str, name: str, valid: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{where} got an unknown option {name!r}{hint}; its options are: {', '.join(valid)}"
+
+
+def _recipient_list(recipients: str | Iterable[str]) -> list[str]:
+    """One recipient as a string, or several; at least one."""
+    found = [recipients] if isinstance(recipients, str) else list(recipients)
+    for recipient in found:
+        if not isinstance(recipient, str):
+            raise TypeError(f"a recipient must be a str, not {recipient!r}")
+    if not found or not all(found):
+        raise ValueError(
+            f"send_message() needs at least one recipient, each non-empty; got {recipients!r} "
+            '(one recipient may be given as a str: recipients="bob@example.net")'
+        )
+    return found
+
+
+def _mail_arg_list(mail_args: str | Iterable[str]) -> list[str]:
+    """ESMTP parameters as a list, or as written on the MAIL FROM line (space-separated)."""
+    if isinstance(mail_args, str):
+        return mail_args.split()
+    found = list(mail_args)
+    for arg in found:
+        if not isinstance(arg, str) or not arg or any(c.isspace() for c in arg):
+            raise ValueError(f"an ESMTP parameter must be a word like 'SIZE=1024', not {arg!r}")
+    return found
 
 
 class AsyncMilterTestClient:
@@ -67,8 +133,12 @@ class AsyncMilterTestClient:
             the app's fallback reply, so a bug shows as a traceback.
         facts: the client, MTA and session details that macros are made from.
         timeout: seconds to wait for any answer.
+
+    An unknown keyword option, to the constructor or a method, raises TypeError naming it
+    and listing the valid ones.
     """
 
+    @_checked_options
     def __init__(
         self,
         app: App | None = None,
@@ -92,6 +162,9 @@ class AsyncMilterTestClient:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._connected = False
+        #: The answer that ended the milter's part in this connection (a verdict other than
+        #: Continue at CONNECT or HELO, or Shutdown): later messages are decided by it.
+        self._connection_verdict: StageReply | None = None
         self._queue_ids = 0
 
     async def __aenter__(self) -> Self:
@@ -177,6 +250,12 @@ class AsyncMilterTestClient:
             result.replies.append(StageReply(stage, event, answer))
         return answer
 
+    @property
+    def connected(self) -> bool:
+        """True once the client has connected (by :meth:`connect` or its first message)."""
+        return self._connected
+
+    @_checked_options
     async def connect(
         self,
         *,
@@ -184,7 +263,20 @@ class AsyncMilterTestClient:
         client_name: str | None = None,
         helo: str | None = None,
     ) -> list[Answer]:
-        """Send CONNECT and HELO; return the answers (none if the milter skipped them)."""
+        """Send CONNECT and HELO; return the answers (none if the milter skipped them).
+
+        The details not given come from ``facts`` (the defaults of :class:`SessionFacts`).
+        A verdict other than Continue at CONNECT ends the milter's part in the connection, as
+        in the MTA: HELO is not sent, and every message of this client gets that verdict.
+        One client is one SMTP connection: it connects once, by this call or by the first
+        :meth:`send_message`. Calling this again raises RuntimeError; play another SMTP
+        client with a new test client.
+        """
+        if self._connected:
+            raise RuntimeError(
+                f"this client is already connected (as {self._connection_text()}); one test "
+                "client is one SMTP connection: use a new client for another SMTP client"
+            )
         updates: dict[str, Any] = {}
         if client_address is not None:
             updates["client_address"] = client_address
@@ -199,25 +291,74 @@ class AsyncMilterTestClient:
         connect = Connect(
             hostname=facts.client_name, family=family, port=facts.client_port, address=address
         )
-        answers = [
-            await self._command(connect, "connect", None),
-            await self._command(Helo(name=facts.helo), "helo", None),
-        ]
         self._connected = True
-        return [answer for answer in answers if answer is not None]
+        answers = []
+        for event, stage in ((connect, "connect"), (Helo(name=facts.helo), "helo")):
+            answer = await self._command(event, stage, None)
+            if answer is None:
+                continue
+            answers.append(answer)
+            if answer.verdict is not None and not isinstance(answer.verdict, Continue):
+                self._connection_verdict = StageReply(stage, event, answer)
+                break
+        return answers
 
+    def _connection_text(self) -> str:
+        return ", ".join(f"{name}={getattr(self.facts, name)!r}" for name in _CONNECTION_FACTS)
+
+    async def _connect_for_message(self, wanted: dict[str, str | None]) -> None:
+        """Connect with the facts a message asks for, or check that they are the ones in use."""
+        if not self._connected:
+            await self.connect(**wanted)
+            return
+        differ = {
+            name: value
+            for name, value in wanted.items()
+            if value is not None and value != getattr(self.facts, name)
+        }
+        if differ:
+            asked = ", ".join(f"{name}={value!r}" for name, value in differ.items())
+            raise ValueError(
+                f"send_message({asked}): this client is already connected as "
+                f"{self._connection_text()}, and one test client is one SMTP connection. "
+                "Give these details to the first send_message() or to connect(), or use a new "
+                "client for another SMTP client"
+            )
+
+    @_checked_options
     async def send_message(
         self,
         message: bytes | str | EmailMessage,
         *,
         sender: str = "sender@example.org",
-        recipients: Sequence[str] = ("recipient@example.net",),
-        mail_args: Iterable[str] = (),
+        recipients: str | Iterable[str] = ("recipient@example.net",),
+        mail_args: str | Iterable[str] = (),
         macros: Mapping[str, Mapping[str, str]] | None = None,
+        client_address: str | None = None,
+        client_name: str | None = None,
+        helo: str | None = None,
     ) -> MessageResult:
-        """Send one message as the MTA would; return what happened to it."""
-        if not self._connected:
-            await self.connect()
+        """Send one message as the MTA would; return what happened to it.
+
+        Args:
+            message: bytes, text or an :class:`~email.message.EmailMessage`; bare LF line
+                endings are sent as CRLF.
+            sender: the envelope sender, without angle brackets (``""``: the null sender).
+            recipients: one recipient as a str, or several; at least one.
+            mail_args: ESMTP parameters of MAIL FROM: a list (``["SIZE=1024"]``) or a str as
+                on the command line (``"SIZE=1024 BODY=8BITMIME"``).
+            macros: macros to add or override for this message, per stage letter.
+            client_address, client_name, helo: the SMTP connection's details. They apply to
+                the connection, so they are used when this message opens it (the first
+                message, when :meth:`connect` was not called). Once connected, the same
+                values are accepted and different ones raise ValueError: one test client is
+                one SMTP connection; use a new client for another SMTP client.
+        """
+        recipient_list = _recipient_list(recipients)
+        mail_arg_list = _mail_arg_list(mail_args)
+        await self._connect_for_message(
+            {"client_address": client_address, "client_name": client_name, "helo": helo}
+        )
         if isinstance(message, EmailMessage):
             message = message.as_bytes(policy=email.policy.SMTP)
         elif isinstance(message, str):
@@ -226,6 +367,8 @@ class AsyncMilterTestClient:
             headers, body = parse_message(message)
         except ValueError as exc:
             raise ValueError(f"the message to send is malformed: {exc}") from None
+        if self._connection_verdict is not None:
+            return self._decided_by_connection(sender, recipient_list, headers, body)
         self._queue_ids += 1
         session_extra = self.facts.extra
         extra = {**session_extra, **{k: dict(v) for k, v in (macros or {}).items()}}
@@ -242,13 +385,41 @@ class AsyncMilterTestClient:
         )
         try:
             result = MessageResult()
-            outcome = await self._envelope(result, sender, recipients, list(mail_args))
+            outcome = await self._envelope(result, sender, recipient_list, mail_arg_list)
             if outcome is None:
                 outcome = await self._content(result, headers, body)
             result.verdict, result.stage = outcome
             await self._end_message(result, sender, headers, body)
         finally:
             self.facts = self.facts.model_copy(update={"extra": session_extra})
+        if isinstance(result.verdict, Shutdown):  # the MTA ends the SMTP session: 421
+            self._connection_verdict = next(
+                (r for r in reversed(result.replies) if isinstance(r.verdict, Shutdown)), None
+            )
+        return result
+
+    def _decided_by_connection(
+        self, sender: str, recipients: list[str], headers: list[tuple[str, str]], body: bytes
+    ) -> MessageResult:
+        """The result of a message once the milter's part in the connection is over.
+
+        The MTA sends the milter nothing more: a refusal (or Shutdown) refuses the message
+        before any recipient; after Accept the message is delivered unchanged.
+        """
+        decided = self._connection_verdict
+        assert decided is not None
+        assert decided.verdict is not None
+        result = MessageResult(replies=[decided], verdict=decided.verdict, stage=decided.stage)
+        if result.accepted:
+            result.recipients = {recipient: Continue() for recipient in recipients}
+            result.delivered = apply(
+                [],
+                sender=sender,
+                recipients=recipients,
+                headers=headers,
+                body=body,
+                profile=self.profile,
+            )
         return result
 
     async def _envelope(
@@ -326,11 +497,32 @@ class AsyncMilterTestClient:
 
 
 class MilterTestClient:
-    """:class:`AsyncMilterTestClient` for synchronous tests: same arguments, same methods."""
+    """:class:`AsyncMilterTestClient` for synchronous tests: same arguments, same methods.
 
-    def __init__(self, app: App | None = None, **options: Any) -> None:
+    The signatures repeat the async client's, so that type checkers check the arguments here
+    too (a test makes sure they stay the same).
+    """
+
+    @_checked_options
+    def __init__(
+        self,
+        app: App | None = None,
+        *,
+        target: str | ConnectionSpec | tuple[str, int] | None = None,
+        mta: Literal["postfix", "sendmail"] | MtaProfile = "postfix",
+        raise_errors: bool = True,
+        facts: SessionFacts | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self._client = AsyncMilterTestClient(
+            app,
+            target=target,
+            mta=mta,
+            raise_errors=raise_errors,
+            facts=facts,
+            timeout=timeout,
+        )
         self._runner = asyncio.Runner()
-        self._client = AsyncMilterTestClient(app, **options)
         self._opened = False
 
     def __enter__(self) -> Self:
@@ -352,15 +544,60 @@ class MilterTestClient:
 
     @property
     def mta(self) -> MtaConnection:
+        """The MTA side's state machine (what was negotiated: ``mta.options``)."""
         return self._client.mta
 
-    def connect(self, **facts: Any) -> list[Answer]:
-        self._ensure_open()
-        return self._runner.run(self._client.connect(**facts))
+    @property
+    def facts(self) -> SessionFacts:
+        """The session's details, as the macros are made from them."""
+        return self._client.facts
 
-    def send_message(self, message: bytes | str | EmailMessage, **options: Any) -> MessageResult:
+    @property
+    def connected(self) -> bool:
+        """True once the client has connected (by :meth:`connect` or its first message)."""
+        return self._client.connected
+
+    @_checked_options
+    def connect(
+        self,
+        *,
+        client_address: str | None = None,
+        client_name: str | None = None,
+        helo: str | None = None,
+    ) -> list[Answer]:
+        """See :meth:`AsyncMilterTestClient.connect`."""
         self._ensure_open()
-        return self._runner.run(self._client.send_message(message, **options))
+        return self._runner.run(
+            self._client.connect(client_address=client_address, client_name=client_name, helo=helo)
+        )
+
+    @_checked_options
+    def send_message(
+        self,
+        message: bytes | str | EmailMessage,
+        *,
+        sender: str = "sender@example.org",
+        recipients: str | Iterable[str] = ("recipient@example.net",),
+        mail_args: str | Iterable[str] = (),
+        macros: Mapping[str, Mapping[str, str]] | None = None,
+        client_address: str | None = None,
+        client_name: str | None = None,
+        helo: str | None = None,
+    ) -> MessageResult:
+        """See :meth:`AsyncMilterTestClient.send_message`."""
+        self._ensure_open()
+        return self._runner.run(
+            self._client.send_message(
+                message,
+                sender=sender,
+                recipients=recipients,
+                mail_args=mail_args,
+                macros=macros,
+                client_address=client_address,
+                client_name=client_name,
+                helo=helo,
+            )
+        )
 
     def abort(self) -> None:
         self._ensure_open()

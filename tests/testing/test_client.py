@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
+from collections.abc import Callable
 from email.message import EmailMessage
+from typing import Any
 
 import pytest
 
@@ -11,16 +14,19 @@ from milterapp import (
     Accept,
     App,
     Body,
+    Connect,
     Context,
     Continue,
     EndOfMessage,
     EnvFrom,
     EnvRcpt,
     Header,
+    Helo,
     Reject,
+    Shutdown,
     TempFail,
 )
-from milterapp.testing.client import AsyncMilterTestClient, MilterTestClient
+from milterapp.testing.client import AsyncMilterTestClient, MessageResult, MilterTestClient
 from milterapp.testing.sockets import ServerThread
 
 MESSAGE = b"From: a@example.org\r\nSubject: hello\r\nX-Long: one\r\n two\r\n\r\nBody line.\r\n"
@@ -228,3 +234,263 @@ def test_client_per_message_macros_do_not_leak_into_the_next_message() -> None:
         client.send_message(MESSAGE, macros={"M": {"{auth_authen}": "alice"}})
         client.send_message(MESSAGE)
     assert seen == ["alice", None]
+
+
+# --- arguments as a person types them -------------------------------------------------------
+
+
+def recipients_app() -> tuple[App, list[str]]:
+    app = App("recipients")
+    seen: list[str] = []
+
+    @app.on("envrcpt")
+    def rcpt(event: EnvRcpt) -> None:
+        seen.append(event.address)
+
+    return app, seen
+
+
+def test_one_recipient_may_be_given_as_a_str() -> None:
+    app, seen = recipients_app()
+    with MilterTestClient(app) as client:
+        result = client.send_message(MESSAGE, recipients="bob@example.net")
+    assert seen == ["bob@example.net"]  # not one recipient per character
+    assert result.recipients == {"bob@example.net": Continue()}
+    assert result.delivered is not None
+    assert result.delivered.recipients == ("bob@example.net",)
+
+
+def test_recipients_may_be_any_iterable_of_str() -> None:
+    app, seen = recipients_app()
+    with MilterTestClient(app) as client:
+        client.send_message(MESSAGE, recipients=(r for r in ["a@example.net", "b@example.net"]))
+    assert seen == ["a@example.net", "b@example.net"]
+
+
+@pytest.mark.parametrize("recipients", [[], (), "", ["a@example.net", ""]])
+def test_no_recipient_is_a_clear_error(recipients: list[str] | tuple[str, ...] | str) -> None:
+    app, seen = recipients_app()
+    with MilterTestClient(app) as client:
+        with pytest.raises(ValueError, match="needs at least one recipient"):
+            client.send_message(MESSAGE, recipients=recipients)
+        assert client.send_message(MESSAGE).accepted  # nothing was sent: the client goes on
+    assert seen == ["recipient@example.net"]
+
+
+def test_mail_args_may_be_written_as_on_the_mail_from_line() -> None:
+    app = App("mail-args")
+    seen: list[list[str]] = []
+
+    @app.on("envfrom")
+    def mail(event: EnvFrom) -> None:
+        seen.append(event.args.as_strings())
+
+    with MilterTestClient(app) as client:
+        client.send_message(MESSAGE, mail_args="SIZE=1024 BODY=8BITMIME")
+        client.send_message(MESSAGE, mail_args=["SMTPUTF8"])
+        with pytest.raises(ValueError, match="ESMTP parameter"):
+            client.send_message(MESSAGE, mail_args=["SIZE=1 BODY=7BIT"])
+    assert seen == [["SIZE=1024", "BODY=8BITMIME"], ["SMTPUTF8"]]
+
+
+def connection_app() -> tuple[App, list[tuple[str, str]]]:
+    app = App("connection")
+    seen: list[tuple[str, str]] = []
+
+    @app.on("connect")
+    def connect(event: Connect) -> None:
+        seen.append(("connect", f"{event.hostname} {event.address}"))
+
+    @app.on("helo")
+    def helo(event: Helo) -> None:
+        seen.append(("helo", event.name))
+
+    return app, seen
+
+
+def test_send_message_connects_with_the_connection_details_given() -> None:
+    app, seen = connection_app()
+    with MilterTestClient(app) as client:
+        client.send_message(
+            MESSAGE, client_address="203.0.113.9", client_name="mail.example.com", helo="mail"
+        )
+        # The same details again are fine: they describe the connection already open.
+        client.send_message(MESSAGE, client_address="203.0.113.9", helo="mail")
+        assert client.facts.client_address == "203.0.113.9"
+    assert seen == [("connect", "mail.example.com 203.0.113.9"), ("helo", "mail")]
+
+
+def test_other_connection_details_once_connected_are_a_clear_error() -> None:
+    app, seen = connection_app()
+    with MilterTestClient(app) as client:
+        client.connect(client_address="192.0.2.7")
+        with pytest.raises(ValueError, match=r"send_message\(helo='other'\).*already connected"):
+            client.send_message(MESSAGE, client_address="192.0.2.7", helo="other")
+        assert client.send_message(MESSAGE).accepted  # nothing was sent: the client goes on
+    assert seen == [("connect", "client.example 192.0.2.7"), ("helo", "client.example")]
+
+
+def test_connect_twice_is_a_clear_error() -> None:
+    app, seen = connection_app()
+    with MilterTestClient(app) as client:
+        before = client.connected
+        client.send_message(MESSAGE)
+        assert (before, client.connected) == (False, True)
+        with pytest.raises(RuntimeError, match=r"already connected.*use a new client"):
+            client.connect(client_address="198.51.100.1")
+        assert client.send_message(MESSAGE).accepted
+    assert [stage for stage, _ in seen] == ["connect", "helo"]
+
+
+def test_async_send_message_takes_the_connection_details_and_one_recipient() -> None:
+    app, seen = connection_app()
+
+    async def exchange() -> MessageResult:
+        async with AsyncMilterTestClient(app) as client:
+            return await client.send_message(
+                MESSAGE, recipients="bob@example.net", client_address="2001:db8::7"
+            )
+
+    result = asyncio.run(exchange())
+    assert list(result.recipients) == ["bob@example.net"]
+    assert seen[0] == ("connect", "client.example 2001:db8::7")
+
+
+UNKNOWN_OPTIONS: list[tuple[str, Callable[[Any], object], str, str]] = [
+    ("__init__", lambda cls: cls(stamping_app(), mtaa="postfix"), "mtaa", "mta"),
+    ("connect", lambda client: client.connect(hello="x"), "hello", "helo"),
+    (
+        "send_message",
+        lambda client: client.send_message(MESSAGE, recipient="b@example.net"),
+        "recipient",
+        "recipients",
+    ),
+]
+
+
+@pytest.mark.parametrize("client_class", [MilterTestClient, AsyncMilterTestClient])
+@pytest.mark.parametrize(
+    ("method", "call", "wrong", "meant"), UNKNOWN_OPTIONS, ids=[u[0] for u in UNKNOWN_OPTIONS]
+)
+def test_an_unknown_option_is_named_with_the_valid_ones(
+    client_class: type[MilterTestClient] | type[AsyncMilterTestClient],
+    method: str,
+    call: Callable[[Any], object],
+    wrong: str,
+    meant: str,
+) -> None:
+    signature = inspect.signature(getattr(client_class, method))
+    valid = [name for name in signature.parameters if name != "self"]
+    if method == "__init__":
+        subject: Any = client_class
+        where = f"{client_class.__name__}()"
+    else:
+        subject = client_class(stamping_app())
+        where = f"{client_class.__name__}.{method}()"
+    with pytest.raises(TypeError) as caught:
+        call(subject)  # an async method refuses at the call, before anything is awaited
+    message = str(caught.value)
+    assert message.startswith(f"{where} got an unknown option {wrong!r}")
+    assert f"did you mean {meant!r}?" in message
+    assert message.endswith(f"its options are: {', '.join(valid)}")
+    if isinstance(subject, MilterTestClient):
+        subject.close()
+
+
+@pytest.mark.parametrize("method", ["__init__", "connect", "send_message"])
+def test_the_sync_client_takes_the_same_arguments_as_the_async_one(method: str) -> None:
+    def parameters(cls: type) -> list[tuple[str, object, object, object]]:
+        signature = inspect.signature(getattr(cls, method))
+        return [(p.name, p.kind, p.default, p.annotation) for p in signature.parameters.values()]
+
+    assert parameters(MilterTestClient) == parameters(AsyncMilterTestClient)
+
+
+# --- verdicts that end the milter's part in the connection ----------------------------------
+
+
+def gatekeeper_app() -> tuple[App, list[str]]:
+    app = App("gatekeeper")
+    seen: list[str] = []
+
+    @app.on("connect")
+    def connect(event: Connect) -> Reject | Accept | None:
+        seen.append("connect")
+        if event.hostname.startswith("dyn-"):
+            return Reject(code=550, xcode="5.7.1", text="dynamic address")
+        if event.hostname == "trusted.example":
+            return Accept()
+        return None
+
+    @app.on("helo")
+    def helo(event: Helo) -> TempFail | None:
+        seen.append("helo")
+        return TempFail(code=421, text="go away") if event.name == "localhost" else None
+
+    @app.on("envfrom")
+    def mail(event: EnvFrom) -> Shutdown | None:
+        seen.append("envfrom")
+        return Shutdown() if event.address == "shutdown@example.org" else None
+
+    @app.on("eom")
+    def stamp(event: EndOfMessage, ctx: Context) -> None:
+        ctx.add_header("X-Stamp", "1")
+
+    return app, seen
+
+
+def test_a_refusal_at_connect_decides_every_message_of_the_connection() -> None:
+    app, seen = gatekeeper_app()
+    with MilterTestClient(app) as client:
+        first = client.send_message(MESSAGE, client_name="dyn-192-0-2-7.example.net")
+        second = client.send_message(MESSAGE)
+    refusal = Reject(code=550, xcode="5.7.1", text="dynamic address")
+    for result in (first, second):
+        assert result.rejected
+        assert (result.verdict, result.stage) == (refusal, "connect")
+        assert result.recipients == {}
+        assert result.delivered is None
+        reply = result.reply("connect")
+        assert reply is not None
+        assert reply.verdict == refusal
+    assert seen == ["connect"]  # no HELO, nothing more for the milter
+
+
+def test_connect_stops_at_a_connection_level_verdict() -> None:
+    app, seen = gatekeeper_app()
+    with MilterTestClient(app) as client:
+        answers = client.connect(helo="localhost")
+        result = client.send_message(MESSAGE)
+    assert [answer.verdict for answer in answers] == [
+        Continue(),
+        TempFail(code=421, text="go away"),
+    ]
+    assert result.tempfailed
+    assert result.stage == "helo"
+    assert seen == ["connect", "helo"]
+
+
+def test_accept_at_connect_delivers_every_message_unchanged() -> None:
+    app, seen = gatekeeper_app()
+    with MilterTestClient(app) as client:
+        result = client.send_message(
+            MESSAGE, client_name="trusted.example", recipients=["a@example.net", "b@example.net"]
+        )
+    assert result.accepted
+    assert result.stage == "connect"
+    assert result.recipients == {"a@example.net": Continue(), "b@example.net": Continue()}
+    assert result.delivered is not None
+    assert result.delivered.recipients == ("a@example.net", "b@example.net")
+    assert result.delivered.header("X-Stamp") is None
+    assert seen == ["connect"]
+
+
+def test_after_a_shutdown_later_messages_get_it_too() -> None:
+    app, seen = gatekeeper_app()
+    with MilterTestClient(app) as client:
+        first = client.send_message(MESSAGE, sender="shutdown@example.org")
+        second = client.send_message(MESSAGE)
+    assert (first.verdict, first.stage) == (Shutdown(), "envfrom")
+    assert (second.verdict, second.stage) == (Shutdown(), "envfrom")
+    assert second.tempfailed
+    assert seen == ["connect", "helo", "envfrom"]
