@@ -18,8 +18,14 @@
 - ```ini, ```m4 and ```text blocks, and blocks without a language (configuration, output, hex
   dumps) are not checked; any other language fails until it is given a rule here.
 
-Besides: every page of docs/ is linked from docs/index.md, relative links and their
-``#anchors`` resolve, and docs/cli.md mentions every subcommand and option.
+Besides: every page of docs/ is linked from docs/index.md and from README.md, relative links
+and their ``#anchors`` resolve, and docs/cli.md mentions every subcommand and option.
+
+docs/quickstart.md is also followed as a newcomer would, in a fresh virtual environment
+(``test_quickstart_walkthrough``): its shell commands run in page order; a block introduced by
+"Save this as `NAME`" is saved as NAME first; a ```console block's output must be the one shown;
+"another terminal" in the prose starts a shell of its own; ``milterapp run`` is served in the
+background and stopped with SIGTERM at the end.
 ``python tests/test_docs.py`` prints every block and how it is checked.
 """
 
@@ -31,10 +37,16 @@ import contextlib
 import importlib.metadata
 import inspect
 import io
+import os
 import re
 import shlex
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import tomllib
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,8 +60,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 INDEX = DOCS / "index.md"
 CLI_PAGE = DOCS / "cli.md"
+README = ROOT / "README.md"
 PAGES = sorted(DOCS.glob("*.md"))
-FILES = [*PAGES, ROOT / "README.md"]
+FILES = [*PAGES, README]
 
 PYTHON = frozenset({"python", "py"})
 SHELL = frozenset({"sh", "bash", "shell", "console"})
@@ -448,14 +461,321 @@ def test_relative_links_resolve(path: Path) -> None:
     assert not broken, f"{path.relative_to(ROOT)} has broken links: {broken}"
 
 
-def test_every_page_is_linked_from_the_index() -> None:
+@pytest.mark.parametrize("listing", [INDEX, README], ids=["docs/index.md", "README.md"])
+def test_every_page_is_linked_from(listing: Path) -> None:
     linked = {
-        (INDEX.parent / target.partition("#")[0]).resolve()
-        for target in _links(INDEX)
+        (listing.parent / target.partition("#")[0]).resolve()
+        for target in _links(listing)
         if target.partition("#")[0]
     }
-    missing = [p.name for p in PAGES if p != INDEX and p.resolve() not in linked]
-    assert not missing, f"docs/index.md does not link to {missing}"
+    missing = [p.name for p in PAGES if p != listing and p.resolve() not in linked]
+    assert not missing, f"{listing.relative_to(ROOT)} does not link to {missing}"
+
+
+# --- the quickstart, followed in a fresh virtual environment ---------------------------------
+
+QUICKSTART = DOCS / "quickstart.md"
+#: The port the quickstart serves on. The walk-through serves on a free port instead (the one
+#: change it makes to the page's commands), so that it never meets a milter already there.
+QUICKSTART_PORT = "10025"
+#: What the walk-through copies of the checkout: enough to build and install milterapp.
+CHECKOUT = ("pyproject.toml", "README.md", "LICENSE", "milterapp")
+_SAVE_AS = re.compile(r"[Ss]ave\s+this\s+as\s+`(?P<name>[^`]+)`")
+_ANOTHER_TERMINAL = re.compile(r"another\s+terminal", re.IGNORECASE)
+#: Simple commands whose effect lasts in the shell that ran them. Each command of the page runs
+#: in a shell of its own, after the earlier ones of these from the same terminal.
+SHELL_STATE = frozenset({".", "source", "cd", "export"})
+COMMAND_TIMEOUT = 120
+BASH = shutil.which("bash") or "/bin/bash"
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one block of the quickstart asks the reader to do."""
+
+    block: Block
+    save_as: str | None  # the file the prose says to save the block as
+    new_terminal: bool  # the prose moves to another terminal
+    commands: tuple[tuple[str, str | None], ...]  # command lines, with the output shown
+
+
+def _with_prose(path: Path) -> Iterator[tuple[Block, str]]:
+    """Each block of the page, with the prose between the previous block and it."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    start = 0
+    for block in _scan(path)[0]:
+        yield block, "\n".join(lines[start : block.line - 1])
+        start = block.line + block.code.count("\n") + 1  # past the closing fence
+
+
+def _console_commands(block: Block) -> Iterator[tuple[str, str]]:
+    """``$ `` lines of a ```console block, each with the output shown under it."""
+    session: list[tuple[str, list[str]]] = []
+    for line in block.code.splitlines():
+        if line.startswith("$ "):
+            session.append((line[2:], []))
+        elif session:
+            session[-1][1].append(line)
+    for command, output in session:
+        yield command, "\n".join(output)
+
+
+def _quickstart_steps() -> list[Step]:
+    steps = []
+    for block, prose in _with_prose(QUICKSTART):
+        commands: list[tuple[str, str | None]] = []
+        if block.lang == "console":
+            commands = list(_console_commands(block))
+        elif block.lang in SHELL:
+            commands = [(line, None) for line in _command_lines(block)]
+        names = _SAVE_AS.findall(prose)
+        save_as = names[-1] if names and block.lang not in SHELL else None
+        new_terminal = bool(_ANOTHER_TERMINAL.search(prose))
+        steps.append(Step(block, save_as, new_terminal, tuple(commands)))
+    return steps
+
+
+def _words(line: str) -> list[list[str]]:
+    return list(_simple_commands(line))
+
+
+def _venv_directory(steps: list[Step]) -> str:
+    """Where the page's ``python3 -m venv DIR`` creates the environment."""
+    for step in steps:
+        for line, _ in step.commands:
+            for words in _words(line):
+                if Path(words[0]).name.startswith("python") and words[1:3] == ["-m", "venv"]:
+                    return [word for word in words[3:] if not word.startswith("-")][-1]
+    raise AssertionError("docs/quickstart.md no longer creates a virtual environment")
+
+
+def _requirements(steps: list[Step]) -> list[str]:
+    """What the page's installs need: milterapp's dependencies and build backend, the extras it
+    installs, and the packages it names (``pip install pytest``)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    needed = [*project["build-system"]["requires"], *project["project"]["dependencies"]]
+    for step in steps:
+        for line, _ in step.commands:
+            for words in _words(line):
+                if "install" not in words or not any(Path(w).name == "pip" for w in words):
+                    continue
+                for word in words[words.index("install") + 1 :]:
+                    extras = re.fullmatch(r"\.\[(?P<extras>[^\]]+)\]", word)
+                    if extras:
+                        optional = project["project"]["optional-dependencies"]
+                        for extra in extras["extras"].split(","):
+                            needed += optional[extra.strip()]
+                    elif not word.startswith(("-", ".", "/")):
+                        needed.append(word)
+    return needed
+
+
+def _link_installed(requirements: list[str], site: Path) -> list[str]:
+    """Link the installed distributions that ``requirements`` need (and theirs, recursively)
+    into the directory ``site``; return the requirements that nothing installed satisfies."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    missing, seen, pending = [], set(), list(requirements)
+    while pending:
+        requirement = Requirement(pending.pop())
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+            continue
+        try:
+            distribution = importlib.metadata.distribution(requirement.name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(str(requirement))
+            continue
+        if not requirement.specifier.contains(distribution.version, prereleases=True):
+            missing.append(f"{requirement} ({distribution.version} is installed)")
+            continue
+        name = canonicalize_name(distribution.metadata["Name"])
+        if name in seen:
+            continue
+        seen.add(name)
+        pending += distribution.requires or []
+        base = Path(str(distribution.locate_file("")))
+        for top in {file.parts[0] for file in distribution.files or []} - {"..", "__pycache__"}:
+            if not (site / top).exists():
+                (site / top).symlink_to(base / top)
+    return missing
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+class _Shells:
+    """The reader's terminals, played by one ``bash`` per command in the page's environment."""
+
+    def __init__(self, checkout: Path, env: dict[str, str], logs: Path) -> None:
+        self.checkout, self.env, self.logs = checkout, env, logs
+        self.state: list[str] = []  # the current terminal's lasting commands (activate, cd)
+        self.servers: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+
+    def new_terminal(self) -> None:
+        self.state = []
+
+    def _script(self, command: str) -> str:
+        return "".join(f"{earlier} || exit 97\n" for earlier in self.state) + command
+
+    def _remember(self, command: str) -> None:
+        self.state += [shlex.join(w) for w in _simple_commands(command) if w[0] in SHELL_STATE]
+
+    def run(self, command: str, shown: str | None) -> None:
+        """Run ``command`` to its end: it must succeed, and print ``shown`` if given."""
+        result = subprocess.run(  # noqa: S603 - the page's own command
+            [BASH, "-c", self._script(command)],
+            cwd=self.checkout,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT,
+            check=False,
+        )
+        report = (
+            f"`{command}` exited {result.returncode}\n--- stdout ---\n{result.stdout[-5000:]}"
+            f"\n--- stderr ---\n{result.stderr[-5000:]}"
+        )
+        assert result.returncode == 0, report
+        if shown is not None:
+            printed = [text.rstrip() for text in result.stdout.rstrip("\n").splitlines()]
+            expected = [text.rstrip() for text in shown.rstrip("\n").splitlines()]
+            assert printed == expected, f"not the output the page shows:\n{report}"
+        self._remember(command)
+
+    def serve(self, command: str, port: int) -> None:
+        """Start ``command``, a server, in the background; wait until it accepts on ``port``."""
+        log = self.logs / f"server-{len(self.servers)}.log"
+        with log.open("wb") as output:
+            server = subprocess.Popen(  # noqa: S603 - the page's own command
+                [BASH, "-c", self._script(f"exec {command}")],
+                cwd=self.checkout,
+                env=self.env,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.servers.append((command, server, log))
+        deadline = time.monotonic() + 30
+        while not _accepts(port):
+            running = server.poll() is None and time.monotonic() < deadline
+            assert running, f"`{command}` did not start serving:\n{log.read_text()}"
+            time.sleep(0.05)
+        self._remember(command)
+
+    def stop_servers(self) -> list[str]:
+        """SIGTERM each server ("stops cleanly on Ctrl-C or SIGTERM"); what went wrong."""
+        problems = []
+        for command, server, log in self.servers:
+            if server.poll() is None:
+                server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait(15)
+                problems.append(f"`{command}` did not stop on SIGTERM")
+                continue
+            if server.returncode != 0:
+                problems.append(f"`{command}` exited {server.returncode}:\n{log.read_text()}")
+        return problems
+
+
+def _checkout_copy(target: Path) -> None:
+    """What of the checkout the quickstart builds from, copied: the build must not touch ours."""
+    target.mkdir()
+    for name in CHECKOUT:
+        source = ROOT / name
+        if source.is_dir():
+            ignore = shutil.ignore_patterns("__pycache__", "*.so")  # *.so: a mypyc build
+            shutil.copytree(source, target / name, ignore=ignore)
+        elif source.exists():
+            shutil.copy2(source, target / name)
+
+
+def test_quickstart_walkthrough(tmp_path: Path) -> None:
+    """docs/quickstart.md, followed command by command in a fresh virtual environment.
+
+    Nothing is downloaded. The environment the page creates is fresh but for one ``.pth`` file
+    that adds a directory of links to the distributions this interpreter has installed and the
+    page needs (milterapp's dependencies, its build backend, pytest); pip runs with no package
+    index and without build isolation, so ``pip install .`` builds milterapp with the hatchling
+    installed here and finds every dependency already satisfied. Where one of them is not
+    installed (hatchling: the test extra brings it) the page cannot be followed offline: the
+    test skips, saying so, and fails under CI.
+    """
+    steps = _quickstart_steps()
+    installed = tmp_path / "installed"
+    installed.mkdir()
+    missing = _link_installed(_requirements(steps), installed)
+    if missing:
+        reason = (
+            f"docs/quickstart.md cannot be followed offline: {', '.join(missing)} not installed "
+            f"in {sys.prefix} (pip would have to download it)"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+    checkout = tmp_path / "checkout"
+    _checkout_copy(checkout)
+    tools = tmp_path / "bin"  # `python3` is the Python of these tests; nothing else of ours
+    tools.mkdir()
+    (tools / "python3").symlink_to(getattr(sys, "_base_executable", sys.executable))
+    env = {
+        "PATH": f"{tools}:/usr/bin:/bin",
+        "HOME": str(tmp_path / "home"),
+        "LANG": "C.UTF-8",
+        "PIP_CONFIG_FILE": os.devnull,  # none of this machine's pip configuration
+        "PIP_NO_INDEX": "1",
+        "PIP_NO_BUILD_ISOLATION": "0",  # pip reads its "no-" options inverted: 0 turns it on
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+    }
+    # The environment the page's `python3 -m venv` will (re)create, made first with the .pth.
+    venv = checkout / _venv_directory(steps)
+    subprocess.run(  # noqa: S603 - our own interpreter
+        [str(tools / "python3"), "-m", "venv", "--without-pip", str(venv)],
+        env=env,
+        check=True,
+        timeout=COMMAND_TIMEOUT,
+    )
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    (venv / "lib" / version / "site-packages" / "_installed_here.pth").write_text(f"{installed}\n")
+
+    port = _free_port()
+    shells = _Shells(checkout, env, tmp_path)
+    ran = 0
+    try:
+        for step in steps:
+            if step.new_terminal:
+                shells.new_terminal()
+            if step.save_as is not None:
+                (checkout / step.save_as).write_text(step.block.code, encoding="utf-8")
+            for line, shown in step.commands:
+                command = line.replace(QUICKSTART_PORT, str(port))
+                args = [_milterapp_args(words) for words in _simple_commands(command)]
+                if len(args) == 1 and args[0] and args[0][0] == "run":  # serves until stopped
+                    shells.serve(command, port)
+                else:
+                    shells.run(command, shown)
+                ran += 1
+    finally:
+        problems = shells.stop_servers()
+    assert not problems, "\n".join(problems)
+    assert shells.servers, "docs/quickstart.md no longer runs the milter"
+    assert ran >= 5, f"only {ran} commands of docs/quickstart.md ran"
 
 
 # --- inventory -----------------------------------------------------------------------------
@@ -466,9 +786,11 @@ def _how_checked(block: Block) -> str:
         return {"run": "runs", "module": "runs (as a module)", "pytest": "runs under pytest"}.get(
             block.verb or "", "compiles"
         )
+    walked = " (run by the quickstart walk-through)" if block.path == QUICKSTART else ""
     if block.lang in SHELL:
         commands = _milterapp_commands(block)
-        return f"{len(commands)} milterapp command(s) parsed" if commands else "not checked"
+        parsed = f"{len(commands)} milterapp command(s) parsed" if commands else "not parsed"
+        return parsed + walked
     return "not checked"
 
 
