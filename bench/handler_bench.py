@@ -27,6 +27,7 @@ from refmilter import build
 from milterapp import Accept, App
 from milterapp.events import Abort, EndOfMessage, Event, Macros
 from milterapp.protocol.codec import encode_command
+from milterapp.protocol.stages import BY_EVENT
 from milterapp.server.connection import Connection
 
 
@@ -88,8 +89,13 @@ def writes_of(events: list[Event]) -> list[bytes]:
 
 async def measure(app: App, count: int, rounds: int, body_size: int) -> float:
     events = [*transaction(body_size), Abort()]  # Postfix aborts after each message, then reuses
-    if not app.handles("header"):
-        events = [e for e in events if isinstance(e, Macros | EndOfMessage | Abort)]
+    # The MTA sends macros, end of message and abort always, the other events when asked.
+    asked = app.requirements().events
+    events = [
+        e
+        for e in events
+        if isinstance(e, Macros | EndOfMessage | Abort) or BY_EVENT[type(e)].name in asked
+    ]
     writes = writes_of(events)
     # Reads go through get_buffer() and buffer_updated(), into a shared buffer, as the
     # server's event loop does them.

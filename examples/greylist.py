@@ -11,7 +11,7 @@ import time
 
 import redis.asyncio as redis
 
-from milterapp import App, Connect, Context, EnvFrom, EnvRcpt, TempFail
+from milterapp import App, Context, EnvRcpt, TempFail
 
 DELAY = 300
 KEEP = 36 * 24 * 3600
@@ -25,22 +25,10 @@ async def close_store() -> None:
     await store.aclose()
 
 
-@app.on("connect")
-def client(event: Connect, ctx: Context) -> None:
-    ctx.state["client"] = str(event.address or event.hostname)
-
-
-@app.on("envfrom")
-def remember_sender(event: EnvFrom, ctx: Context) -> None:
-    # Handling MAIL FROM is also what makes the MTA send it: without a handler for it (or
-    # keep_message=True), the milter never sees the sender.
-    ctx.message.sender_address = event.address.lower()
-
-
 @app.on("envrcpt")
 async def greylist(event: EnvRcpt, ctx: Context) -> TempFail | None:
-    sender = ctx.message.sender_address
-    key = f"greylist:{ctx.state.get('client', ctx.peer)}:{sender}:{event.address.lower()}"
+    client = ctx.client.address or ctx.client.hostname
+    key = f"greylist:{client}:{ctx.message.sender.address.lower()}:{event.address.lower()}"
     now = int(time.time())
     first_seen = await store.get(key)
     if first_seen is None:

@@ -3,30 +3,35 @@
 Run: ``python examples/subject_tag.py [--spec SPEC]``.
 """
 
-from milterapp import App, Context, EndOfMessage, EnvFrom, Header
+from dataclasses import dataclass
+
+from milterapp import App, Context, EndOfMessage, Header
 
 INTERNAL = frozenset({"example.org"})
 TAG = "[EXTERNAL]"
 
-app = App("subject-tag")
+
+@dataclass
+class Subject:
+    """The message's Subject: header, if it has one."""
+
+    value: str | None = None
 
 
-@app.on("envfrom")
-def classify(event: EnvFrom, ctx: Context) -> None:
-    ctx.message.external = event.domain not in INTERNAL
+app = App("subject-tag", message_state=Subject)
 
 
 @app.on("header")
-def remember_subject(event: Header, ctx: Context) -> None:
+def remember_subject(event: Header, ctx: Context[Subject]) -> None:
     if event.name.lower() == "subject":
-        ctx.message.subject = event.value
+        ctx.message.state.value = event.value
 
 
 @app.on("eom")
-def tag(event: EndOfMessage, ctx: Context) -> None:
-    if not getattr(ctx.message, "external", False):
+def tag(event: EndOfMessage, ctx: Context[Subject]) -> None:
+    if ctx.message.sender.domain in INTERNAL:
         return
-    subject = getattr(ctx.message, "subject", None)
+    subject = ctx.message.state.value
     if subject is None:
         ctx.add_header("Subject", TAG)
     elif not subject.startswith(TAG):

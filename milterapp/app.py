@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Final, Literal, TypeVar, overload
+
+import structlog
+from pydantic import ValidationError
 
 from milterapp import server
 from milterapp.config import AppConfig
 from milterapp.constants import ActionFlag
-from milterapp.context import Context
+from milterapp.context import KEPT_EVENTS, RECORDED_EVENTS, Context
 from milterapp.errors import SetupError
 from milterapp.events import (
     Abort,
@@ -45,12 +48,21 @@ from milterapp.handlers import (
     canonical_name,
     handler_label,
     is_async,
+    names_read,
     positional_arity,
 )
 from milterapp.protocol.negotiation import OPTIONAL_EVENTS, Requirements
+from milterapp.protocol.stages import OptionalEvent
+from milterapp.server.arguments import describe
 from milterapp.server.servable import Serving
 
 __all__ = ["App"]
+
+_log = structlog.get_logger("milterapp")
+#: Methods of ctx.message that need the body kept.
+_BODY_READERS: Final = frozenset({"as_email", "body", "body_bytes"})
+#: Handlers that run before the connect event.
+_BEFORE_CONNECT: Final = frozenset({"negotiate", "open"})
 
 NegotiateH = TypeVar("NegotiateH", bound=Handler[Negotiate])
 OpenH = TypeVar("OpenH", bound=Handler[ConnectionOpened])
@@ -67,11 +79,22 @@ EomH = TypeVar("EomH", bound=Handler[EndOfMessage])
 AbortH = TypeVar("AbortH", bound=Handler[Abort])
 CloseH = TypeVar(
     "CloseH",
-    bound=Callable[[CloseEvent, Context], MaybeAwaitable] | Callable[[CloseEvent], MaybeAwaitable],
+    bound=Callable[[CloseEvent, Context[Any, Any]], MaybeAwaitable]
+    | Callable[[CloseEvent], MaybeAwaitable],
 )
 AnyH = TypeVar("AnyH", bound=Callable[..., Any])
 Hook = TypeVar("Hook", bound=Callable[[], Awaitable[None] | None])
 ErrorMapper = TypeVar("ErrorMapper", bound=Callable[..., Any])
+
+
+def _options_problem(exc: ValidationError) -> str:
+    """A validation error of the App's options, in one line that names each option (and
+    the valid ones, for an option that does not exist)."""
+    unknown = [error["loc"][0] for error in exc.errors() if error["type"] == "extra_forbidden"]
+    if unknown:
+        valid = ", ".join(AppConfig.model_fields)
+        return f"unknown option {unknown[0]!r} (valid: {valid})"
+    return describe(exc)
 
 
 class App(Dispatcher):
@@ -88,7 +111,10 @@ class App(Dispatcher):
 
     def __init__(self, name: str, **options: Any) -> None:
         self.name = name
-        self.config = AppConfig(**options)
+        try:
+            self.config = AppConfig(**options)
+        except ValidationError as exc:
+            raise SetupError(f"App({name!r}): {_options_problem(exc)}") from None
         super().__init__(self.config.fallback)
         self.serving = Serving(name)
         self._startup: list[Callable[[], Any]] = []
@@ -247,15 +273,22 @@ class App(Dispatcher):
     # --- negotiation ---------------------------------------------------------------------
 
     def requirements(self) -> Requirements:
-        """What to ask the MTA for, derived from the handlers and the options."""
+        """What to ask the MTA for, derived from the handlers and the options.
+
+        The events whose facts the context always holds (:data:`RECORDED_EVENTS`) are asked
+        for whatever handlers exist, and so are headers and body when whole messages are
+        kept; those that no handler answers are asked without a reply (the ``NR_*`` flags),
+        so the MTA does not wait for them.
+        """
         config = self.config
-        handled = {name for name in self._handlers if name in OPTIONAL_EVENTS}
-        kept = {"envfrom", "envrcpt", "header", "body"} if config.keep_message else set()
-        events = handled | kept
-        no_reply = (set(config.no_reply) & handled) | (kept - handled)
+        handled: set[OptionalEvent] = {name for name in self._handlers if name in OPTIONAL_EVENTS}
+        recorded = set(RECORDED_EVENTS)
+        if config.keep_message:
+            recorded |= KEPT_EVENTS
+        no_reply = (set(config.no_reply) & handled) | (recorded - handled)
         return Requirements(
-            events=frozenset(events),  # type: ignore[arg-type]
-            no_reply=frozenset(no_reply),  # type: ignore[arg-type]
+            events=frozenset(handled | recorded),
+            no_reply=frozenset(no_reply),
             actions=ActionFlag.ALL & ~ActionFlag.SETSYMLIST
             if config.actions is None
             else config.actions,
@@ -265,13 +298,54 @@ class App(Dispatcher):
             rejected_recipients=config.rejected_recipients,
             # Skipping the body would cut what keep_message collects for end of message.
             skip="body" in handled and not config.keep_message,
+            # Kept for the context only: decoded if and when a handler reads them. RCPT is
+            # not, when the MTA marks the recipients it refused in the macros sent with it.
+            undecoded=frozenset(
+                RECORDED_EVENTS - handled - ({"envrcpt"} if config.rejected_recipients else set())
+            ),
         )
 
     # --- lifecycle -----------------------------------------------------------------------
 
+    def setup_warnings(self) -> list[str]:
+        """What the handlers appear to read that the app will not have, one line each.
+
+        Read from the handlers' code, so a hint: a handler that calls
+        ``ctx.message.as_email()`` in an app without ``keep_message=True`` would fail at
+        every message. Logged as ``setup_warning`` when the app starts.
+        """
+        kept = self.config.keep_message
+        headers_kept = kept or self.handles("header")
+        warnings: list[str] = []
+        for event, specs in self._handlers.items():
+            for spec in specs:
+                names = names_read(spec.fn)
+                where = f"handler {spec.name} ({event!r})"
+                if not kept and "message" in names:
+                    warnings.extend(
+                        f"{where} calls ctx.message.{method}(), but the body is not kept: "
+                        "create the App with keep_message=True"
+                        for method in sorted(names & _BODY_READERS)
+                    )
+                if not headers_kept and {"message", "headers"} <= names:
+                    warnings.append(
+                        f"{where} reads ctx.message.headers, but the MTA is not asked for "
+                        "headers: add a 'header' handler or create the App with "
+                        "keep_message=True"
+                    )
+                if event in _BEFORE_CONNECT and "client" in names:
+                    warnings.append(
+                        f"{where} reads ctx.client, which is not known before the connect "
+                        "event: read it in a 'connect' handler or later"
+                    )
+        return warnings
+
     async def run_startup(self) -> None:
-        """Run the startup hooks in order; registration is closed from now on."""
+        """Log :meth:`setup_warnings`, then run the startup hooks in order; registration is
+        closed from now on."""
         self.serving.mark_started()
+        for warning in self.setup_warnings():
+            _log.warning("setup_warning", app=self.name, warning=warning)
         for hook in self._startup:
             result = hook()
             if inspect.isawaitable(result):

@@ -6,9 +6,10 @@ messages are kept), which is why they live below both the App and the server.
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Callable
+from typing import Any, Final
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from milterapp.constants import ActionFlag, MacroStage
 from milterapp.protocol.stages import BY_NAME, MacroStageName, OptionalEvent
@@ -38,6 +39,10 @@ class AppConfig(BaseModel):
         rejected_recipients: also see recipients the MTA rejected (RCPT_REJ).
         keep_message: keep sender, recipients, headers and body for end of message.
         spool_threshold: kept bodies above this many bytes go to a temporary file.
+        message_state: the class (or any callable without arguments) of each message's
+            ``ctx.message.state``: a dataclass or a pydantic model whose fields all have
+            defaults. A dict by default.
+        connection_state: the same for each connection's ``ctx.state``.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -52,6 +57,23 @@ class AppConfig(BaseModel):
     rejected_recipients: bool = False
     keep_message: bool = False
     spool_threshold: int = Field(default=DEFAULT_SPOOL_THRESHOLD, ge=0)
+    message_state: Callable[[], Any] = dict
+    connection_state: Callable[[], Any] = dict
+
+    @field_validator("message_state", "connection_state")
+    @classmethod
+    def _check_state(cls, value: Callable[[], Any], info: ValidationInfo) -> Callable[[], Any]:
+        # Made once now, so that a class that cannot be made without arguments fails here,
+        # not at every message.
+        name = getattr(value, "__qualname__", repr(value))
+        try:
+            value()
+        except Exception as exc:  # noqa: BLE001 - whatever it raises, say so in one line
+            raise ValueError(
+                f"{info.field_name}={name} cannot be made without arguments ({exc}); "
+                "give every field a default"
+            ) from None
+        return value
 
     @field_validator("macros")
     @classmethod

@@ -13,15 +13,18 @@ import io
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from email.message import EmailMessage
-from typing import IO, TYPE_CHECKING, Any, Final
+from typing import IO, TYPE_CHECKING, Any, Final, Generic
 
 import structlog
+from typing_extensions import TypeVar
 
-from milterapp.constants import DEFAULT_MAX_DATA_SIZE, ActionFlag
-from milterapp.errors import ActionNotNegotiated, LocalProtocolError
-from milterapp.events import Connect, EnvFrom, EnvRcpt, Header
+from milterapp.constants import DEFAULT_MAX_DATA_SIZE, ActionFlag, Command
+from milterapp.errors import ActionNotNegotiated, LocalProtocolError, NotAvailable
+from milterapp.events import Connect, EnvFrom, EnvRcpt, Event, Header, Helo
+from milterapp.protocol.commands import decode_command
 from milterapp.protocol.negotiation import SessionOptions
 from milterapp.protocol.responses import body_chunks
+from milterapp.protocol.stages import OptionalEvent
 from milterapp.replies import (
     AddHeader,
     AddRecipient,
@@ -34,34 +37,75 @@ from milterapp.replies import (
     ReplaceBody,
 )
 
-__all__ = ["Context", "Message"]
+__all__ = ["KEPT_EVENTS", "RECORDED_EVENTS", "Context", "Message"]
+
+#: The events whose facts every context holds (``client``, ``helo``, ``message.sender`` and
+#: ``message.recipients``): the MTA is asked for them whatever handlers the app has.
+RECORDED_EVENTS: Final[frozenset[OptionalEvent]] = frozenset(
+    {"connect", "helo", "envfrom", "envrcpt"}
+)
+#: The events that whole messages add (``App(keep_message=True)``): headers and body.
+KEPT_EVENTS: Final[frozenset[OptionalEvent]] = frozenset({"header", "body"})
 
 _READ_SIZE: Final = DEFAULT_MAX_DATA_SIZE
+_CONNECT, _HELO, _MAIL, _RCPT = (
+    ord(command.value) for command in (Command.CONNECT, Command.HELO, Command.MAIL, Command.RCPT)
+)
+_E = TypeVar("_E", bound=Event)
+_UNSET: Final = object()
+
+#: The type of ``ctx.message.state``: the app's ``message_state`` class (a dict by default).
+MessageStateT = TypeVar("MessageStateT", default=dict[str, Any])
+#: The type of ``ctx.state``: the app's ``connection_state`` class (a dict by default).
+ConnectionStateT = TypeVar("ConnectionStateT", default=dict[str, Any])
 
 
-class Message:
+class Message(Generic[MessageStateT]):
     """One mail transaction: envelope, headers and (when kept) the body.
 
-    Set your own attributes freely (``ctx.message.score = 5``); they live as long as the
-    message. ``headers`` holds the headers seen so far; ``body`` is only kept when the app
-    asked for whole messages (``App(keep_message=True)``).
+    ``state`` is this message's own data: an instance of the app's ``message_state`` class
+    (a dict unless the app declares one), made when first used. Free attributes work too
+    (``ctx.message.score = 5``); both live as long as the message.
+
+    ``sender`` and ``recipients`` are always known from MAIL FROM on (the MTA is always
+    asked for them);
+    ``headers`` when the app has a ``header`` handler or keeps whole messages; the body only
+    when it keeps whole messages (``App(keep_message=True)``). Reading what was not asked
+    for raises :class:`~milterapp.errors.NotAvailable` saying what to change.
     """
 
-    def __init__(self, macros: Mapping[str, str], spool_threshold: int | None) -> None:
-        self.sender: EnvFrom | None = None
-        self.recipients: list[EnvRcpt] = []
-        self.headers: list[Header] = []
+    def __init__(
+        self,
+        macros: Mapping[str, str],
+        spool_threshold: int | None,
+        *,
+        headers_kept: bool = True,
+        new_state: Callable[[], Any] = dict,
+    ) -> None:
+        # The envelope as the server recorded it: models, or payloads of commands that no
+        # handler read as they came (decoded when first read here).
+        self._sender: EnvFrom | bytes | None = None
+        #: The recipients as recorded: models, or RCPT payloads (the server appends here).
+        self.recipient_records: list[EnvRcpt | bytes] = []
+        self._undecoded_recipients = False
         self.body_size = 0
+        #: Every Header event received (the server appends here); :attr:`headers` gives it
+        #: when the app asked for headers.
+        self.header_events: list[Header] = []
+        self._headers_kept = headers_kept
         self._macros = macros
         self._spool_threshold = spool_threshold
         self._body: IO[bytes] | None = None
+        self._new_state = new_state
+        self._state: Any = _UNSET
 
     # Own attributes are part of the API (ctx.message.score = 5): __getattr__ makes a typo a
     # clear error, and with __setattr__ tells type checkers so. __setattr__ is declared for
     # them only: defined, it would cost a Python call on every assignment.
     def __getattr__(self, name: str) -> Any:
         raise AttributeError(
-            f"ctx.message has no attribute {name!r}: set it first (ctx.message.{name} = ...)"
+            f"ctx.message has no attribute {name!r}: set it first (ctx.message.{name} = ...),"
+            " or declare it on the app's message_state class and use ctx.message.state"
         )
 
     if TYPE_CHECKING:
@@ -69,9 +113,75 @@ class Message:
         def __setattr__(self, name: str, value: Any) -> None: ...
 
     @property
+    def state(self) -> MessageStateT:
+        """This message's own data: a fresh instance of the app's ``message_state``."""
+        state = self._state
+        if state is _UNSET:
+            state = self._state = self._new_state()
+        return state  # type: ignore[no-any-return]
+
+    @property
+    def sender(self) -> EnvFrom:
+        """The MAIL FROM event of this transaction.
+
+        Raises:
+            NotAvailable: read before the MTA sent MAIL FROM (in a ``connect`` or ``helo``
+                handler, or between messages).
+        """
+        sender = self._sender
+        if sender is None:
+            raise NotAvailable(
+                "ctx.message.sender is not known before MAIL FROM; read it from 'envfrom' on"
+            )
+        if isinstance(sender, bytes):
+            sender = self._sender = _decoded(_MAIL, sender, EnvFrom)
+        return sender
+
+    @sender.setter
+    def sender(self, value: EnvFrom | bytes | None) -> None:
+        self._sender = value
+
+    @property
+    def recipients(self) -> list[EnvRcpt]:
+        """The recipients accepted so far, refused ones left out: in an ``envrcpt`` handler,
+        those before the one being checked."""
+        recipients = self.recipient_records
+        if self._undecoded_recipients:
+            for at, recipient in enumerate(recipients):
+                if isinstance(recipient, bytes):
+                    recipients[at] = _decoded(_RCPT, recipient, EnvRcpt)
+            self._undecoded_recipients = False
+        # Every item is a model now: the list is handed out as it is, for handlers to edit.
+        return recipients  # type: ignore[return-value]
+
+    def record_recipient(self, payload: bytes) -> None:
+        """Count in an accepted recipient kept as its RCPT payload (the server)."""
+        self._undecoded_recipients = True
+        self.recipient_records.append(payload)
+
+    @property
+    def begun(self) -> bool:
+        """Whether the MTA has sent anything of this transaction yet."""
+        return self._sender is not None or bool(self.recipient_records or self.header_events)
+
+    @property
     def queue_id(self) -> str | None:
         """The MTA's queue id (macro ``i``) once the MTA has sent it."""
         return self._macros.get("i")
+
+    @property
+    def headers(self) -> list[Header]:
+        """The headers seen so far, in order.
+
+        Raises:
+            NotAvailable: the app has no ``header`` handler and does not keep messages.
+        """
+        if not self._headers_kept:
+            raise NotAvailable(
+                "ctx.message.headers: the MTA was not asked for headers; add a 'header' "
+                "handler or create the App with keep_message=True"
+            )
+        return self.header_events
 
     def append_body(self, chunk: bytes) -> None:
         """Keep a body chunk (only when the app keeps whole messages)."""
@@ -94,35 +204,49 @@ class Message:
         """Return the body as a binary file positioned at its start (CRLF line endings).
 
         Raises:
-            LookupError: the app does not keep whole messages.
+            NotAvailable: the app does not keep whole messages.
         """
         if self._spool_threshold is None:
-            raise LookupError("the body is not kept: create the App with keep_message=True")
+            raise NotAvailable(
+                "ctx.message.body(): the body is not kept; create the App with keep_message=True"
+            )
         if self._body is None:
             return io.BytesIO()
         self._body.seek(0)
         return self._body
 
     def body_bytes(self) -> bytes:
-        """Return the whole body in memory (mind large messages: prefer :meth:`body`)."""
+        """Return the whole body in memory (mind large messages: prefer :meth:`body`).
+
+        Raises:
+            NotAvailable: the app does not keep whole messages.
+        """
         return self.body().read()
 
     def as_email(self) -> EmailMessage:
-        """Parse the headers seen and the kept body into a standard-library EmailMessage."""
+        """Parse the headers and the kept body into a standard-library EmailMessage.
+
+        Raises:
+            NotAvailable: the app does not keep whole messages.
+        """
+        if not self.body_kept:
+            raise NotAvailable(
+                "ctx.message.as_email() needs the whole message; create the App with "
+                "keep_message=True"
+            )
         feeder = email.parser.BytesFeedParser(policy=email.policy.default)
         for header in self.headers:
             # Without HDR_LEADSPC the MTA removed the space after the colon: put it back.
             separator = b":" if header.leading_space else b": "
             feeder.feed(header.raw_name + separator + header.raw_value + b"\n")
         feeder.feed(b"\n")
-        if self.body_kept:
-            # The body comes with CRLF line endings; the email package works with LF.
-            body, carry = self.body(), b""
-            while chunk := body.read(_READ_SIZE):
-                chunk = carry + chunk
-                carry = b"\r" if chunk.endswith(b"\r") else b""
-                feeder.feed(chunk[: len(chunk) - len(carry)].replace(b"\r\n", b"\n"))
-            feeder.feed(carry)
+        # The body comes with CRLF line endings; the email package works with LF.
+        body, carry = self.body(), b""
+        while chunk := body.read(_READ_SIZE):
+            chunk = carry + chunk
+            carry = b"\r" if chunk.endswith(b"\r") else b""
+            feeder.feed(chunk[: len(chunk) - len(carry)].replace(b"\r\n", b"\n"))
+        feeder.feed(carry)
         result = feeder.close()
         assert isinstance(result, EmailMessage)
         return result
@@ -132,6 +256,13 @@ class Message:
         if self._body is not None:
             self._body.close()
             self._body = None
+
+
+def _decoded(command: int, payload: bytes, kind: type[_E]) -> _E:
+    """Decode the payload of a command that the server kept undecoded."""
+    event = decode_command(command, payload)
+    assert isinstance(event, kind)
+    return event
 
 
 class _BodyStream:
@@ -146,18 +277,22 @@ class _BodyStream:
                 yield ReplaceBody(chunk=chunk)
 
 
-class Context:
+class Context(Generic[MessageStateT, ConnectionStateT]):
     """Per-connection state handed to every handler.
+
+    Generic in the app's state classes, message first: annotate a handler's context as
+    ``Context[Scores]`` (per-message state only) or ``Context[Scores, Session]``, and mypy
+    checks ``ctx.message.state`` and ``ctx.state``.
 
     Attributes:
         app_name: name of the App serving the connection.
         conn_id: identifier of the connection, unique in this process.
         peer: the MTA's address (``"127.0.0.1:41234"``, or the socket path for unix).
-        client: the SMTP client, from the connect event (None until then, or if not sent).
-        helo: the HELO/EHLO name (None until then, or if not sent).
+        client: the SMTP client, from the connect event (the MTA is always asked for it).
+        helo: the HELO/EHLO name (None until then, or when the client sent none).
         macros: the MTA's macros, merged over stages; look up ``"i"`` or ``"{i}"`` alike.
         options: what was negotiated with the MTA (None before negotiation).
-        state: a dict for your own per-connection data.
+        state: this connection's own data: an instance of the app's ``connection_state``.
         message: the current mail transaction.
         log: a structlog logger bound with conn_id, peer, client and queue_id.
     """
@@ -174,28 +309,87 @@ class Context:
         log: Any = None,
         options: SessionOptions | None = None,
         raise_errors: bool = False,
+        headers_kept: bool = True,
+        message_state: Callable[[], Any] = dict,
+        connection_state: Callable[[], Any] = dict,
     ) -> None:
         self.app_name = app_name
         self.conn_id = conn_id
         self.peer = peer
-        self.client: Connect | None = None
-        self.helo: str | None = None
+        self._client: Connect | bytes | None = None
+        self._helo: str | bytes | None = None
         self.macros = macros
         self.options = options
-        self.state: dict[str, Any] = {}
+        self._new_state = connection_state
+        self._state: Any = _UNSET
         # The logger is bound when first used: most sessions log nothing, and binding costs
         # a new logger each time (twice per connection and once per message otherwise).
         self._log_base: Any = structlog.get_logger("milterapp") if log is None else log
         self._log_values: dict[str, Any] = {"conn_id": conn_id, "peer": peer}
         self._log_queue_id = False  # bind the queue id (macro i) too, from end of message on
         self._log: Any = None
-        self._spool_threshold = spool_threshold
         self._progress = progress
         self._modifications: list[Modification | _BodyStream] = []
         self._at_eom = False
-        self.message = Message(macros, spool_threshold)
+        self._message_args = (macros, spool_threshold, headers_kept, message_state)
+        self.message: Message[MessageStateT] = Message(
+            macros, spool_threshold, headers_kept=headers_kept, new_state=message_state
+        )
         #: Let handler exceptions escape instead of the fallback reply (the testing kit).
         self.raise_errors = raise_errors
+
+    @property
+    def client(self) -> Connect:
+        """The SMTP client (the connect event).
+
+        Raises:
+            NotAvailable: read before the MTA sent it (in ``open`` or ``negotiate`` handlers).
+        """
+        client = self._client
+        if client is None:
+            raise NotAvailable(
+                "ctx.client is not known before the connect event (in an 'open' or "
+                "'negotiate' handler); read it from 'connect' on"
+            )
+        if isinstance(client, bytes):
+            client = self._client = _decoded(_CONNECT, client, Connect)
+        return client
+
+    @client.setter
+    def client(self, event: Connect | bytes) -> None:
+        """The connect event, or its payload (decoded when first read)."""
+        self._client = event
+        self._log = None  # bound again, with the client, when next used
+
+    @property
+    def helo(self) -> str | None:
+        """The HELO/EHLO name; None until then, or when the client sent none."""
+        helo = self._helo
+        if isinstance(helo, bytes):
+            helo = self._helo = _decoded(_HELO, helo, Helo).name
+        return helo
+
+    @helo.setter
+    def helo(self, name: str | bytes | None) -> None:
+        """The HELO name, or the HELO payload (decoded when first read)."""
+        self._helo = name
+
+    @property
+    def client_known(self) -> bool:
+        """Whether the connect event has arrived (:attr:`client` is readable)."""
+        return self._client is not None
+
+    @property
+    def state(self) -> ConnectionStateT:
+        """This connection's own data: a fresh instance of the app's ``connection_state``."""
+        state = self._state
+        if state is _UNSET:
+            state = self._state = self._new_state()
+        return state  # type: ignore[no-any-return]
+
+    @state.setter
+    def state(self, value: ConnectionStateT) -> None:
+        self._state = value
 
     def detach(self) -> None:
         """The connection is over: forget its progress callback (:meth:`progress` then does
@@ -208,6 +402,9 @@ class Context:
         log = self._log
         if log is None:
             values = self._log_values
+            if self._client is not None:
+                client = self.client
+                values = {**values, "client": str(client.address or client.hostname)}
             if self._log_queue_id and (queue_id := self.message.queue_id):
                 values = {**values, "queue_id": queue_id}
             log = self._log = self._log_base.bind(**values)
@@ -229,7 +426,10 @@ class Context:
     def new_message(self) -> None:
         """Start a fresh :class:`Message` (new MAIL, abort, end of message)."""
         self.message.close()
-        self.message = Message(self.macros, self._spool_threshold)
+        macros, spool_threshold, headers_kept, new_state = self._message_args
+        self.message = Message(
+            macros, spool_threshold, headers_kept=headers_kept, new_state=new_state
+        )
         self._modifications.clear()
 
     def enter_eom(self, active: bool) -> None:

@@ -12,6 +12,7 @@
     ├── NegotiationError              the MTA cannot offer what the application requires
     ├── ConnectionSpecError           a connection spec string is malformed (also a ValueError)
     ├── SetupError                    the application is registered or configured wrongly
+    ├── NotAvailable                  a handler read what the context does not hold (a LookupError)
     └── ServerError                   the server cannot start or run (``kind`` says why)
 
 Messages say what was wrong and where: the command letter, the byte offset or the field.
@@ -29,6 +30,7 @@ __all__ = [
     "LocalProtocolError",
     "MilterError",
     "NegotiationError",
+    "NotAvailable",
     "ProtocolError",
     "RemoteProtocolError",
     "ServerError",
@@ -119,6 +121,12 @@ class ConnectionSpecError(MilterError, ValueError):
 
 class SetupError(MilterError):
     """The application was registered or configured wrongly; the message says how to fix it."""
+
+
+class NotAvailable(MilterError, LookupError):
+    """A handler read something the context does not hold: content the app did not ask the
+    MTA for (the body without ``keep_message=True``), or a fact not known yet at this stage
+    (the client before the connect event). The message says what to change."""
 
 
 class ServerErrorKind(enum.Enum):

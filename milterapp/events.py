@@ -45,6 +45,7 @@ __all__ = [
     "Quit",
     "QuitNoClose",
     "Unknown",
+    "Unparsed",
     "decode_text",
     "encode_text",
     "macro_name",
@@ -413,6 +414,12 @@ class Unknown(Event):
     command: ClassVar[bytes] = Command.UNKNOWN.value
 
     line: str
+
+
+class Unparsed(Event):
+    """A command handed on undecoded, for commands that are only kept
+    (``MilterConnection(undecoded=...)``): its command byte and payload are in the machine's
+    ``unparsed`` until the next event. Never given to handlers."""
 
 
 class ConnectionOpened(Event):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import types
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias, TypeVar
@@ -34,6 +35,7 @@ __all__ = [
     "canonical_name",
     "handler_label",
     "is_async",
+    "names_read",
     "positional_arity",
 ]
 
@@ -47,7 +49,9 @@ CloseEvent: TypeAlias = Quit | QuitNoClose | ConnectionClosed
 MaybeAwaitable: TypeAlias = Outcome | Awaitable[Outcome]
 E = TypeVar("E", bound=Event)
 #: A handler of events of type E: ``(event, ctx)`` or ``(event)``, plain or async.
-Handler: TypeAlias = Callable[[E, Context], MaybeAwaitable] | Callable[[E], MaybeAwaitable]
+Handler: TypeAlias = (
+    Callable[[E, Context[Any, Any]], MaybeAwaitable] | Callable[[E], MaybeAwaitable]
+)
 
 _CONTINUE: Final = Continue()  # what handlers that all returned None give
 _OBSERVERS: Final = frozenset(stage.name for stage in STAGES if stage.observer)
@@ -110,6 +114,29 @@ def positional_arity(fn: Callable[..., Any], name: str, allowed: Iterable[int]) 
     raise SetupError(f"handler {name} must take {expected} (event, ctx), not {len(positional)}")
 
 
+def names_read(fn: Callable[..., Any]) -> frozenset[str]:
+    """The global and attribute names that ``fn``'s code (nested functions included) uses.
+
+    A hint, not a proof: ``{"message", "as_email"}`` among them means the handler very
+    likely calls ``ctx.message.as_email()``. Empty when the code cannot be found.
+    """
+    target: Any = getattr(fn, "func", fn)  # functools.partial
+    target = getattr(target, "__func__", target)  # a bound method
+    code = getattr(target, "__code__", None)
+    if code is None:
+        call = getattr(type(target), "__call__", None)  # noqa: B004 - a callable object's method
+        code = getattr(call, "__code__", None)
+    if not isinstance(code, types.CodeType):
+        return frozenset()
+    names: set[str] = set()
+    pending = [code]
+    while pending:
+        current = pending.pop()
+        names.update(current.co_names)
+        pending.extend(const for const in current.co_consts if isinstance(const, types.CodeType))
+    return frozenset(names)
+
+
 def handler_label(fn: Callable[..., Any]) -> str:
     """A stable name for logs: the function's qualified name, or a callable's class name."""
     name = getattr(fn, "__qualname__", None)
@@ -128,7 +155,7 @@ class Dispatcher:
         self._handlers: dict[str, list[HandlerSpec]] = {}
         self._error_mappers: dict[type[BaseException], Callable[..., Any]] = {}
 
-    async def dispatch(self, name: str, event: Event, ctx: Context) -> Outcome:
+    async def dispatch(self, name: str, event: Event, ctx: Context[Any, Any]) -> Outcome:
         """Run the handlers of event ``name`` and combine their replies.
 
         Returns None when no handler is registered (the server then answers Continue).
@@ -138,7 +165,7 @@ class Dispatcher:
         return result if decided(result) else await result
 
     def dispatch_now(
-        self, name: str, event: Event, ctx: Context
+        self, name: str, event: Event, ctx: Context[Any, Any]
     ) -> Outcome | Coroutine[Any, Any, Outcome]:
         """As :meth:`dispatch`, but without a coroutine while every handler is plain.
 
@@ -177,7 +204,7 @@ class Dispatcher:
         self,
         name: str,
         event: Event,
-        ctx: Context,
+        ctx: Context[Any, Any],
         handlers: list[HandlerSpec],
         index: int,
         results: list[Outcome],
@@ -200,7 +227,9 @@ class Dispatcher:
             return None
         return decide(results)
 
-    async def _run(self, handler: HandlerSpec, name: str, event: Event, ctx: Context) -> Outcome:
+    async def _run(
+        self, handler: HandlerSpec, name: str, event: Event, ctx: Context[Any, Any]
+    ) -> Outcome:
         args = (event, ctx) if handler.takes_ctx else (event,)
         try:
             result = handler.fn(*args)
@@ -209,7 +238,7 @@ class Dispatcher:
         return await self._finish(handler, name, result, ctx)
 
     async def _finish(
-        self, handler: HandlerSpec, name: str, result: object, ctx: Context
+        self, handler: HandlerSpec, name: str, result: object, ctx: Context[Any, Any]
     ) -> Outcome:
         """Await what a handler returned if it is awaitable (bounded by its timeout), then
         check the reply."""
@@ -232,7 +261,7 @@ class Dispatcher:
         return result  # type: ignore[return-value]
 
     async def _failed(
-        self, handler: HandlerSpec, name: str, exc: Exception, ctx: Context
+        self, handler: HandlerSpec, name: str, exc: Exception, ctx: Context[Any, Any]
     ) -> Outcome:
         if ctx.raise_errors:
             raise exc
@@ -255,7 +284,7 @@ class Dispatcher:
             return TempFail()  # e.g. Discard configured but not possible at connect
         return fallback
 
-    async def _map_error(self, exc: Exception, ctx: Context) -> object:
+    async def _map_error(self, exc: Exception, ctx: Context[Any, Any]) -> object:
         for cls in type(exc).__mro__:
             mapper = self._error_mappers.get(cls)
             if mapper is None:

@@ -36,6 +36,7 @@ from milterapp.events import (
     Quit,
     QuitNoClose,
     Unknown,
+    Unparsed,
 )
 from milterapp.replies import (
     Accept,
@@ -203,6 +204,7 @@ SAMPLES: dict[type[BaseModel], list[tuple[BaseModel, str]]] = {
     Quit: [(Quit(), "Quit()")],
     QuitNoClose: [(QuitNoClose(), "QuitNoClose()")],
     Unknown: [(Unknown(line="XYZZY"), "Unknown(line='XYZZY')")],
+    Unparsed: [(Unparsed(), "Unparsed()")],
     ConnectionOpened: [
         (ConnectionOpened(), "ConnectionOpened()"),
         (ConnectionOpened(peer="127.0.0.1:4000"), "ConnectionOpened(peer='127.0.0.1:4000')"),

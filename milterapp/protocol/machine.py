@@ -41,7 +41,7 @@ from milterapp.errors import (
     ProtocolError,
     RemoteProtocolError,
 )
-from milterapp.events import Abort, ConnectionClosed, Event, Macros, Negotiate
+from milterapp.events import Abort, ConnectionClosed, Event, Macros, Negotiate, Unparsed
 from milterapp.protocol.answers import check_modification, check_verdict, require_end_of_message
 from milterapp.protocol.codec import decode_command, encode_response
 from milterapp.protocol.commands import decode_macros
@@ -59,7 +59,7 @@ from milterapp.replies import (
     Skip,
 )
 
-__all__ = ["MilterConnection"]
+__all__ = ["UNPARSED", "MilterConnection"]
 
 _O, _D, _C, _H, _M, _R, _T, _L, _N, _B, _E, _U, _A, _Q, _K = ALL_COMMANDS
 
@@ -76,6 +76,11 @@ _FORWARD: Final = {stage.commands[0]: _RANK[stage.commands[0]] for stage in MESS
 _SCOPE: Final = {command: stage.scope for command, stage in BY_COMMAND.items() if stage.scope}
 _GOES_ON: Final = {command: stage.goes_on for command, stage in BY_COMMAND.items()}
 _CONTINUE_PACKET: Final = encode_response(Continue())
+_NOTHING: Final[frozenset[int]] = frozenset()
+
+#: The one :class:`~milterapp.events.Unparsed` event there is: handing it out allocates
+#: nothing (the model lives in an interpreted module: mypyc compiles no pydantic models).
+UNPARSED: Final = Unparsed()
 # The states as module constants: compiled, these are read once, where naming a member of
 # an enum of another module is an attribute lookup every time.
 _NEGOTIATING: Final = ConnectionState.NEGOTIATING
@@ -98,6 +103,16 @@ class MilterConnection:
             macros only go into :attr:`macros` (the server's way: no model per packet).
         max_macros_per_packet: most name/value pairs in one ``D`` packet (0: no limit);
             more raises :class:`~milterapp.errors.LimitExceededError`.
+        undecoded: command bytes that the caller only keeps, not decoded into a model (a
+            model costs several times what the rest of a packet's path does). One that needs
+            no reply goes into :attr:`kept` without an event; one that needs a reply is
+            handed out as :data:`UNPARSED`, its payload in :attr:`unparsed`. Their payload is
+            not checked here: whoever decodes it later finds any fault.
+
+    Attributes:
+        kept: the undecoded commands that needed no reply, in order, since the caller last
+            emptied the list (do so before handling the next event).
+        unparsed: the command byte and payload of the last :data:`UNPARSED` handed out.
     """
 
     def __init__(
@@ -106,8 +121,12 @@ class MilterConnection:
         max_data_size: int | None = None,
         macro_events: bool = True,
         max_macros_per_packet: int = 0,
+        undecoded: frozenset[int] = _NOTHING,
     ) -> None:
         self._limit = max_data_size
+        self._undecoded = undecoded
+        self.kept: list[tuple[int, bytes]] = []
+        self.unparsed: tuple[int, bytes] = (0, b"")
         self._macro_events = macro_events
         self._max_macros = max_macros_per_packet
         self._frames = FrameDecoder() if max_data_size is None else FrameDecoder(max_data_size)
@@ -215,7 +234,11 @@ class MilterConnection:
                 if command == _D and not self._macro_events:
                     self._define_macro_packet(payload)
                     continue
-                event = decode_command(command, payload, leading_space=self._leading_space)
+                if command in self._undecoded:
+                    event: Event = UNPARSED
+                    payload = bytes(payload)  # kept beyond this read's buffer
+                else:
+                    event = decode_command(command, payload, leading_space=self._leading_space)
                 # Most commands move an open message forward (RCPT, headers, body...): that
                 # case is checked here in full; every other goes through _advance.
                 rank = _FORWARD.get(command) if self.state is _MESSAGE else None
@@ -230,6 +253,11 @@ class MilterConnection:
                 elif not self._advance(command, event):
                     continue
                 pending = command if command in self._expects else None
+                if event is UNPARSED:
+                    if pending is None and not self._ready:
+                        self.kept.append((command, payload))
+                        continue
+                    self.unparsed = (command, payload)
                 if self._ready:  # synthesised aborts go first
                     self._ready.append((event, pending))
                     return self._hand_out()

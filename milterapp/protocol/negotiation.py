@@ -68,6 +68,8 @@ class Requirements(BaseModel):
         skip: may answer a body chunk with Skip (SKIP).
         max_data_size: largest packet payload it accepts, if the MTA offers more than 64 KiB.
         version: highest protocol version to speak.
+        undecoded: asked-for events that it only keeps, read by nobody as they come: the
+            server hands them on undecoded (the context decodes one when it is read).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -83,6 +85,17 @@ class Requirements(BaseModel):
     skip: bool = True
     max_data_size: Literal[65535, 262143, 1048575] = DEFAULT_MAX_DATA_SIZE
     version: int = Field(default=MAX_VERSION, ge=MIN_VERSION, le=MAX_VERSION)
+    undecoded: frozenset[OptionalEvent] = frozenset()
+
+    @cached_property
+    def undecoded_commands(self) -> frozenset[int]:
+        """The command bytes of :attr:`undecoded`."""
+        return frozenset(
+            command
+            for stage in _OPTIONAL_STAGES
+            if stage.name in self.undecoded
+            for command in stage.commands
+        )
 
     @field_validator("macros")
     @classmethod

@@ -115,6 +115,7 @@ class Connection(asyncio.BufferedProtocol):
             max_data_size=max_data_size,
             macro_events=False,
             max_macros_per_packet=limits.max_macros_per_packet,
+            undecoded=requirements.undecoded_commands,
         )
         self.responder = Responder(
             app,

@@ -19,7 +19,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final
 
-from milterapp.constants import DEFAULT_MAX_DATA_SIZE, ConnectionState
+from milterapp.constants import DEFAULT_MAX_DATA_SIZE, Command, ConnectionState
 from milterapp.context import Context
 from milterapp.errors import LocalProtocolError, NegotiationError
 from milterapp.events import (
@@ -36,7 +36,7 @@ from milterapp.events import (
     Macros,
     Negotiate,
 )
-from milterapp.protocol.machine import MilterConnection
+from milterapp.protocol.machine import UNPARSED, MilterConnection
 from milterapp.protocol.negotiation import Requirements, negotiate
 from milterapp.protocol.stages import BY_NAME, MESSAGE_STAGES, STAGES
 from milterapp.replies import (
@@ -71,6 +71,7 @@ _REPLYING_STAGES: Final[dict[type[Event], str]] = {
 #: opens a new message).
 _LATER_MESSAGE_STAGES: Final = frozenset(stage.name for stage in MESSAGE_STAGES[1:])
 _MESSAGE: Final = ConnectionState.MESSAGE
+_CONNECT, _MAIL, _RCPT = (ord(c.value) for c in (Command.CONNECT, Command.MAIL, Command.RCPT))
 
 
 class Responder:
@@ -115,6 +116,8 @@ class Responder:
         self._max_header_size = limits.max_header_size
         self._max_recipients = limits.max_recipients
         self.conn_id = conn_id
+        self._headers_kept = "header" in requirements.events
+        self._rejected_recipients = requirements.rejected_recipients
         self.negotiations = {} if negotiations is None else negotiations
         self.ctx: Context | None = None
         self.closed = False
@@ -133,16 +136,20 @@ class Responder:
         machine = self.machine
         sessions = self._sessions
         self._sessions += 1
+        config = self.app.config
         ctx = self.ctx = Context(
             app_name=self.app.name,
             conn_id=self.conn_id if not sessions else f"{self.conn_id}.{sessions}",
             peer=peer,
             macros=machine.macros,
-            spool_threshold=self.app.config.kept_body_threshold,
+            spool_threshold=config.kept_body_threshold,
             progress=self.progress,
             log=self._log,
             options=machine.options,  # known already when a connection is reused (QUIT_NC)
             raise_errors=self._raise_errors,
+            headers_kept=self._headers_kept,
+            message_state=config.message_state,
+            connection_state=config.connection_state,
         )
         self.closed = False
         return _nothing_after(self.app.dispatch_now("open", ConnectionOpened(peer=peer), ctx))
@@ -150,6 +157,8 @@ class Responder:
     def close_session(self, event: Event) -> Response:
         """Run the ``close`` handlers of the current session."""
         assert self.ctx is not None
+        if self.machine.kept:
+            self._take_kept(self.ctx)
         self.closed = True
         return _nothing_after(self.app.dispatch_now("close", event, self.ctx))
 
@@ -169,6 +178,9 @@ class Responder:
 
     def respond(self, event: Event) -> Response:
         """The reply to ``event`` (empty when the MTA expects none)."""
+        if self.machine.kept:
+            assert self.ctx is not None
+            self._take_kept(self.ctx)
         name = _REPLYING_STAGES.get(type(event))
         if name is None:
             return self._on_other(event)
@@ -183,32 +195,33 @@ class Responder:
             self._refused = None  # that message is over
         if name == "header":
             assert isinstance(event, Header)
+            headers = message.header_events
             limit = self._max_headers
-            if limit and len(message.headers) >= limit:
+            if limit and len(headers) >= limit:
                 return self._over_limit(ctx, name, "max_headers", limit, TOO_MANY_HEADERS)
             limit = self._max_header_size
             if limit and (size := header_size(event, limit)) > limit:
                 return self._over_limit(
                     ctx, name, "max_header_size", limit, HEADER_TOO_LARGE, size=size
                 )
-            message.headers.append(event)
+            headers.append(event)
         elif name == "body":
             assert isinstance(event, Body)
             message.append_body(event.chunk)
         elif name == "envrcpt":
             limit = self._max_recipients
-            if limit and len(message.recipients) >= limit:
+            if limit and len(message.recipient_records) >= limit:
                 return self._over_limit(ctx, name, "max_recipients", limit, TOO_MANY_RECIPIENTS)
             assert isinstance(event, EnvRcpt)
-            message.recipients.append(event)
+            return self._recipient(ctx, event)
         elif name == "envfrom":
             assert isinstance(event, EnvFrom)
-            ctx.new_message()
+            if message.begun:  # else it is the fresh one the last message ended with
+                ctx.new_message()
             ctx.message.sender = event
         elif name == "connect":
             assert isinstance(event, Connect)
             ctx.client = event
-            ctx.bind_log(client=str(event.address or event.hostname))
         elif name == "helo":
             assert isinstance(event, Helo)
             ctx.helo = event.name
@@ -222,6 +235,82 @@ class Responder:
         if not decided(verdict):
             return self._reply_later(name, awaiting, verdict)
         return self._reply(name, awaiting, verdict)
+
+    def _recipient(self, ctx: Context, event: EnvRcpt) -> Response:
+        """Run the ``envrcpt`` handlers, then count the recipient in if it was not refused:
+        while they run, ``ctx.message.recipients`` holds the recipients before this one."""
+        verdict = self.app.dispatch_now("envrcpt", event, ctx)
+        if verdict is None or verdict.__class__ is Continue:  # the common case, at once
+            if not self._rejected_recipients or not self._refused_by_mta(ctx):
+                ctx.message.recipient_records.append(event)
+            return self.machine.continue_if_owed()
+        awaiting = self.machine.awaiting_reply
+        if not decided(verdict):
+            return self._recipient_later(ctx, event, awaiting, verdict)
+        return self._recipient_decided(ctx, event, awaiting, verdict)
+
+    async def _recipient_later(
+        self, ctx: Context, event: EnvRcpt, awaiting: bool, outcome: Awaitable[Outcome]
+    ) -> bytes:
+        return self._recipient_decided(ctx, event, awaiting, await outcome)
+
+    def _recipient_decided(
+        self, ctx: Context, event: EnvRcpt, awaiting: bool, verdict: Outcome
+    ) -> bytes:
+        refused = awaiting and isinstance(verdict, Reject | TempFail)
+        if not refused and not self._refused_by_mta(ctx):
+            ctx.message.recipient_records.append(event)
+        if verdict is None or verdict.__class__ is Continue:
+            return self.machine.continue_if_owed()
+        return self._reply("envrcpt", awaiting, verdict)
+
+    def _refused_by_mta(self, ctx: Context) -> bool:
+        # With RCPT_REJ the MTA also shows the recipients it refused itself, marked so.
+        return self._rejected_recipients and ctx.macros.get("rcpt_mailer") == "error"
+
+    def _record(self, ctx: Context) -> bytes:
+        """Keep a command that no handler reads and that needs a reply (:data:`UNPARSED`)."""
+        command, payload = self.machine.unparsed
+        if command == _RCPT and self._over_recipients(ctx):
+            limit = self._max_recipients
+            return self._over_limit(ctx, "envrcpt", "max_recipients", limit, TOO_MANY_RECIPIENTS)
+        self._keep(ctx, command, payload)
+        return self.machine.continue_if_owed()
+
+    def _take_kept(self, ctx: Context) -> None:
+        """Keep for the context the commands that the machine kept without an event."""
+        kept = self.machine.kept
+        limit = self._max_recipients
+        for command, payload in kept:
+            if command != _RCPT:
+                self._keep(ctx, command, payload)
+            elif not limit or len(ctx.message.recipient_records) < limit:
+                ctx.message.record_recipient(payload)  # (RCPT_REJ apps get RCPT decoded)
+            else:
+                # No reply is owed for it: its whole message is refused at the next chance.
+                ctx.log.warning(
+                    "limit_exceeded", limit="max_recipients", value=limit, stage="envrcpt"
+                )
+                self._refused = (ctx.message, TOO_MANY_RECIPIENTS)
+        kept.clear()
+
+    def _over_recipients(self, ctx: Context) -> bool:
+        limit = self._max_recipients
+        return bool(limit) and len(ctx.message.recipient_records) >= limit
+
+    def _keep(self, ctx: Context, command: int, payload: bytes) -> None:
+        message = ctx.message
+        if command == _RCPT:
+            if not self._rejected_recipients or not self._refused_by_mta(ctx):
+                message.record_recipient(payload)
+        elif command == _MAIL:
+            if message.begun:
+                ctx.new_message()
+            ctx.message.sender = payload
+        elif command == _CONNECT:
+            ctx.client = payload
+        else:
+            ctx.helo = payload
 
     async def _reply_later(self, name: str, awaiting: bool, outcome: Awaitable[Outcome]) -> bytes:
         return self._reply(name, awaiting, await outcome)
@@ -237,6 +326,8 @@ class Responder:
     def _on_other(self, event: Event) -> Response:
         ctx = self.ctx
         assert ctx is not None
+        if event is UNPARSED:
+            return self._record(ctx)
         if isinstance(event, Macros):
             return b""  # the machine keeps them (and applies max_macros_per_packet)
         if isinstance(event, Negotiate):
@@ -356,8 +447,6 @@ class Responder:
                     out.clear()
                     verdict = self.app.config.fallback
             ctx.enter_eom(False)
-        if name == "envrcpt" and isinstance(verdict, Reject | TempFail) and ctx.message.recipients:
-            ctx.message.recipients.pop()  # refused: the MTA will not deliver to it
         try:
             out.append(machine.send(verdict))
         except LocalProtocolError as exc:

@@ -110,10 +110,16 @@ class MtaClient:
         self.mta.receive_data(data)
 
     async def closed_by_milter(self) -> bool:
-        """Wait (up to the timeout) for the milter to close the connection."""
+        """Wait (up to the timeout) for the milter to close the connection.
+
+        A reset counts: a milter that closes with commands unread (ones that need no reply,
+        sent just before) makes the kernel answer with a reset rather than an end of file.
+        """
         try:
             async with asyncio.timeout(self.timeout):
                 data = await self.reader.read(READ_SIZE)
+        except ConnectionResetError:
+            return True
         except (ConnectionError, TimeoutError):
             return False
         return not data

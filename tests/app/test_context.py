@@ -16,8 +16,9 @@ from pydantic import ValidationError
 from milterapp.config import DEFAULT_SPOOL_THRESHOLD
 from milterapp.constants import DEFAULT_MAX_DATA_SIZE, ActionFlag, ProtocolFlag
 from milterapp.context import Context, Message
-from milterapp.errors import ActionNotNegotiated, LocalProtocolError
-from milterapp.events import EnvFrom, EnvRcpt, Header
+from milterapp.errors import ActionNotNegotiated, LocalProtocolError, NotAvailable
+from milterapp.events import Connect, EnvFrom, EnvRcpt, Header, Helo
+from milterapp.protocol.codec import encode_command
 from milterapp.protocol.macros import MacroTable
 from milterapp.protocol.negotiation import SessionOptions
 from milterapp.replies import (
@@ -467,11 +468,15 @@ def test_context_starts_empty() -> None:
     assert ctx.app_name == "t"
     assert ctx.conn_id == "1"
     assert ctx.peer == "test"
-    assert ctx.client is None
+    assert not ctx.client_known
+    with pytest.raises(NotAvailable, match="before the connect event"):
+        _ = ctx.client
     assert ctx.helo is None
     assert ctx.options is None
     assert ctx.state == {}
-    assert ctx.message.sender is None
+    with pytest.raises(NotAvailable, match="before MAIL FROM"):
+        _ = ctx.message.sender
+    assert not ctx.message.begun
     assert ctx.message.recipients == []
     assert ctx.message.headers == []
     assert ctx.message.body_size == 0
@@ -490,7 +495,7 @@ def test_new_message_resets_the_message_and_clears_modifications() -> None:
     ctx.new_message()
     new = ctx.message
     assert new is not old
-    assert new.sender is None
+    assert not new.begun
     assert new.recipients == []
     assert new.headers == []
     assert new.body_size == 0
@@ -551,6 +556,37 @@ def test_bind_log_adds_to_what_the_log_is_bound_with() -> None:
     assert "client" not in logs[0]
     assert logs[1]["client"] == "192.0.2.1"
     assert logs[1]["conn_id"] == "1"
+
+
+def test_the_log_carries_the_client_once_known_even_undecoded() -> None:
+    # The server keeps an unhandled CONNECT as its payload: the log decodes it when used.
+    payload = encode_command(
+        Connect(hostname="mx.example", family="4", port=25, address="192.0.2.9")
+    )[5:]
+    with structlog.testing.capture_logs() as logs:
+        ctx = make_ctx()
+        ctx.log.info("before")
+        ctx.client = payload
+        ctx.log.info("after")
+    assert "client" not in logs[0]
+    assert logs[1]["client"] == "192.0.2.9"
+    assert ctx.client.hostname == "mx.example"
+    assert ctx.client_known
+
+
+def test_helo_sender_and_recipients_kept_undecoded_read_as_models() -> None:
+    ctx = make_ctx()
+    ctx.helo = encode_command(Helo(name="client.example"))[5:]
+    ctx.message.sender = encode_command(EnvFrom.from_raw("<a@example.org>", ["SIZE=10"]))[5:]
+    ctx.message.record_recipient(encode_command(EnvRcpt(address="b@example.org"))[5:])
+    ctx.message.recipient_records.append(EnvRcpt(address="c@example.org"))
+    assert ctx.helo == "client.example"
+    assert ctx.message.sender == EnvFrom.from_raw("<a@example.org>", ["SIZE=10"])
+    assert ctx.message.recipients == [
+        EnvRcpt(address="b@example.org"),
+        EnvRcpt(address="c@example.org"),
+    ]
+    assert ctx.message.begun
 
 
 def test_an_apps_own_logger_keeps_what_the_server_binds_later() -> None:
@@ -667,14 +703,16 @@ def utf8(raw: bytes) -> str:
 
 def test_as_email_headers_and_body() -> None:
     message = make_message({}, 1000)
-    message.headers += [
-        Header(name="From", value="Alice <alice@example.org>"),
-        Header(name="To", value="bob@example.net"),
-        Header(name="Subject", value="a folded\n\tsubject line"),
-        Header(name="X-Unicode", value=utf8("Gr\u00fc\u00dfe \u2603".encode())),
-        Header(name="X-Latin1", value=utf8(b"caf\xe9")),
-        Header(name="Content-Type", value="text/plain; charset=utf-8"),
-    ]
+    message.headers.extend(
+        [
+            Header(name="From", value="Alice <alice@example.org>"),
+            Header(name="To", value="bob@example.net"),
+            Header(name="Subject", value="a folded\n\tsubject line"),
+            Header(name="X-Unicode", value=utf8("Gr\u00fc\u00dfe \u2603".encode())),
+            Header(name="X-Latin1", value=utf8(b"caf\xe9")),
+            Header(name="Content-Type", value="text/plain; charset=utf-8"),
+        ]
+    )
     message.append_body(b"Hello Bob,\r\n")
     message.append_body(b"bye.\r\n")
     parsed = message.as_email()
@@ -702,17 +740,32 @@ def test_as_email_with_a_body_on_disk() -> None:
     assert message.body_bytes() == b"".join(lines)  # as_email left the body readable
 
 
-def test_as_email_without_a_kept_body_has_headers_only() -> None:
+def test_as_email_without_a_kept_body_says_how_to_keep_it() -> None:
+    # It used to give a message with the headers only, silently incomplete.
     message = make_message({}, None)
     message.headers.append(Header(name="Subject", value="no body"))
     message.append_body(b"not kept")
-    parsed = message.as_email()
-    assert parsed["Subject"] == "no body"
-    assert parsed.get_payload() == ""
+    with pytest.raises(NotAvailable, match=r"as_email\(\).*keep_message=True"):
+        message.as_email()
+    with pytest.raises(NotAvailable, match=r"body\(\).*keep_message=True"):
+        message.body()
+    with pytest.raises(NotAvailable, match="keep_message=True"):
+        message.body_bytes()
+    with pytest.raises(LookupError):  # what body() raised before: still caught the same way
+        message.body()
+
+
+def test_headers_not_asked_for_say_what_to_add() -> None:
+    message = Message({}, 1000, headers_kept=False)
+    message.header_events.append(Header(name="Subject", value="counted, not kept"))
+    with pytest.raises(NotAvailable, match=r"'header' handler or .*keep_message=True"):
+        _ = message.headers
+    with pytest.raises(NotAvailable):
+        message.as_email()
 
 
 def test_as_email_of_an_empty_message() -> None:
-    parsed = make_message({}, None).as_email()
+    parsed = make_message({}, 1000).as_email()
     assert list(parsed.keys()) == []
 
 
@@ -737,7 +790,7 @@ def test_as_email_reconstructs_header_lines_without_an_extra_space(
 ) -> None:
     monkeypatch.setattr(RecordingParser, "fed", [])
     monkeypatch.setattr(email.parser, "BytesFeedParser", RecordingParser)
-    message = make_message({}, None)
+    message = make_message({}, 0)
     message.headers.append(header)
     parsed = message.as_email()
     assert RecordingParser.fed[0] == b"Subject: Hi there\n"
@@ -745,7 +798,7 @@ def test_as_email_reconstructs_header_lines_without_an_extra_space(
 
 
 def test_as_email_leading_space_keeps_a_tab() -> None:
-    message = make_message({}, None)
+    message = make_message({}, 1000)
     message.headers.append(Header(name="X-Tab", value="\tvalue", leading_space=True))
     message.headers.append(Header(name="X-None", value="value", leading_space=True))
     parsed = message.as_email()

@@ -529,8 +529,24 @@ def test_handler_timeout_may_be_none() -> None:
     ids=repr,
 )
 def test_invalid_options_are_refused(options: dict[str, Any]) -> None:
-    with pytest.raises(ValidationError):
+    option = next(iter(options))
+    with pytest.raises(
+        SetupError, match=rf"^App\('t'\): (unknown option '{option}'|{option}: )"
+    ) as info:
         App("t", **options)
+    assert "\n" not in str(info.value)
+
+
+def test_an_unknown_option_is_named_with_the_valid_ones() -> None:
+    with pytest.raises(SetupError, match=r"unknown option 'keep_mesage' \(valid: .*keep_message"):
+        App("t", keep_mesage=True)
+
+
+def test_a_union_option_names_its_kinds() -> None:
+    with pytest.raises(
+        SetupError, match=r"fallback: must be TempFail\(\) or Reject\(\) or Discard\(\) or Accept"
+    ):
+        App("t", fallback=3)
 
 
 def test_config_is_frozen() -> None:
@@ -541,7 +557,7 @@ def test_config_is_frozen() -> None:
 
 @pytest.mark.parametrize("name", ["bad name", "a,b", ""])
 def test_bad_macro_names_are_refused_when_the_app_is_created(name: str) -> None:
-    with pytest.raises(ValidationError):
+    with pytest.raises(SetupError, match="macros: "):
         App("t", macros={"envfrom": [name]})
 
 

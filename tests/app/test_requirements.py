@@ -8,12 +8,15 @@ import pytest
 
 from milterapp.app import App
 from milterapp.constants import ActionFlag, MacroStage
+from milterapp.context import KEPT_EVENTS, RECORDED_EVENTS
 from milterapp.events import Event
 from milterapp.handlers import EVENT_NAMES
 from milterapp.protocol.negotiation import OPTIONAL_EVENTS, Requirements
 
 OBSERVERS_AND_EOM = ("negotiate", "open", "abort", "close", "eom")
-KEPT = frozenset({"envfrom", "envrcpt", "header", "body"})
+#: Asked for always, for the context's facts: client, HELO name, sender, recipients.
+RECORDED = frozenset({"connect", "helo", "envfrom", "envrcpt"})
+KEPT = RECORDED | {"header", "body"}
 
 
 def handler(event: Event) -> None:
@@ -32,11 +35,17 @@ def test_optional_events_and_event_names_agree() -> None:
     assert not set(OPTIONAL_EVENTS) & set(OBSERVERS_AND_EOM)
 
 
+def test_recorded_events_are_the_contexts() -> None:
+    assert RECORDED == RECORDED_EVENTS
+    assert KEPT == RECORDED_EVENTS | KEPT_EVENTS
+
+
 def test_no_handlers() -> None:
     needs = App("t").requirements()
     assert isinstance(needs, Requirements)
-    assert needs.events == frozenset()
-    assert needs.no_reply == frozenset()
+    # The context's facts are asked for anyway, without waiting for replies.
+    assert needs.events == RECORDED
+    assert needs.no_reply == RECORDED
     assert needs.skip is False
     assert needs.macros == {}
     assert needs.leading_space is False
@@ -46,25 +55,27 @@ def test_no_handlers() -> None:
 @pytest.mark.parametrize("name", sorted(OPTIONAL_EVENTS))
 def test_one_optional_event(name: str) -> None:
     needs = app_with(name).requirements()
-    assert needs.events == {name}
-    assert needs.no_reply == frozenset()
+    assert needs.events == RECORDED | {name}
+    assert needs.no_reply == RECORDED - {name}
 
 
 @pytest.mark.parametrize("name", OBSERVERS_AND_EOM)
 def test_events_that_always_come_add_nothing(name: str) -> None:
     needs = app_with(name).requirements()
-    assert needs.events == frozenset()
+    assert needs.events == RECORDED
     assert needs.skip is False
 
 
 def test_aliases_count_as_their_event() -> None:
     needs = app_with("envelope-from", "envelope-recipient", "end-of-headers").requirements()
-    assert needs.events == {"envfrom", "envrcpt", "eoh"}
+    assert needs.events == RECORDED | {"eoh"}
+    assert needs.no_reply == {"connect", "helo"}
 
 
 def test_handled_events_only() -> None:
     needs = app_with("connect", "envrcpt", "eom", "close", "open").requirements()
-    assert needs.events == {"connect", "envrcpt"}
+    assert needs.events == RECORDED
+    assert needs.no_reply == {"helo", "envfrom"}
 
 
 def test_all_handlers() -> None:
@@ -76,13 +87,14 @@ def test_all_handlers() -> None:
 def test_no_reply_is_intersected_with_handled_events() -> None:
     app = app_with("connect", "header", "eom", no_reply={"header", "helo", "body"})
     needs = app.requirements()
-    assert needs.events == {"connect", "header"}
-    assert needs.no_reply == {"header"}
+    assert needs.events == RECORDED | {"header"}
+    assert needs.no_reply == {"header", "helo", "envfrom", "envrcpt"}
 
 
-def test_no_reply_of_unhandled_events_only_is_empty() -> None:
-    needs = app_with("eom", no_reply={"connect", "helo"}).requirements()
-    assert needs.no_reply == frozenset()
+def test_no_reply_of_unhandled_events_only_adds_nothing() -> None:
+    needs = app_with("eom", no_reply={"connect", "helo", "header"}).requirements()
+    assert needs.events == RECORDED
+    assert needs.no_reply == RECORDED
 
 
 def test_keep_message_without_handlers() -> None:
@@ -94,15 +106,15 @@ def test_keep_message_without_handlers() -> None:
 
 def test_keep_message_with_some_handlers() -> None:
     needs = app_with("envrcpt", "body", "helo", keep_message=True).requirements()
-    assert needs.events == KEPT | {"helo"}
-    assert needs.no_reply == {"envfrom", "header"}
+    assert needs.events == KEPT
+    assert needs.no_reply == {"connect", "envfrom", "header"}
 
 
 def test_keep_message_and_no_reply() -> None:
     app = app_with("envrcpt", "eoh", keep_message=True, no_reply={"envrcpt"})
     needs = app.requirements()
     assert needs.events == KEPT | {"eoh"}
-    assert needs.no_reply == {"envfrom", "envrcpt", "header", "body"}
+    assert needs.no_reply == {"connect", "helo", "envfrom", "envrcpt", "header", "body"}
 
 
 def test_actions_default_requests_all_but_setsymlist_and_requires_none() -> None:
@@ -190,6 +202,8 @@ def test_flags_are_passed_through(leading_space: bool, rejected_recipients: bool
 
 def test_requirements_reflect_handlers_added_later() -> None:
     app = App("t")
-    assert app.requirements().events == frozenset()
+    assert app.requirements().no_reply == RECORDED
     app.add_handler("helo", handler)
-    assert app.requirements().events == {"helo"}
+    app.add_handler("data", handler)
+    assert app.requirements().events == RECORDED | {"data"}
+    assert app.requirements().no_reply == RECORDED - {"helo"}

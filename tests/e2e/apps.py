@@ -151,7 +151,7 @@ def counting(seen: list[tuple[str, str | None]]) -> App:
 
     @app.on("eom")
     def stamp(event: EndOfMessage, ctx: Context) -> None:
-        sender = ctx.message.sender.address if ctx.message.sender else "?"
+        sender = ctx.message.sender.address
         seen.append((sender, ctx.message.queue_id))
         ctx.add_header("X-Count", str(len(seen)))
 

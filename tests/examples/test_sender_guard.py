@@ -8,7 +8,16 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from milterapp import AddHeader, Continue, EndOfMessage, EnvFrom, MilterServer, Reject
+from milterapp import (
+    AddHeader,
+    Connect,
+    Continue,
+    EndOfMessage,
+    EnvFrom,
+    Helo,
+    MilterServer,
+    Reject,
+)
 from milterapp.protocol.mta import Answer
 from milterapp.testing import MtaClient
 
@@ -32,6 +41,8 @@ async def exchange() -> tuple[Answer | None, Answer | None, Answer | None]:
     try:
         async with await MtaClient.connect(server.address) as client:
             await client.negotiate()
+            await client.send(Connect(hostname="client.example", family="U"))
+            await client.send(Helo(name="client.example"))
             blocked = await client.send(EnvFrom(address="blocked@example.com"))
             allowed = await client.send(EnvFrom(address="alice@example.org"))
             end = await client.send(EndOfMessage())

@@ -41,7 +41,7 @@ from milterapp.events import (
     Unknown,
 )
 from milterapp.protocol.codec import encode_command
-from milterapp.protocol.machine import MilterConnection
+from milterapp.protocol.machine import UNPARSED, MilterConnection
 from milterapp.protocol.negotiation import Requirements, negotiate
 from milterapp.replies import (
     Accept,
@@ -1198,3 +1198,75 @@ def test_continue_if_owed_cannot_answer_negotiation() -> None:
     conn.next_event()
     with pytest.raises(LocalProtocolError, match="negotiation"):
         conn.continue_if_owed()
+
+
+# --- commands kept undecoded --------------------------------------------------------------
+
+_UNDECODED = frozenset(b"CHMR")
+
+
+def _undecoded_connection(
+    needs: Requirements, offer: Negotiate = POSTFIX_OFFER
+) -> MilterConnection:
+    conn = MilterConnection(undecoded=_UNDECODED)
+    conn.receive_data(encode_command(offer))
+    assert conn.next_event() == offer
+    conn.send(negotiate(offer, needs))
+    return conn
+
+
+def _payload(event: Event) -> bytes:
+    return encode_command(event)[5:]
+
+
+def test_undecoded_commands_without_replies_are_kept_without_events() -> None:
+    recorded = frozenset({"connect", "helo", "envfrom", "envrcpt"})
+    conn = _undecoded_connection(Requirements(events=recorded, no_reply=recorded))
+    events = drive(conn, wire(CONNECT, HELO, MAIL, RCPT, RCPT, EOM))
+    assert events == [EOM]  # the others came, but needed no event
+    assert conn.kept == [
+        (ord("C"), _payload(CONNECT)),
+        (ord("H"), _payload(HELO)),
+        (ord("M"), _payload(MAIL)),
+        (ord("R"), _payload(RCPT)),
+        (ord("R"), _payload(RCPT)),
+    ]
+    assert all(type(payload) is bytes for _, payload in conn.kept)  # not views of a buffer
+    assert conn.state is ConnectionState.SESSION  # the state moved as for decoded commands
+
+
+def test_undecoded_commands_that_need_replies_come_as_unparsed() -> None:
+    # An MTA without the NR_* flags waits for a reply to each: handed out, undecoded.
+    recorded = frozenset({"connect", "helo", "envfrom", "envrcpt"})
+    offer = POSTFIX_OFFER.model_copy(update={"protocol": ProtocolFlag.NONE})
+    conn = _undecoded_connection(Requirements(events=recorded, no_reply=recorded), offer)
+    conn.receive_data(wire(CONNECT, MAIL))
+    assert conn.next_event() is UNPARSED
+    assert conn.unparsed == (ord("C"), _payload(CONNECT))
+    assert conn.pending_command == "C"
+    conn.send(Continue())
+    assert conn.next_event() is UNPARSED
+    assert conn.unparsed == (ord("M"), _payload(MAIL))
+    assert conn.kept == []
+
+
+def test_an_undecoded_mail_inside_a_message_comes_after_its_abort() -> None:
+    # The synthesised abort of the open message must reach the caller before the new MAIL.
+    recorded = frozenset({"connect", "helo", "envfrom", "envrcpt"})
+    conn = _undecoded_connection(Requirements(events=recorded, no_reply=recorded))
+    drive(conn, wire(CONNECT, HELO, MAIL))
+    conn.kept.clear()
+    conn.receive_data(wire(MAIL))
+    assert conn.next_event() == Abort()
+    assert conn.next_event() is UNPARSED
+    assert conn.unparsed == (ord("M"), _payload(MAIL))
+    assert conn.kept == []
+
+
+def test_a_malformed_undecoded_command_is_not_refused_by_the_machine() -> None:
+    recorded = frozenset({"connect", "helo", "envfrom", "envrcpt"})
+    conn = _undecoded_connection(Requirements(events=recorded, no_reply=recorded))
+    drive(conn, wire(CONNECT, HELO))
+    conn.receive_data(b"\x00\x00\x00\x04Mabc")  # no NUL: whoever decodes it finds out
+    assert conn.next_event() is None
+    assert conn.kept[-1] == (ord("M"), b"abc")

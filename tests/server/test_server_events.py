@@ -92,7 +92,7 @@ def test_events_reach_handlers_with_models_and_context() -> None:
                 snapshots["abort"] = (ctx.message.sender, list(ctx.message.recipients))
             elif name == "unknown" and "eom" in snapshots:
                 snapshots["after_abort"] = (
-                    ctx.message.sender,
+                    ctx.message.begun,
                     ctx.message.recipients,
                     ctx.message.queue_id,
                 )
@@ -202,7 +202,7 @@ def test_events_reach_handlers_with_models_and_context() -> None:
     assert snapshots["helo"] == (CLIENT, HELO.name)
     assert snapshots["eom"] == (first_sender, recipients, headers, "4F2A1C", 12, 6)
     assert snapshots["abort"] == (second_sender, [recipients[0]])
-    assert snapshots["after_abort"] == (None, [], None)
+    assert snapshots["after_abort"] == (False, [], None)
 
 
 def test_context_state_persists_and_message_resets_between_messages() -> None:
@@ -402,8 +402,9 @@ def test_modification_not_negotiated_tempfails_and_connection_goes_on() -> None:
 
     async def main() -> None:
         async with running_server(app) as server, await connect(server) as client:
-            reply = await client.negotiate()
-            assert reply.actions == ActionFlag.ADDHDRS
+            await start_session(client)
+            assert client.mta.options is not None
+            assert client.mta.options.actions == ActionFlag.ADDHDRS
             first = await send_message(client)
             assert first.modifications == []  # the header queued before the failure is dropped
             assert first.verdict == TempFail()

@@ -346,11 +346,10 @@ def test_connection_abort_mid_message_then_new_message_works() -> None:
 
     @app.on("abort")
     def aborted(event: Abort, ctx: Context) -> None:
-        aborts.append(ctx.message.sender.address if ctx.message.sender else None)
+        aborts.append(ctx.message.sender.address if ctx.message.begun else None)
 
     @app.on("eom")
     def stamp(event: EndOfMessage, ctx: Context) -> None:
-        assert ctx.message.sender is not None
         ctx.add_header("X-Sender", ctx.message.sender.address)
 
     @app.on("envfrom")

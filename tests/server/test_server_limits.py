@@ -336,6 +336,36 @@ def test_max_recipients_without_recipient_replies_tempfails_the_message() -> Non
     assert hit["limit"] == "max_recipients"
 
 
+def test_max_recipients_applies_to_recipients_no_handler_reads() -> None:
+    # An end-of-message-only app: RCPT comes without replies and is kept undecoded for the
+    # context; the limit still holds, and the message is refused at end of message.
+    app = App("eom-only")
+    seen: list[list[str]] = []
+
+    @app.on("eom")
+    def record(event: EndOfMessage, ctx: Context) -> None:
+        seen.append([rcpt.address for rcpt in ctx.message.recipients])
+
+    recipients = ["a@example.net", "b@example.net", "c@example.net"]
+
+    async def main() -> None:
+        async with (
+            running_server(app, max_recipients=2) as server,
+            await connect(server) as client,
+        ):
+            await start_session(client)
+            answer = await send_message(client, recipients=recipients)
+            assert answer.verdict == TOO_MANY_RECIPIENTS
+            second = await send_message(client, recipients=recipients[:2])
+            assert second.verdict == Continue()
+
+    with structlog.testing.capture_logs() as logs:
+        run(main())
+    assert seen == [recipients[:2]]  # the refused message ran no handler
+    [hit] = _events(logs, "limit_exceeded")
+    assert (hit["limit"], hit["stage"]) == ("max_recipients", "envrcpt")
+
+
 def test_limits_apply_per_connection_session_and_message() -> None:
     recorder = Recorder()
 

@@ -520,7 +520,7 @@ ACTIVATION_SCRIPT = textwrap.dedent(
     import asyncio, json, os, socket, sys
 
     from milterapp.app import App
-    from milterapp.events import EndOfMessage
+    from milterapp.events import Connect, EndOfMessage, EnvFrom, EnvRcpt, Helo
     from milterapp.server import MilterServer
     from milterapp.testing import MtaClient
 
@@ -550,6 +550,13 @@ ACTIVATION_SCRIPT = textwrap.dedent(
             client = await MtaClient.connect(("127.0.0.1", port), timeout=5)
             async with client:
                 await client.negotiate()
+                for event in (
+                    Connect(hostname="localhost", family="U"),
+                    Helo(name="client.example"),
+                    EnvFrom(address="a@example.org"),
+                    EnvRcpt(address="b@example.org"),
+                ):
+                    await client.send(event)  # no reply: nothing handles them
                 answer = await client.send(EndOfMessage())
         finally:
             app.shutdown()

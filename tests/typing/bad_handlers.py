@@ -12,6 +12,8 @@ an overload taking any str; App.on raises SetupError at run time), handlers pass
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from milterapp.app import App
 from milterapp.context import Context
 from milterapp.events import EndOfMessage, EnvFrom, EnvRcpt, Header, Helo, Quit
@@ -94,3 +96,23 @@ def well_typed(event: EnvFrom, ctx: Context) -> Reject | None:
 
 def call_it_wrongly(ctx: Context) -> None:
     well_typed(Helo(name="x"), ctx)  # type: ignore[arg-type]
+
+
+@dataclass
+class Scores:
+    score: int = 0
+
+
+typed = App("typing-state", message_state=Scores)
+
+
+# A typo on the typed per-message state.
+@typed.on("eom")
+def misspelt_state(event: EndOfMessage, ctx: Context[Scores]) -> None:
+    ctx.message.state.scroe += 1  # type: ignore[attr-defined]
+
+
+# The state has the declared type, not any: a str is not an int.
+@typed.on("eom")
+def wrong_type(event: EndOfMessage, ctx: Context[Scores]) -> None:
+    ctx.message.state.score = "high"  # type: ignore[assignment]

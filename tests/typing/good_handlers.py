@@ -7,6 +7,7 @@ to show that what type-checks also registers at run time.
 from __future__ import annotations
 
 from collections.abc import Awaitable
+from dataclasses import dataclass, field
 
 from milterapp.app import App
 from milterapp.context import Context
@@ -260,3 +261,52 @@ NAMES_REGISTERED = (
 
 # The server serves anything shaped like an App; an App is one (checked by mypy, here).
 SERVED: Servable = app
+
+
+# --- typed state ------------------------------------------------------------------------------
+
+
+@dataclass
+class Scores:
+    """Per-message state: a fresh instance for every message."""
+
+    score: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Session:
+    """Per-connection state."""
+
+    messages: int = 0
+
+
+typed = App("typing-state", message_state=Scores, connection_state=Session)
+
+
+@typed.on("header")
+def score_header(event: Header, ctx: Context[Scores, Session]) -> None:
+    if event.name.lower() == "x-spam":
+        ctx.message.state.score += 5
+        ctx.message.state.reasons.append("x-spam")
+
+
+@typed.on("eom")
+def decide_on_score(event: EndOfMessage, ctx: Context[Scores]) -> Reject | None:
+    # The facts the context always holds are typed without None: no assert needed.
+    ctx.add_header("X-Client", f"{ctx.helo} [{ctx.client.address}]")
+    if ctx.message.state.score >= 5:
+        return Reject(text=", ".join(ctx.message.state.reasons))
+    return None
+
+
+@typed.on("close")
+def count_messages(event: CloseEvent, ctx: Context[Scores, Session]) -> None:
+    ctx.state.messages += 1
+
+
+# Without declared state, both are dicts.
+@app.on("eom")
+def untyped_state(event: EndOfMessage, ctx: Context) -> None:
+    ctx.state["seen"] = ctx.state.get("seen", 0) + 1
+    ctx.message.state["score"] = 1
