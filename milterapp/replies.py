@@ -107,7 +107,11 @@ class Progress(_Response):
 
 
 class Shutdown(_Response):
-    """Postfix only: answer the SMTP client with 421 and close its session."""
+    """Ask the MTA to answer the SMTP client with 421 and close its session.
+
+    Only Postfix does, before the content (from 3.11 at every stage); the server sends
+    TempFail instead wherever Shutdown would lose or pass the message (docs/handlers.md).
+    """
 
 
 def _check_line(line: str) -> str:

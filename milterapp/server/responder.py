@@ -16,6 +16,7 @@ through the ``write_now`` function it is given.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final
 
@@ -45,6 +46,7 @@ from milterapp.replies import (
     NegotiationReply,
     Progress,
     Reject,
+    Shutdown,
     Skip,
     TempFail,
 )
@@ -70,6 +72,8 @@ _REPLYING_STAGES: Final[dict[type[Event], str]] = {
 #: Stages of a message that a refused message no longer runs handlers for (the first, MAIL,
 #: opens a new message).
 _LATER_MESSAGE_STAGES: Final = frozenset(stage.name for stage in MESSAGE_STAGES[1:])
+#: The stages that Postfix's cleanup server, not its SMTP server, asks the milter about.
+_POSTFIX_CONTENT_STAGES: Final = frozenset({"header", "eoh", "body", "eom"})
 _MESSAGE: Final = ConnectionState.MESSAGE
 _CONNECT, _MAIL, _RCPT = (ord(c.value) for c in (Command.CONNECT, Command.MAIL, Command.RCPT))
 
@@ -432,6 +436,8 @@ class Responder:
         ctx = self.ctx
         assert ctx is not None
         verdict = verdict or Continue()
+        if verdict.__class__ is Shutdown:
+            verdict = self._shutdown_or_tempfail(ctx, name)
         if isinstance(verdict, Skip) and not (machine.options and machine.options.skip):
             verdict = Continue()  # a hint we cannot pass on (e.g. keep_message needs the body)
         out: list[bytes] = []
@@ -455,6 +461,26 @@ class Responder:
         if was_message and machine.state is not _MESSAGE:
             ctx.new_message()
         return b"".join(out)
+
+    def _shutdown_or_tempfail(self, ctx: Context, stage: str) -> Shutdown | TempFail:
+        """Shutdown where the MTA honours it, else TempFail: nothing may be lost by it.
+
+        Only Postfix answers Shutdown with 421 (its ``v`` macro, sent by default, says it is
+        Postfix). Up to 3.10 it does so only before the content: at ``header`` to ``eom``
+        its cleanup server drops the message after telling the client it was queued.
+        Sendmail takes Shutdown for a broken filter and applies the filter's ``F=`` flag,
+        which without a flag lets the mail through unfiltered (tests/e2e/test_mta_replies.py).
+        """
+        mta = self.machine.macros.get("v") or ""
+        if mta.startswith("Postfix "):
+            version = tuple(int(part) for part in re.findall(r"\d+", mta)[:2])
+            if stage not in _POSTFIX_CONTENT_STAGES or version >= (3, 11):
+                return Shutdown()
+            why = "Postfix up to 3.10 drops the message after a shutdown at this stage"
+        else:
+            why = "only Postfix honours it (this MTA did not send a Postfix 'v' macro)"
+        ctx.log.warning("shutdown_replaced", stage=stage, reply="TempFail()", mta=mta, why=why)
+        return TempFail()
 
     def _over_limit(
         self, ctx: Context, stage: str, limit: str, value: int, reply: TempFail, **facts: Any
