@@ -232,7 +232,20 @@ class MilterConnection:
                     return None
                 command, payload = frame
                 if command == _D and not self._macro_events:
-                    self._define_macro_packet(payload)
+                    # _define_macro_packet() in place: seven or more per message.
+                    nuls = payload.count(0)
+                    if (
+                        not payload
+                        or not payload[0]
+                        or nuls % 2
+                        or (len(payload) > 1 and payload[-1])
+                        or self.state is _NEGOTIATING
+                        or (self._max_macros and nuls // 2 > self._max_macros)
+                        or payload[0] == _M
+                    ):
+                        self._define_macro_packet(payload)  # the general rules
+                    else:
+                        self.macros.define_packet(chr(payload[0]), payload)
                     continue
                 if command in self._undecoded:
                     event: Event = UNPARSED

@@ -20,6 +20,8 @@ from milterapp.protocol.stages import MESSAGE_STAGES, SEQUENCE
 __all__ = ["MacroTable"]
 
 _MESSAGE_STAGES: Final = frozenset(stage.commands.decode() for stage in MESSAGE_STAGES)
+#: The stages after each one, in the order the MTA goes through them.
+_LATER: Final = {letter: frozenset(SEQUENCE[at + 1 :]) for at, letter in enumerate(SEQUENCE)}
 
 
 class MacroTable(Mapping[str, str]):
@@ -65,11 +67,12 @@ class MacroTable(Mapping[str, str]):
 
     def enter(self, command: str) -> None:
         """Drop the tables of stages after ``command``, which the MTA has just sent."""
-        position = SEQUENCE.find(command)
-        if position < 0:
-            return
-        for later in SEQUENCE[position + 1 :]:
-            self._stages.pop(later, None)
+        later = _LATER.get(command)
+        stages = self._stages
+        # Usually there are none (each RCPT enters the stage again): one test in C finds out.
+        if later is not None and not later.isdisjoint(stages):
+            for stage in later:
+                stages.pop(stage, None)
 
     def reset_message(self) -> None:
         """Drop the tables of the message stages (MAIL onwards) after an abort."""
