@@ -7,24 +7,18 @@ on the context at end of message and sent by the server before the verdict.
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
-import io
-import tempfile
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from email.message import EmailMessage
-from typing import IO, TYPE_CHECKING, Any, Final, Generic
+from typing import IO, Any, Final, Generic
 
 import structlog
 from typing_extensions import TypeVar
 
 from milterapp.constants import DEFAULT_MAX_DATA_SIZE, ActionFlag, Command
 from milterapp.errors import ActionNotNegotiated, LocalProtocolError, NotAvailable
-from milterapp.events import Connect, EnvFrom, EnvRcpt, Event, Header, Helo
-from milterapp.protocol.commands import decode_command
+from milterapp.events import Connect, Helo
+from milterapp.message import KEPT_EVENTS, RECORDED_EVENTS, Message, MessageStateT, decoded
 from milterapp.protocol.negotiation import SessionOptions
 from milterapp.protocol.responses import body_chunks
-from milterapp.protocol.stages import OptionalEvent
 from milterapp.replies import (
     AddHeader,
     AddRecipient,
@@ -37,232 +31,15 @@ from milterapp.replies import (
     ReplaceBody,
 )
 
+# Message and the event sets are defined beside the message, and named here too: a handler's
+# whole world is `from milterapp.context import Context, Message`.
 __all__ = ["KEPT_EVENTS", "RECORDED_EVENTS", "Context", "Message"]
 
-#: The events whose facts every context holds (``client``, ``helo``, ``message.sender`` and
-#: ``message.recipients``): the MTA is asked for them whatever handlers the app has.
-RECORDED_EVENTS: Final[frozenset[OptionalEvent]] = frozenset(
-    {"connect", "helo", "envfrom", "envrcpt"}
-)
-#: The events that whole messages add (``App(keep_message=True)``): headers and body.
-KEPT_EVENTS: Final[frozenset[OptionalEvent]] = frozenset({"header", "body"})
-
-_READ_SIZE: Final = DEFAULT_MAX_DATA_SIZE
-_CONNECT, _HELO, _MAIL, _RCPT = (
-    ord(command.value) for command in (Command.CONNECT, Command.HELO, Command.MAIL, Command.RCPT)
-)
-_E = TypeVar("_E", bound=Event)
+_CONNECT, _HELO = (ord(command.value) for command in (Command.CONNECT, Command.HELO))
 _UNSET: Final = object()
 
-#: The type of ``ctx.message.state``: the app's ``message_state`` class (a dict by default).
-MessageStateT = TypeVar("MessageStateT", default=dict[str, Any])
 #: The type of ``ctx.state``: the app's ``connection_state`` class (a dict by default).
 ConnectionStateT = TypeVar("ConnectionStateT", default=dict[str, Any])
-
-
-class Message(Generic[MessageStateT]):
-    """One mail transaction: envelope, headers and (when kept) the body.
-
-    ``state`` is this message's own data: an instance of the app's ``message_state`` class
-    (a dict unless the app declares one), made when first used. Free attributes work too
-    (``ctx.message.score = 5``); both live as long as the message.
-
-    ``sender`` and ``recipients`` are always known from MAIL FROM on (the MTA is always
-    asked for them);
-    ``headers`` when the app has a ``header`` handler or keeps whole messages; the body only
-    when it keeps whole messages (``App(keep_message=True)``). Reading what was not asked
-    for raises :class:`~milterapp.errors.NotAvailable` saying what to change.
-    """
-
-    def __init__(
-        self,
-        macros: Mapping[str, str],
-        spool_threshold: int | None,
-        *,
-        headers_kept: bool = True,
-        new_state: Callable[[], Any] = dict,
-    ) -> None:
-        # The envelope as the server recorded it: models, or payloads of commands that no
-        # handler read as they came (decoded when first read here).
-        self._sender: EnvFrom | bytes | None = None
-        #: The recipients as recorded: models, or RCPT payloads (the server appends here).
-        self.recipient_records: list[EnvRcpt | bytes] = []
-        self._undecoded_recipients = False
-        self.body_size = 0
-        #: Every Header event received (the server appends here); :attr:`headers` gives it
-        #: when the app asked for headers.
-        self.header_events: list[Header] = []
-        self._headers_kept = headers_kept
-        self._macros = macros
-        self._spool_threshold = spool_threshold
-        self._body: IO[bytes] | None = None
-        self._new_state = new_state
-        self._state: Any = _UNSET
-
-    # Own attributes are part of the API (ctx.message.score = 5): __getattr__ makes a typo a
-    # clear error, and with __setattr__ tells type checkers so. __setattr__ is declared for
-    # them only: defined, it would cost a Python call on every assignment.
-    def __getattr__(self, name: str) -> Any:
-        raise AttributeError(
-            f"ctx.message has no attribute {name!r}: set it first (ctx.message.{name} = ...),"
-            " or declare it on the app's message_state class and use ctx.message.state"
-        )
-
-    if TYPE_CHECKING:
-
-        def __setattr__(self, name: str, value: Any) -> None: ...
-
-    @property
-    def state(self) -> MessageStateT:
-        """This message's own data: a fresh instance of the app's ``message_state``."""
-        state = self._state
-        if state is _UNSET:
-            state = self._state = self._new_state()
-        return state  # type: ignore[no-any-return]
-
-    @property
-    def sender(self) -> EnvFrom:
-        """The MAIL FROM event of this transaction.
-
-        Raises:
-            NotAvailable: read before the MTA sent MAIL FROM (in a ``connect`` or ``helo``
-                handler, or between messages).
-        """
-        sender = self._sender
-        if sender is None:
-            raise NotAvailable(
-                "ctx.message.sender is not known before MAIL FROM; read it from 'envfrom' on"
-            )
-        if isinstance(sender, bytes):
-            sender = self._sender = _decoded(_MAIL, sender, EnvFrom)
-        return sender
-
-    @sender.setter
-    def sender(self, value: EnvFrom | bytes | None) -> None:
-        self._sender = value
-
-    @property
-    def recipients(self) -> list[EnvRcpt]:
-        """The recipients accepted so far, refused ones left out: in an ``envrcpt`` handler,
-        those before the one being checked."""
-        recipients = self.recipient_records
-        if self._undecoded_recipients:
-            for at, recipient in enumerate(recipients):
-                if isinstance(recipient, bytes):
-                    recipients[at] = _decoded(_RCPT, recipient, EnvRcpt)
-            self._undecoded_recipients = False
-        # Every item is a model now: the list is handed out as it is, for handlers to edit.
-        return recipients  # type: ignore[return-value]
-
-    def record_recipient(self, payload: bytes) -> None:
-        """Count in an accepted recipient kept as its RCPT payload (the server)."""
-        self._undecoded_recipients = True
-        self.recipient_records.append(payload)
-
-    @property
-    def begun(self) -> bool:
-        """Whether the MTA has sent anything of this transaction yet."""
-        return self._sender is not None or bool(self.recipient_records or self.header_events)
-
-    @property
-    def queue_id(self) -> str | None:
-        """The MTA's queue id (macro ``i``) once the MTA has sent it."""
-        return self._macros.get("i")
-
-    @property
-    def headers(self) -> list[Header]:
-        """The headers seen so far, in order.
-
-        Raises:
-            NotAvailable: the app has no ``header`` handler and does not keep messages.
-        """
-        if not self._headers_kept:
-            raise NotAvailable(
-                "ctx.message.headers: the MTA was not asked for headers; add a 'header' "
-                "handler or create the App with keep_message=True"
-            )
-        return self.header_events
-
-    def append_body(self, chunk: bytes) -> None:
-        """Keep a body chunk (only when the app keeps whole messages)."""
-        self.body_size += len(chunk)
-        if self._spool_threshold is None:
-            return
-        if self._body is None:
-            self._body = tempfile.SpooledTemporaryFile(max_size=self._spool_threshold)  # noqa: SIM115 - closed by close()
-            if self._spool_threshold == 0:  # max_size=0 would mean "never roll over"
-                self._body.rollover()
-        self._body.seek(0, io.SEEK_END)  # body() may have rewound it
-        self._body.write(chunk)
-
-    @property
-    def body_kept(self) -> bool:
-        """True when the body is available (the app keeps whole messages)."""
-        return self._spool_threshold is not None
-
-    def body(self) -> IO[bytes]:
-        """Return the body as a binary file positioned at its start (CRLF line endings).
-
-        Raises:
-            NotAvailable: the app does not keep whole messages.
-        """
-        if self._spool_threshold is None:
-            raise NotAvailable(
-                "ctx.message.body(): the body is not kept; create the App with keep_message=True"
-            )
-        if self._body is None:
-            return io.BytesIO()
-        self._body.seek(0)
-        return self._body
-
-    def body_bytes(self) -> bytes:
-        """Return the whole body in memory (mind large messages: prefer :meth:`body`).
-
-        Raises:
-            NotAvailable: the app does not keep whole messages.
-        """
-        return self.body().read()
-
-    def as_email(self) -> EmailMessage:
-        """Parse the headers and the kept body into a standard-library EmailMessage.
-
-        Raises:
-            NotAvailable: the app does not keep whole messages.
-        """
-        if not self.body_kept:
-            raise NotAvailable(
-                "ctx.message.as_email() needs the whole message; create the App with "
-                "keep_message=True"
-            )
-        feeder = email.parser.BytesFeedParser(policy=email.policy.default)
-        for header in self.headers:
-            # Without HDR_LEADSPC the MTA removed the space after the colon: put it back.
-            separator = b":" if header.leading_space else b": "
-            feeder.feed(header.raw_name + separator + header.raw_value + b"\n")
-        feeder.feed(b"\n")
-        # The body comes with CRLF line endings; the email package works with LF.
-        body, carry = self.body(), b""
-        while chunk := body.read(_READ_SIZE):
-            chunk = carry + chunk
-            carry = b"\r" if chunk.endswith(b"\r") else b""
-            feeder.feed(chunk[: len(chunk) - len(carry)].replace(b"\r\n", b"\n"))
-        feeder.feed(carry)
-        result = feeder.close()
-        assert isinstance(result, EmailMessage)
-        return result
-
-    def close(self) -> None:
-        """Release the spooled body."""
-        if self._body is not None:
-            self._body.close()
-            self._body = None
-
-
-def _decoded(command: int, payload: bytes, kind: type[_E]) -> _E:
-    """Decode the payload of a command that the server kept undecoded."""
-    event = decode_command(command, payload)
-    assert isinstance(event, kind)
-    return event
 
 
 class _BodyStream:
@@ -352,7 +129,7 @@ class Context(Generic[MessageStateT, ConnectionStateT]):
                 "'negotiate' handler); read it from 'connect' on"
             )
         if isinstance(client, bytes):
-            client = self._client = _decoded(_CONNECT, client, Connect)
+            client = self._client = decoded(_CONNECT, client, Connect)
         return client
 
     @client.setter
@@ -366,7 +143,7 @@ class Context(Generic[MessageStateT, ConnectionStateT]):
         """The HELO/EHLO name; None until then, or when the client sent none."""
         helo = self._helo
         if isinstance(helo, bytes):
-            helo = self._helo = _decoded(_HELO, helo, Helo).name
+            helo = self._helo = decoded(_HELO, helo, Helo).name
         return helo
 
     @helo.setter

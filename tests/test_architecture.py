@@ -45,6 +45,7 @@ LAYERS: list[list[str]] = [
     ["milterapp.protocol.machine", "milterapp.protocol.mta"],
     ["milterapp.protocol"],
     # What a handler sees, and the App's options (which the server reads too).
+    ["milterapp.message"],
     ["milterapp.context", "milterapp.config"],
     # The server: it serves any Servable and never imports the App.
     [
