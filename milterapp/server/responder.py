@@ -215,7 +215,7 @@ class Responder:
         elif name == "envrcpt":
             limit = self._max_recipients
             if limit and len(message.recipient_records) >= limit:
-                return self._over_limit(ctx, name, "max_recipients", limit, TOO_MANY_RECIPIENTS)
+                return self._over_recipients(ctx)
             assert isinstance(event, EnvRcpt)
             return self._recipient(ctx, event)
         elif name == "envfrom":
@@ -245,7 +245,7 @@ class Responder:
         while they run, ``ctx.message.recipients`` holds the recipients before this one."""
         verdict = self.app.dispatch_now("envrcpt", event, ctx)
         if verdict is None or verdict.__class__ is Continue:  # the common case, at once
-            if not self._rejected_recipients or not self._refused_by_mta(ctx):
+            if not (self._rejected_recipients and self._refused_by_mta(ctx)):
                 ctx.message.recipient_records.append(event)
             return self.machine.continue_if_owed()
         awaiting = self.machine.awaiting_reply
@@ -262,50 +262,47 @@ class Responder:
         self, ctx: Context, event: EnvRcpt, awaiting: bool, verdict: Outcome
     ) -> bytes:
         refused = awaiting and isinstance(verdict, Reject | TempFail)
-        if not refused and not self._refused_by_mta(ctx):
+        if not refused and not (self._rejected_recipients and self._refused_by_mta(ctx)):
             ctx.message.recipient_records.append(event)
         if verdict is None or verdict.__class__ is Continue:
             return self.machine.continue_if_owed()
         return self._reply("envrcpt", awaiting, verdict)
 
     def _refused_by_mta(self, ctx: Context) -> bool:
-        # With RCPT_REJ the MTA also shows the recipients it refused itself, marked so.
-        return self._rejected_recipients and ctx.macros.get("rcpt_mailer") == "error"
+        # With RCPT_REJ (self._rejected_recipients, which callers test first: it is cheaper
+        # than this call) the MTA also shows the recipients it refused itself, marked so.
+        return ctx.macros.get("rcpt_mailer") == "error"
 
     def _record(self, ctx: Context) -> bytes:
         """Keep a command that no handler reads and that needs a reply (:data:`UNPARSED`)."""
         command, payload = self.machine.unparsed
-        if command == _RCPT and self._over_recipients(ctx):
-            limit = self._max_recipients
-            return self._over_limit(ctx, "envrcpt", "max_recipients", limit, TOO_MANY_RECIPIENTS)
-        self._keep(ctx, command, payload)
+        if not self._keep(ctx, command, payload):
+            return self._over_recipients(ctx, awaiting=True)
         return self.machine.continue_if_owed()
 
     def _take_kept(self, ctx: Context) -> None:
         """Keep for the context the commands that the machine kept without an event."""
         kept = self.machine.kept
-        limit = self._max_recipients
         for command, payload in kept:
-            if command != _RCPT:
-                self._keep(ctx, command, payload)
-            elif not limit or len(ctx.message.recipient_records) < limit:
-                ctx.message.record_recipient(payload)  # (RCPT_REJ apps get RCPT decoded)
-            else:
-                # No reply is owed for it: its whole message is refused at the next chance.
-                ctx.log.warning(
-                    "limit_exceeded", limit="max_recipients", value=limit, stage="envrcpt"
-                )
-                self._refused = (ctx.message, TOO_MANY_RECIPIENTS)
+            if not self._keep(ctx, command, payload):
+                self._over_recipients(ctx, awaiting=False)  # no reply was owed for it
         kept.clear()
 
-    def _over_recipients(self, ctx: Context) -> bool:
+    def _over_recipients(self, ctx: Context, *, awaiting: bool | None = None) -> bytes:
         limit = self._max_recipients
-        return bool(limit) and len(ctx.message.recipient_records) >= limit
+        return self._over_limit(
+            ctx, "envrcpt", "max_recipients", limit, TOO_MANY_RECIPIENTS, awaiting=awaiting
+        )
 
-    def _keep(self, ctx: Context, command: int, payload: bytes) -> None:
+    def _keep(self, ctx: Context, command: int, payload: bytes) -> bool:
+        """Give the context a command kept undecoded; False for a recipient over the limit
+        (not kept)."""
         message = ctx.message
         if command == _RCPT:
-            if not self._rejected_recipients or not self._refused_by_mta(ctx):
+            limit = self._max_recipients
+            if limit and len(message.recipient_records) >= limit:
+                return False
+            if not (self._rejected_recipients and self._refused_by_mta(ctx)):
                 message.record_recipient(payload)
         elif command == _MAIL:
             if message.begun:
@@ -315,6 +312,7 @@ class Responder:
             ctx.client = payload
         else:
             ctx.helo = payload
+        return True
 
     async def _reply_later(self, name: str, awaiting: bool, outcome: Awaitable[Outcome]) -> bytes:
         return self._reply(name, awaiting, await outcome)
@@ -483,11 +481,24 @@ class Responder:
         return TempFail()
 
     def _over_limit(
-        self, ctx: Context, stage: str, limit: str, value: int, reply: TempFail, **facts: Any
+        self,
+        ctx: Context,
+        stage: str,
+        limit: str,
+        value: int,
+        reply: TempFail,
+        *,
+        awaiting: bool | None = None,
+        **facts: Any,
     ) -> bytes:
-        """A command went over a limit: log it, and refuse it or its whole message."""
+        """A command went over a limit: log it, and refuse it or its whole message.
+
+        ``awaiting``: whether that command waits for a reply (by default, whether the
+        machine waits for one: not so for a command kept earlier without an event).
+        """
         ctx.log.warning("limit_exceeded", limit=limit, value=value, stage=stage, **facts)
-        awaiting = self.machine.awaiting_reply
+        if awaiting is None:
+            awaiting = self.machine.awaiting_reply
         if awaiting and isinstance(reply, BY_NAME[stage].goes_on):
             return self._refuse(ctx, reply)  # only this command (a recipient): the message goes on
         # Without a reply to this command, the whole message gets one later (fail closed).
