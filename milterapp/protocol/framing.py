@@ -193,6 +193,65 @@ class FrameDecoder:
                 return buf[pos + _HEADER_SIZE], buf[pos + _HEADER_SIZE + 1 : end]  # type: ignore[return-value]
         return self._next_frame_joined()
 
+    def take_frames(self) -> list[tuple[int, bytes]]:
+        """Hand out every whole packet buffered, in order: one call per read instead of one
+        per packet (a message's commands usually come in one read).
+
+        Stops before a packet that is not whole, or that is refused; the next call hands that
+        one out, or raises for it, as :meth:`next_frame` would. Empty when no packet is whole.
+        """
+        buf = self._buf
+        if self._assembly is not None:
+            pass
+        elif isinstance(buf, bytes):
+            # Typed bytes here (not the view's union): compiled, indexing and slicing it are
+            # plain C. Slices of bytes are copies.
+            pos = self._pos
+            size = len(buf)
+            limit = self.max_data_size + 1
+            taken: list[tuple[int, bytes]] = []
+            while size - pos >= _HEADER_SIZE:
+                length: int = _unpack_from(buf, pos)[0]
+                end = pos + _HEADER_SIZE + length
+                if end > size or not 0 < length <= limit:
+                    break
+                taken.append((buf[pos + _HEADER_SIZE], buf[pos + _HEADER_SIZE + 1 : end]))
+                pos = end
+            if taken:
+                if pos == size:
+                    self._buf = b""
+                    self._pos = 0
+                    self.empty = not self._pending
+                else:
+                    self._pos = pos
+                return taken
+        elif taken := self._take_from_view(buf):
+            return taken
+        frame = self.next_frame()
+        return [] if frame is None else [frame]
+
+    def _take_from_view(self, buf: memoryview) -> list[tuple[int, bytes]]:
+        """:meth:`take_frames` from a lent view: each payload is copied out of it."""
+        pos = self._pos
+        size = len(buf)
+        limit = self.max_data_size + 1
+        taken: list[tuple[int, bytes]] = []
+        while size - pos >= _HEADER_SIZE:
+            length: int = _unpack_from(buf, pos)[0]
+            end = pos + _HEADER_SIZE + length
+            if end > size or not 0 < length <= limit:
+                break
+            taken.append((buf[pos + _HEADER_SIZE], bytes(buf[pos + _HEADER_SIZE + 1 : end])))
+            pos = end
+        if pos == size:
+            self._buf = b""
+            self._pos = 0
+            self._view = False
+            self.empty = not self._pending
+        else:
+            self._pos = pos
+        return taken
+
     def _next_frame_joined(self) -> tuple[int, bytes] | None:
         """:meth:`next_frame` for a packet that spans reads, or one that is refused."""
         self.partial = True  # (until a whole packet is handed out)

@@ -32,6 +32,7 @@ rules that need no state are pure functions in :mod:`milterapp.protocol.answers`
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from typing import Final
 
 from milterapp.constants import ALL_COMMANDS, ActionFlag, ConnectionState
@@ -77,6 +78,8 @@ _SCOPE: Final = {command: stage.scope for command, stage in BY_COMMAND.items() i
 _GOES_ON: Final = {command: stage.goes_on for command, stage in BY_COMMAND.items()}
 _CONTINUE_PACKET: Final = encode_response(Continue())
 _NOTHING: Final[frozenset[int]] = frozenset()
+_PLAIN_STAGES: Final = frozenset(range(1, 256)) - {_M}
+_ANY_SIZE: Final = 1 << 62
 
 #: The one :class:`~milterapp.events.Unparsed` event there is: handing it out allocates
 #: nothing (the model lives in an interpreted module: mypyc compiles no pydantic models).
@@ -129,7 +132,15 @@ class MilterConnection:
         self.unparsed: tuple[int, bytes] = (0, b"")
         self._macro_events = macro_events
         self._max_macros = max_macros_per_packet
+        # What the per-packet path takes a D packet as plainly fine by: its stage letter
+        # (none before negotiation; MAIL's may end a message) and its size (so short that
+        # its NULs cannot hold more macros than the limit).
+        self._plain_stages: frozenset[int] = _NOTHING
+        self._plain_size = 2 * max_macros_per_packet + 1 if max_macros_per_packet else _ANY_SIZE
         self._frames = FrameDecoder() if max_data_size is None else FrameDecoder(max_data_size)
+        # Whole packets taken from the decoder and not yet handled: taken all at once, they
+        # cost one call per read instead of one per packet.
+        self._batch: Iterator[tuple[int, bytes]] = iter(())
         # Events decoded but not yet handed out, each with the command byte it makes us owe a
         # reply to (None for synthesised aborts and commands that need no reply).
         self._ready: deque[tuple[Event, int | None]] = deque()
@@ -164,8 +175,8 @@ class MilterConnection:
 
     @property
     def buffered(self) -> int:
-        """Bytes received and not yet decoded: after the events ran out, a command still
-        arriving."""
+        """Bytes received and not yet cut into packets: after the events ran out, a command
+        still arriving (packets cut but not yet handled are not counted)."""
         return self._frames.buffered
 
     def release(self) -> None:
@@ -218,64 +229,69 @@ class MilterConnection:
             raise RemoteProtocolError("the connection already failed with a protocol error")
         # The per-packet path: everything for the usual packets is in this one loop.
         frames = self._frames
+        batch = self._batch
         try:
             while True:
-                if frames.empty and not self._eof:  # the usual end of a read, without a call
+                # A for loop over the batch's iterator: each step is the cheapest there is,
+                # and a return inside it leaves the rest of the batch for the next call.
+                for command, payload in batch:
+                    if command == _D and not self._macro_events:
+                        # _define_macro_packet() in place for the usual packet (seven or
+                        # more per message): a stage that needs nothing more, NUL-terminated
+                        # pairs, and too short to hold more macros than the limit.
+                        if (
+                            payload
+                            and payload[0] in self._plain_stages
+                            and payload[-1] == 0
+                            and not payload.count(0) & 1
+                            and len(payload) <= self._plain_size
+                        ):
+                            self.macros.define_packet(chr(payload[0]), payload)
+                        else:
+                            self._define_macro_packet(payload)  # the general rules
+                        continue
+                    if command in self._undecoded:
+                        event: Event = UNPARSED  # (payloads are copies: kept beyond this read)
+                    else:
+                        event = decode_command(command, payload, leading_space=self._leading_space)
+                    # Most commands move an open message forward (RCPT, headers, body...): that
+                    # case is checked here in full; every other goes through _advance.
+                    rank = _FORWARD.get(command) if self.state is _MESSAGE else None
+                    if rank is not None and (
+                        rank > self.rank or (rank == self.rank and command in _REPEATS)
+                    ):
+                        if command == _R:
+                            if rank != self.rank:  # (a further RCPT finds no later stage)
+                                self.macros.enter("R")
+                        elif command == _B and self.skipped:
+                            raise self._fail(command, "body chunk after Skip")
+                        self.rank = rank
+                    elif not self._advance(command, event):
+                        continue
+                    pending = command if command in self._expects else None
+                    if event is UNPARSED:
+                        if pending is None and not self._ready:
+                            self.kept.append((command, payload))
+                            continue
+                        self.unparsed = (command, payload)
+                    if self._ready:  # synthesised aborts go first
+                        self._ready.append((event, pending))
+                        return self._hand_out()
+                    self._pending = pending
+                    return event
+                # The batch is done: take the next one, if a packet is whole.
+                if frames.empty and not self._eof:  # the usual end of a read
                     self.partial = False
                     return None
-                frame = frames.next_frame()
-                if frame is None:
-                    if self._eof:
-                        frames.check_eof()
-                        return self._close(ConnectionClosed())
-                    self.partial = frames.partial
-                    return None
-                command, payload = frame
-                if command == _D and not self._macro_events:
-                    # _define_macro_packet() in place: seven or more per message.
-                    nuls = payload.count(0)
-                    if (
-                        not payload
-                        or not payload[0]
-                        or nuls % 2
-                        or (len(payload) > 1 and payload[-1])
-                        or self.state is _NEGOTIATING
-                        or (self._max_macros and nuls // 2 > self._max_macros)
-                        or payload[0] == _M
-                    ):
-                        self._define_macro_packet(payload)  # the general rules
-                    else:
-                        self.macros.define_packet(chr(payload[0]), payload)
+                taken = frames.take_frames()
+                if taken:
+                    batch = self._batch = iter(taken)
                     continue
-                if command in self._undecoded:
-                    event: Event = UNPARSED
-                    payload = bytes(payload)  # kept beyond this read's buffer
-                else:
-                    event = decode_command(command, payload, leading_space=self._leading_space)
-                # Most commands move an open message forward (RCPT, headers, body...): that
-                # case is checked here in full; every other goes through _advance.
-                rank = _FORWARD.get(command) if self.state is _MESSAGE else None
-                if rank is not None and (
-                    rank > self.rank or (rank == self.rank and command in _REPEATS)
-                ):
-                    if command == _R:
-                        self.macros.enter("R")
-                    elif command == _B and self.skipped:
-                        raise self._fail(command, "body chunk after Skip")
-                    self.rank = rank
-                elif not self._advance(command, event):
-                    continue
-                pending = command if command in self._expects else None
-                if event is UNPARSED:
-                    if pending is None and not self._ready:
-                        self.kept.append((command, payload))
-                        continue
-                    self.unparsed = (command, payload)
-                if self._ready:  # synthesised aborts go first
-                    self._ready.append((event, pending))
-                    return self._hand_out()
-                self._pending = pending
-                return event
+                if self._eof:
+                    frames.check_eof()
+                    return self._close(ConnectionClosed())
+                self.partial = frames.partial
+                return None
         except ProtocolError:
             self.state = _ERROR
             raise
@@ -495,6 +511,7 @@ class MilterConnection:
         self._expects = options.replied_commands
         self.options = options
         self._leading_space = options.leading_space
+        self._plain_stages = _PLAIN_STAGES
         if self._limit is None:
             self._frames.max_data_size = options.max_data_size
         self._pending = None

@@ -71,8 +71,8 @@ class MacroTable(Mapping[str, str]):
         stages = self._stages
         # Usually there are none (each RCPT enters the stage again): one test in C finds out.
         if later is not None and not later.isdisjoint(stages):
-            for stage in later:
-                stages.pop(stage, None)
+            for stage in [stage for stage in stages if stage in later]:
+                del stages[stage]
 
     def reset_message(self) -> None:
         """Drop the tables of the message stages (MAIL onwards) after an abort."""

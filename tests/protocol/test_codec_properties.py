@@ -7,6 +7,7 @@ import itertools
 import re
 import struct
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,6 +18,7 @@ from milterapp.constants import (
     MacroStage,
     ProtocolFlag,
 )
+from milterapp.errors import FrameTooLargeError
 from milterapp.events import (
     Abort,
     AddressFamily,
@@ -374,6 +376,65 @@ def test_frame_decoder_whole_stream_at_once_yields_same_frames(
     decoder = FrameDecoder()
     decoder.feed(bytearray(stream))
     assert drain(decoder, []) == frames
+
+
+def take_all(decoder: FrameDecoder, pieces: list[bytes | memoryview]) -> list[tuple[int, bytes]]:
+    """As :func:`drain`, taking each read's packets in one call, as the state machine does."""
+    out: list[tuple[int, bytes]] = []
+    for piece in pieces:
+        decoder.feed(piece)
+        while taken := decoder.take_frames():
+            assert all(type(payload) is bytes for _, payload in taken)
+            out.extend(taken)
+        assert decoder.empty == (decoder.buffered == 0)
+        decoder.release()
+    return out
+
+
+@settings(deadline=None)
+@given(frame_lists, st.data())
+def test_take_frames_gives_what_next_frame_gives(
+    frames: list[tuple[int, bytes]], data: st.DataObject
+) -> None:
+    stream = b"".join(packet(c, p) for c, p in frames)
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=30))
+    lend = data.draw(st.booleans())  # each read as a view of a buffer that is reused
+    buffer = bytearray(len(stream) + 1)
+    pieces: list[bytes | memoryview] = []
+    decoder = FrameDecoder()
+    got: list[tuple[int, bytes]] = []
+    for piece in split_at(stream, cuts):
+        if lend:
+            buffer[: len(piece)] = piece
+            pieces = [memoryview(buffer)[: len(piece)]]
+        else:
+            pieces = [piece]
+        got.extend(take_all(decoder, pieces))
+        buffer[:] = b"\xff" * len(buffer)  # the next read overwrites everything
+    assert got == frames
+    assert decoder.buffered == 0
+    decoder.check_eof()
+
+
+def test_take_frames_stops_before_a_refused_packet() -> None:
+    decoder = FrameDecoder(max_data_size=10)
+    decoder.feed(packet(ord("D"), b"ok") + packet(ord("B"), b"x" * 11) + packet(ord("E"), b""))
+    assert decoder.take_frames() == [(ord("D"), b"ok")]
+    with pytest.raises(FrameTooLargeError, match="11 bytes exceeds the maximum of 10"):
+        decoder.take_frames()
+
+
+def test_take_frames_hands_out_a_packet_that_spans_reads() -> None:
+    decoder = FrameDecoder()
+    stream = packet(ord("R"), b"<a@b.c>\0") + packet(ord("E"), b"")
+    decoder.feed(stream[:7])
+    assert decoder.take_frames() == []
+    assert decoder.partial
+    decoder.feed(stream[7:])
+    assert decoder.take_frames() == [(ord("R"), b"<a@b.c>\0")]
+    assert decoder.take_frames() == [(ord("E"), b"")]
+    assert decoder.take_frames() == []
+    assert not decoder.partial
 
 
 @given(st.integers(0, 255), st.binary(max_size=300))

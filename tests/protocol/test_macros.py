@@ -258,3 +258,25 @@ def test_the_macro_limit_counts_the_pairs_of_an_undecoded_packet() -> None:
     conn.receive_data(_d_packet(b"Ca\x001\x00b\x002\x00c\x003\x00"))
     with pytest.raises(LimitExceededError, match="3 macros in one packet"):
         conn.next_event()
+
+
+@settings(deadline=None)
+@given(
+    st.integers(1, 4),
+    st.lists(st.tuples(st.binary(max_size=2), st.binary(max_size=2)), max_size=6),
+)
+def test_the_macro_limit_holds_for_packets_of_every_size(
+    limit: int, pairs: list[tuple[bytes, bytes]]
+) -> None:
+    """Short packets skip the count of their pairs: none of them can hold too many."""
+    pairs = [(name.replace(b"\0", b"n"), value.replace(b"\0", b"v")) for name, value in pairs]
+    conn = MilterConnection(macro_events=False, max_macros_per_packet=limit)
+    conn.receive_data(encode_command(POSTFIX_OFFER))
+    conn.next_event()
+    conn.send(negotiate(POSTFIX_OFFER, Requirements()))
+    conn.receive_data(_d_packet(b"R" + b"".join(n + b"\0" + v + b"\0" for n, v in pairs)))
+    if len(pairs) > limit:
+        with pytest.raises(LimitExceededError, match=f"{len(pairs)} macros in one packet"):
+            conn.next_event()
+    else:
+        assert conn.next_event() is None  # taken into the table
