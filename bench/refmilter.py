@@ -8,6 +8,7 @@ skips every other event. Run: ``python bench/refmilter.py SPEC [--eom-only] [--l
 from __future__ import annotations
 
 import argparse
+import inspect
 from typing import Any
 
 from milterapp import Accept, App
@@ -38,9 +39,12 @@ def main() -> None:
     parser.add_argument("--loop", default="auto")
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
-    build(eom_only=args.eom_only).run(
-        args.spec, loop=args.loop, workers=args.workers, log_level="WARNING", argv=[]
-    )  # argv=[]: the command line is this script's, parsed above
+    app = build(eom_only=args.eom_only)
+    options = {"loop": args.loop, "workers": args.workers, "log_level": "WARNING"}
+    if "argv" in inspect.signature(app.run).parameters:
+        options["argv"] = []  # the command line is this script's, parsed above
+    # (else a build from before run() parsed the command line: compare.py measures those too)
+    app.run(args.spec, **options)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from typing import Any, Final, TypeAlias, TypeVar
 from milterapp.context import Context
 from milterapp.errors import SetupError
 from milterapp.events import ConnectionClosed, Event, Quit, QuitNoClose
+from milterapp.message import Message
 from milterapp.protocol.stages import BY_NAME, STAGES
 from milterapp.replies import RESTRICTIVE, Continue, TempFail, Verdict, decide
 from milterapp.server.servable import Outcome, decided
@@ -59,6 +60,9 @@ _OBSERVERS: Final = frozenset(stage.name for stage in STAGES if stage.observer)
 _VALID_REPLIES: Final[dict[str, tuple[type, ...]]] = {
     stage.name: stage.replies for stage in STAGES if not stage.observer
 }
+#: Every reply class: a result of one of them is not awaitable, which an identity test of
+#: its class settles several times faster than inspect.isawaitable() (an ABC check).
+_REPLY_CLASSES: Final = frozenset(cls for replies in _VALID_REPLIES.values() for cls in replies)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +189,8 @@ class Dispatcher:
             try:
                 result = handler.fn(event, ctx) if handler.takes_ctx else handler.fn(event)
                 if result is not None:
-                    if inspect.isawaitable(result):  # a plain function that returned a coroutine
+                    if result.__class__ not in _REPLY_CLASSES and inspect.isawaitable(result):
+                        # a plain function that returned a coroutine
                         return self._dispatch_from(
                             name, event, ctx, handlers, len(results), results, result
                         )
@@ -263,6 +268,13 @@ class Dispatcher:
     async def _failed(
         self, handler: HandlerSpec, name: str, exc: Exception, ctx: Context[Any, Any]
     ) -> Outcome:
+        if isinstance(exc, AttributeError) and isinstance(exc.obj, Message) and exc.name:
+            # (Said here rather than by a __getattr__ on Message, which would slow down every
+            # attribute read of every message.)
+            exc.add_note(
+                f"ctx.message.{exc.name} is not set: set it first (ctx.message.{exc.name} = ...),"
+                " or declare it on the app's message_state class and use ctx.message.state"
+            )
         if ctx.raise_errors:
             raise exc
         reason = "timed out" if isinstance(exc, TimeoutError) else "raised"

@@ -67,10 +67,14 @@ class Message(Generic[MessageStateT]):
     ) -> None:
         # The envelope as the server recorded it: models, or payloads of commands that no
         # handler read as they came (decoded when first read here).
-        self._sender: EnvFrom | bytes | None = None
-        #: The recipients as recorded: models, or RCPT payloads (the server appends here).
+        # The server writes these three in place (an attribute costs compiled code far less
+        # than a call into this module); handlers read sender and recipients.
+        #: MAIL FROM as recorded: a model, or the payload (None before MAIL).
+        self.sender_record: EnvFrom | bytes | None = None
+        #: The recipients as recorded: models, or RCPT payloads.
         self.recipient_records: list[EnvRcpt | bytes] = []
-        self._undecoded_recipients = False
+        #: Whether recipient_records may hold payloads (set by whoever appends one).
+        self.records_undecoded = False
         self.body_size = 0
         #: Every Header event received (the server appends here); :attr:`headers` gives it
         #: when the app asked for headers.
@@ -82,16 +86,14 @@ class Message(Generic[MessageStateT]):
         self._new_state = new_state
         self._state: Any = _UNSET
 
-    # Own attributes are part of the API (ctx.message.score = 5): __getattr__ makes a typo a
-    # clear error, and with __setattr__ tells type checkers so. __setattr__ is declared for
-    # them only: defined, it would cost a Python call on every assignment.
-    def __getattr__(self, name: str) -> Any:
-        raise AttributeError(
-            f"ctx.message has no attribute {name!r}: set it first (ctx.message.{name} = ...),"
-            " or declare it on the app's message_state class and use ctx.message.state"
-        )
-
+    # Free attributes are part of the API (ctx.message.score = 5): these tell type checkers
+    # so. They are declared for them only: a class that defines __getattr__ slows every
+    # attribute read of its instances (the interpreter cannot specialise them), some 2 % of
+    # an end-of-message-only app's time. A typo raises AttributeError, to which a handler's
+    # failure adds how to set the attribute or declare it (milterapp/handlers.py).
     if TYPE_CHECKING:
+
+        def __getattr__(self, name: str) -> Any: ...
 
         def __setattr__(self, name: str, value: Any) -> None: ...
 
@@ -111,41 +113,36 @@ class Message(Generic[MessageStateT]):
             NotAvailable: read before the MTA sent MAIL FROM (in a ``connect`` or ``helo``
                 handler, or between messages).
         """
-        sender = self._sender
+        sender = self.sender_record
         if sender is None:
             raise NotAvailable(
                 "ctx.message.sender is not known before MAIL FROM; read it from 'envfrom' on"
             )
         if isinstance(sender, bytes):
-            sender = self._sender = decoded(_MAIL, sender, EnvFrom)
+            sender = self.sender_record = decoded(_MAIL, sender, EnvFrom)
         return sender
 
     @sender.setter
-    def sender(self, value: EnvFrom | bytes | None) -> None:
-        self._sender = value
+    def sender(self, value: EnvFrom) -> None:
+        self.sender_record = value
 
     @property
     def recipients(self) -> list[EnvRcpt]:
         """The recipients accepted so far, refused ones left out: in an ``envrcpt`` handler,
         those before the one being checked."""
         recipients = self.recipient_records
-        if self._undecoded_recipients:
+        if self.records_undecoded:
             for at, recipient in enumerate(recipients):
                 if isinstance(recipient, bytes):
                     recipients[at] = decoded(_RCPT, recipient, EnvRcpt)
-            self._undecoded_recipients = False
+            self.records_undecoded = False
         # Every item is a model now: the list is handed out as it is, for handlers to edit.
         return recipients  # type: ignore[return-value]
-
-    def record_recipient(self, payload: bytes) -> None:
-        """Count in an accepted recipient kept as its RCPT payload (the server)."""
-        self._undecoded_recipients = True
-        self.recipient_records.append(payload)
 
     @property
     def begun(self) -> bool:
         """Whether the MTA has sent anything of this transaction yet."""
-        return self._sender is not None or bool(self.recipient_records or self.header_events)
+        return self.sender_record is not None or bool(self.recipient_records or self.header_events)
 
     @property
     def queue_id(self) -> str | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
-from typing import Annotated, Any, ClassVar, TypeAlias
+from typing import Annotated, Any, ClassVar, Final, TypeAlias
 
 from pydantic import (
     AfterValidator,
@@ -380,6 +380,9 @@ Reply: TypeAlias = Verdict | Modification | Progress | Shutdown | NegotiationRep
 RESTRICTIVE: tuple[type[_Response], ...] = (Reject, TempFail, Discard, Shutdown)
 
 
+_CONTINUE: Final = Continue()
+
+
 def decide(results: Iterable[Verdict | Shutdown | None]) -> Verdict | Shutdown:
     """Combine the replies of several handlers of one event, in registration order.
 
@@ -388,7 +391,8 @@ def decide(results: Iterable[Verdict | Shutdown | None]) -> Verdict | Shutdown:
     Otherwise: Accept if any handler accepted; Skip if every handler skipped; else Continue
     (None, "no opinion", counts as Continue).
     """
-    accepted = False
+    accepted: Accept | None = None
+    skip: Skip | None = None
     skips = 0
     count = 0
     for result in results:
@@ -396,11 +400,14 @@ def decide(results: Iterable[Verdict | Shutdown | None]) -> Verdict | Shutdown:
         if isinstance(result, RESTRICTIVE):
             return result
         if isinstance(result, Accept):
-            accepted = True
+            accepted = result
         elif isinstance(result, Skip):
+            skip = result
             skips += 1
-    if accepted:
-        return Accept()
-    if count and skips == count:
-        return Skip()
-    return Continue()
+    # One of the handlers' own replies where one fits: replies are frozen, and a new model
+    # costs as much as the rest of a message's end.
+    if accepted is not None:
+        return accepted
+    if skip is not None and skips == count:
+        return skip
+    return _CONTINUE

@@ -75,6 +75,7 @@ _LATER_MESSAGE_STAGES: Final = frozenset(stage.name for stage in MESSAGE_STAGES[
 #: The stages that Postfix's cleanup server, not its SMTP server, asks the milter about.
 _POSTFIX_CONTENT_STAGES: Final = frozenset({"header", "eoh", "body", "eom"})
 _MESSAGE: Final = ConnectionState.MESSAGE
+_NO_LIMIT: Final = 1 << 62  # max_recipients=0
 _CONNECT, _MAIL, _RCPT = (ord(c.value) for c in (Command.CONNECT, Command.MAIL, Command.RCPT))
 
 
@@ -222,7 +223,7 @@ class Responder:
             assert isinstance(event, EnvFrom)
             if message.begun:  # else it is the fresh one the last message ended with
                 ctx.new_message()
-            ctx.message.sender = event
+            ctx.message.sender_record = event
         elif name == "connect":
             assert isinstance(event, Connect)
             ctx.client = event
@@ -283,8 +284,17 @@ class Responder:
     def _take_kept(self, ctx: Context) -> None:
         """Keep for the context the commands that the machine kept without an event."""
         kept = self.machine.kept
+        limit = self._max_recipients or _NO_LIMIT
         for command, payload in kept:
-            if not self._keep(ctx, command, payload):
+            message = ctx.message
+            if (
+                command == _RCPT
+                and not self._rejected_recipients
+                and len(records := message.recipient_records) < limit
+            ):
+                records.append(payload)  # _keep() in place, for the usual one
+                message.records_undecoded = True
+            elif not self._keep(ctx, command, payload):
                 self._over_recipients(ctx, awaiting=False)  # no reply was owed for it
         kept.clear()
 
@@ -303,11 +313,12 @@ class Responder:
             if limit and len(message.recipient_records) >= limit:
                 return False
             if not (self._rejected_recipients and self._refused_by_mta(ctx)):
-                message.record_recipient(payload)
+                message.recipient_records.append(payload)
+                message.records_undecoded = True
         elif command == _MAIL:
-            if message.begun:
-                ctx.new_message()
-            ctx.message.sender = payload
+            if message.sender_record is not None or message.recipient_records:
+                ctx.new_message()  # (else it is the fresh one the last message ended with)
+            ctx.message.sender_record = payload
         elif command == _CONNECT:
             ctx.client = payload
         else:

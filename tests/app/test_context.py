@@ -577,8 +577,9 @@ def test_the_log_carries_the_client_once_known_even_undecoded() -> None:
 def test_helo_sender_and_recipients_kept_undecoded_read_as_models() -> None:
     ctx = make_ctx()
     ctx.helo = encode_command(Helo(name="client.example"))[5:]
-    ctx.message.sender = encode_command(EnvFrom.from_raw("<a@example.org>", ["SIZE=10"]))[5:]
-    ctx.message.record_recipient(encode_command(EnvRcpt(address="b@example.org"))[5:])
+    ctx.message.sender_record = encode_command(EnvFrom.from_raw("<a@example.org>", ["SIZE=10"]))[5:]
+    ctx.message.recipient_records.append(encode_command(EnvRcpt(address="b@example.org"))[5:])
+    ctx.message.records_undecoded = True
     ctx.message.recipient_records.append(EnvRcpt(address="c@example.org"))
     assert ctx.helo == "client.example"
     assert ctx.message.sender == EnvFrom.from_raw("<a@example.org>", ["SIZE=10"])
