@@ -3,8 +3,9 @@
 Commands: ``run`` serves an App from a module or a file; ``send`` plays an MTA against any
 running milter with a message file; ``bench`` loads a running milter as Postfix would and
 measures it; ``demo`` shows a milter at work; ``record`` records what an MTA and a milter say
-to each other. Every error is one line on stderr and a non-zero status (docs/cli.md), but for
-a module that raises while it is imported, whose traceback comes first.
+to each other; ``check`` tells whether a milter answers. Every error is one line on stderr
+and a non-zero status (docs/cli.md), but for a module that raises while it is imported, whose
+traceback comes first.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import importlib
 import importlib.util
 import ipaddress
 import json
+import math
 import os
 import sys
 import traceback
@@ -238,6 +240,16 @@ def _parser() -> argparse.ArgumentParser:
     record.add_argument("--listen", required=True, help="where the MTA connects")
     record.add_argument("--upstream", required=True, help="the milter")
     record.add_argument("--out", required=True, type=Path, help="the recording (JSON lines)")
+
+    check = commands.add_parser(
+        "check",
+        help="check that a milter answers (for monitoring, HAProxy, systemd)",
+        description="Connect to a milter, negotiate as Postfix does, and print one line.",
+    )
+    check.add_argument("spec", metavar="SPEC", help="the milter, e.g. inet:10025@[127.0.0.1]")
+    check.add_argument(
+        "--timeout", type=_seconds, default=5.0, help="seconds the whole check may take (5)"
+    )
     return parser
 
 
@@ -346,6 +358,24 @@ def _record(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    from milterapp.server.check import check_milter
+
+    if math.isinf(args.timeout):
+        raise CommandError("--timeout: must be a finite number, not inf", prog="milterapp check")
+    try:
+        result = check_milter(args.spec, timeout=args.timeout)
+    except ConnectionSpecError as exc:
+        print(f"milterapp: check failed: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - monitoring reads one line, never a traceback
+        problem = str(exc) if isinstance(exc, MilterError) else f"{type(exc).__name__}: {exc}"
+        print(f"milterapp: check failed: {problem}", file=sys.stderr)
+        return 1
+    print(result.status_line())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = _parser().parse_args(argv)
@@ -367,6 +397,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _record(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "check":
+            return _check(args)
         configure_logging("text", "WARNING")
         if args.wire:
             from milterapp.demo.wire import run_wire_demo

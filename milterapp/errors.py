@@ -13,7 +13,8 @@
     ├── ConnectionSpecError           a connection spec string is malformed (also a ValueError)
     ├── SetupError                    the application is registered or configured wrongly
     ├── NotAvailable                  a handler read what the context does not hold (a LookupError)
-    └── ServerError                   the server cannot start or run (``kind`` says why)
+    ├── ServerError                   the server cannot start or run (``kind`` says why)
+    └── CheckError                    a health check failed (milterapp.server.check)
 
 Messages say what was wrong and where: the command letter, the byte offset or the field.
 """
