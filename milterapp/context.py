@@ -208,6 +208,9 @@ class Context(Generic[MessageStateT, ConnectionStateT]):
             macros, spool_threshold, headers_kept=headers_kept, new_state=new_state
         )
         self._modifications.clear()
+        if self._log_queue_id:  # the last message's queue id is not this one's
+            self._log_queue_id = False
+            self._log = None
 
     def enter_eom(self, active: bool) -> None:
         """Allow (or forbid again) modifications: they are valid during end of message only."""

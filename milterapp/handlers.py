@@ -38,6 +38,7 @@ __all__ = [
     "is_async",
     "names_read",
     "positional_arity",
+    "setup_warnings",
 ]
 
 #: Canonical handler names, in the order events arrive.
@@ -116,6 +117,41 @@ def positional_arity(fn: Callable[..., Any], name: str, allowed: Iterable[int]) 
         if required <= count and (variadic or count <= len(positional)):
             return count
     raise SetupError(f"handler {name} must take {expected} (event, ctx), not {len(positional)}")
+
+
+#: What a handler can call on ctx.message only when the body is kept.
+_BODY_READERS: Final = frozenset({"as_email", "body", "body_bytes"})
+#: Events before the connect event: ctx.client is not known there.
+_BEFORE_CONNECT: Final = frozenset({"negotiate", "open"})
+
+
+def setup_warnings(handlers: dict[str, list[HandlerSpec]], *, keep_message: bool) -> list[str]:
+    """What ``handlers`` appear to read that the app will not have, one line each (read from
+    their code, so a hint): see :meth:`milterapp.App.setup_warnings`."""
+    headers_kept = keep_message or bool(handlers.get("header"))
+    warnings: list[str] = []
+    for event, specs in handlers.items():
+        for spec in specs:
+            names = names_read(spec.fn)
+            where = f"handler {spec.name} ({event!r})"
+            if not keep_message and "message" in names:
+                warnings.extend(
+                    f"{where} calls ctx.message.{method}(), but the body is not kept: "
+                    "create the App with keep_message=True"
+                    for method in sorted(names & _BODY_READERS)
+                )
+            if not headers_kept and {"message", "headers"} <= names:
+                warnings.append(
+                    f"{where} reads ctx.message.headers, but the MTA is not asked for "
+                    "headers: add a 'header' handler or create the App with "
+                    "keep_message=True"
+                )
+            if event in _BEFORE_CONNECT and "client" in names:
+                warnings.append(
+                    f"{where} reads ctx.client, which is not known before the connect "
+                    "event: read it in a 'connect' handler or later"
+                )
+    return warnings
 
 
 def names_read(fn: Callable[..., Any]) -> frozenset[str]:
@@ -275,8 +311,6 @@ class Dispatcher:
                 f"ctx.message.{exc.name} is not set: set it first (ctx.message.{exc.name} = ...),"
                 " or declare it on the app's message_state class and use ctx.message.state"
             )
-        if ctx.raise_errors:
-            raise exc
         reason = "timed out" if isinstance(exc, TimeoutError) else "raised"
         ctx.log.error(
             "handler_failed",
@@ -286,6 +320,11 @@ class Dispatcher:
             timeout=handler.timeout,
             exc_info=exc,
         )
+        if ctx.raise_errors:
+            # Tests see the handler's own exception; the connection that it ends knows by this
+            # mark that it was logged as the user's failure, not as one of ours.
+            exc.milterapp_handler = handler.name  # type: ignore[attr-defined]
+            raise exc
         if name in _OBSERVERS:
             return None
         mapped = await self._map_error(exc, ctx)

@@ -76,6 +76,15 @@ class Message(Generic[MessageStateT]):
         #: Whether recipient_records may hold payloads (set by whoever appends one).
         self.records_undecoded = False
         self.body_size = 0
+        # For the message's log line (milterapp/server/outcomes.py), kept by the server.
+        #: When MAIL came (time.monotonic()); 0 before.
+        self.started = 0.0
+        #: Recipients refused, by a handler, a limit or the MTA.
+        self.refused_recipients = 0
+        #: Time from each event's arrival to its reply, summed.
+        self.handler_seconds = 0.0
+        #: Modifications sent, by kind.
+        self.modifications_sent: dict[str, int] = {}
         #: Every Header event received (the server appends here); :attr:`headers` gives it
         #: when the app asked for headers.
         self.header_events: list[Header] = []

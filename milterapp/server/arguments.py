@@ -24,6 +24,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
 from milterapp.server.limits import Limits
+from milterapp.server.logsetup import DEFAULT_SYSLOG_ADDRESS
 from milterapp.server.options import RunOptions, ServerOptions
 
 __all__ = [
@@ -80,6 +81,8 @@ _OFF_FLAGS: Final = {
 }
 #: Options written in octal.
 _OCTAL: Final = frozenset({"unix_socket_mode"})
+#: Options whose flag may come without its value, and the value it then means.
+_BARE: Final = {"syslog": DEFAULT_SYSLOG_ADDRESS}
 #: Every flag's option, in order, with the model that validates it.
 _FLAGS: Final = {
     name: (model, field)
@@ -128,6 +131,11 @@ def _checked(model: type[BaseModel], name: str, convert: Callable[[str], Any]) -
     return parse
 
 
+def _bare(name: str) -> dict[str, Any]:
+    """What lets a flag come without its value (``--syslog`` alone)."""
+    return {"nargs": "?", "const": _BARE[name]} if name in _BARE else {}
+
+
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     """Add a flag for every server and run option; only the flags given end up in the
     namespace (see :func:`given_options`)."""
@@ -151,6 +159,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
             metavar=metavar,
             default=argparse.SUPPRESS,
             help=f"{field.description} (default: {_shown(name, default, code=False)})",
+            **_bare(name),
         )
 
 

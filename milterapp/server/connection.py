@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Coroutine
 from importlib.machinery import EXTENSION_SUFFIXES
 from typing import Any, Final, cast
 
 from milterapp.constants import ConnectionState
 from milterapp.errors import LimitExceededError, ProtocolError
-from milterapp.events import ConnectionClosed, Quit, QuitNoClose
+from milterapp.events import ConnectionClosed, Event, Quit, QuitNoClose
 from milterapp.protocol.machine import MilterConnection
 from milterapp.protocol.negotiation import Requirements
 from milterapp.replies import NegotiationReply
@@ -148,6 +149,7 @@ class Connection(asyncio.BufferedProtocol):
         self._write_paused: asyncio.Future[None] | None = None
         self._deadlines: Deadlines | None = None
         self._target: memoryview | None = None  # lent to the transport by get_buffer
+        self._timed_event: Event | None = None  # whose reply a task makes, when timed
 
     @property
     def closed(self) -> bool:
@@ -266,17 +268,29 @@ class Connection(asyncio.BufferedProtocol):
         """Hand every available event to the responder; write the replies in one batch."""
         machine = self.machine
         responder = self.responder
+        timed = responder.log_messages
+        if timed and not responder.clock:  # (it ran on while a task ran)
+            responder.clock = time.perf_counter()
+        debug = responder.log_events
         try:
             while (event := machine.next_event()) is not None:
                 if event.__class__ in _ENDINGS:
                     self._run(self._quit(event))  # type: ignore[arg-type]
                 else:
-                    self._run(responder.respond(event))
+                    response = responder.respond(event)
+                    if debug:
+                        if isinstance(response, bytes):
+                            responder.event_done(event, response)
+                        else:
+                            self._timed_event = event  # done when its task is
+                    self._run(response)
                 if self._task is not None or self._ending:
                     break
         except Exception as exc:  # noqa: BLE001 - classified and logged by _fail
             self._fail(exc)
             return
+        if timed and self._task is None:  # (else it runs on while the handler is awaited)
+            responder.charge()
         self._flush()
         if self._task is None and not self._ending:
             # Between batches: shutdown at an idle point, and the per-command read deadline.
@@ -318,6 +332,9 @@ class Connection(asyncio.BufferedProtocol):
                 self._fail(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
         else:
             out = task.result()
+            if self._timed_event is not None:
+                self.responder.event_done(self._timed_event, out)
+                self._timed_event = None
             if out:
                 self._out.append(out)
             if self._ending:
@@ -428,6 +445,11 @@ class Connection(asyncio.BufferedProtocol):
             self.error = exc
         elif isinstance(exc, ConnectionError | TimeoutError):
             self._log().info("connection_lost", error=repr(exc))
+        elif getattr(exc, "milterapp_handler", None) is not None:
+            # A handler's own failure let through for a test (raise_errors), logged as
+            # handler_failed already: this connection ends, fail-closed.
+            self._tempfail_pending()
+            self.error = exc
         else:
             # A bug of ours (or raise_errors in tests): this connection ends, fail-closed.
             self._log().error("connection_failed", exc_info=exc)

@@ -62,7 +62,7 @@ def run(
     spec = given.pop("spec", None) or spec or os.environ.get("MILTERAPP_SPEC") or None
     try:
         settings, server_options = settle(options, given)
-        configure_logging(settings.log_format, settings.log_level)
+        configure_logging(settings.log_format, settings.log_level, syslog=settings.syslog)
         loop_factory(settings.loop)  # an unknown loop, or uvloop missing: fail before anything
         if settings.workers == 1:
             run_in_loop(serve(app, spec, handle_signals=True, **server_options), settings.loop)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from milterapp.constants import DEFAULT_MAX_DATA_SIZE, MAX_DATA_SIZE_1M
 from milterapp.server.limits import Limits
-from milterapp.server.logsetup import LogFormat, LogLevel
+from milterapp.server.logsetup import DEFAULT_SYSLOG_ADDRESS, LogFormat, LogLevel
 from milterapp.server.loops import LoopName
 from milterapp.spec import ConnectionSpec, default_connection_spec
 
@@ -165,11 +165,24 @@ class RunOptions(BaseModel):
     log_level: LogLevel = Field(
         default="INFO", description="the least severe events logged (any case)"
     )
+    syslog: str | None = Field(
+        default=None,
+        description="log to the syslog at this address (facility mail) instead of stderr: "
+        f"a socket path, or host:port for UDP; the flag alone means {DEFAULT_SYSLOG_ADDRESS}",
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("syslog", mode="before")
+    @classmethod
+    def _syslog_address(cls, value: Any) -> Any:
+        # app.run(syslog=True) as the bare flag; False as none.
+        if value is True:
+            return DEFAULT_SYSLOG_ADDRESS
+        return None if value is False else value
 
 
 def default_unix_socket_mode() -> int:

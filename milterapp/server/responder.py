@@ -16,9 +16,13 @@ through the ``write_now`` function it is given.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final
+
+import structlog
 
 from milterapp.constants import DEFAULT_MAX_DATA_SIZE, Command, ConnectionState
 from milterapp.context import Context
@@ -39,7 +43,7 @@ from milterapp.events import (
 )
 from milterapp.protocol.machine import UNPARSED, MilterConnection
 from milterapp.protocol.negotiation import Requirements, negotiate
-from milterapp.protocol.stages import BY_NAME, MESSAGE_STAGES, STAGES
+from milterapp.protocol.stages import BY_COMMAND, BY_NAME, MESSAGE_STAGES, SEQUENCE, STAGES
 from milterapp.replies import (
     Accept,
     Continue,
@@ -56,6 +60,13 @@ from milterapp.server.limits import (
     TOO_MANY_RECIPIENTS,
     Limits,
     header_size,
+)
+from milterapp.server.outcomes import (
+    count_modification,
+    enabled_for,
+    log_connection,
+    log_event,
+    log_message,
 )
 from milterapp.server.servable import Outcome, Servable, decided
 
@@ -130,6 +141,20 @@ class Responder:
         self._raise_errors = raise_errors
         self._log = log
         self._sessions = 0
+        # What the administrator's log asks for (milterapp.server.outcomes), known once:
+        # without it the per-message path skips the bookkeeping.
+        base = log if log is not None else structlog.get_logger("milterapp")
+        self.log_messages = enabled_for(base, logging.INFO)
+        # (Unconfigured, structlog prints every level: a line per event is for those who ask.)
+        self.log_events = enabled_for(base, logging.DEBUG) and structlog.is_configured()
+        self.messages = 0  # messages ended in the current session
+        self._session_started = 0.0
+        #: perf_counter() when the time now spent answering the MTA began to count (0: not
+        #: counting): the connection starts it for each batch of reads, and it runs while a
+        #: handler is awaited; it is charged to the message at its end (per batch, not per
+        #: event: a clock read costs more than most events' own work).
+        self.clock = 0.0
+        self._event_started = 0.0  # perf_counter() when the event being answered came (debug)
         # The message that went over a limit, and the reply it gets (at most one at a time).
         self._refused: tuple[object, TempFail] | None = None
 
@@ -141,6 +166,8 @@ class Responder:
         machine = self.machine
         sessions = self._sessions
         self._sessions += 1
+        self.messages = 0
+        self._session_started = time.monotonic()
         config = self.app.config
         ctx = self.ctx = Context(
             app_name=self.app.name,
@@ -165,6 +192,8 @@ class Responder:
         if self.machine.kept:
             self._take_kept(self.ctx)
         self.closed = True
+        if self.log_messages:
+            log_connection(self.ctx, self.messages, self._session_started)
         return _nothing_after(self.app.dispatch_now("close", event, self.ctx))
 
     def release(self) -> None:
@@ -183,6 +212,8 @@ class Responder:
 
     def respond(self, event: Event) -> Response:
         """The reply to ``event`` (empty when the MTA expects none)."""
+        if self.log_events:
+            self._event_started = time.perf_counter()
         if self.machine.kept:
             assert self.ctx is not None
             self._take_kept(self.ctx)
@@ -224,6 +255,7 @@ class Responder:
             if message.begun:  # else it is the fresh one the last message ended with
                 ctx.new_message()
             ctx.message.sender_record = event
+            ctx.message.started = time.monotonic()
         elif name == "connect":
             assert isinstance(event, Connect)
             ctx.client = event
@@ -263,7 +295,9 @@ class Responder:
         self, ctx: Context, event: EnvRcpt, awaiting: bool, verdict: Outcome
     ) -> bytes:
         refused = awaiting and isinstance(verdict, Reject | TempFail)
-        if not refused and not (self._rejected_recipients and self._refused_by_mta(ctx)):
+        if refused:
+            ctx.message.refused_recipients += 1
+        elif not (self._rejected_recipients and self._refused_by_mta(ctx)):
             ctx.message.recipient_records.append(event)
         if verdict is None or verdict.__class__ is Continue:
             return self.machine.continue_if_owed()
@@ -319,6 +353,7 @@ class Responder:
             if message.sender_record is not None or message.recipient_records:
                 ctx.new_message()  # (else it is the fresh one the last message ended with)
             ctx.message.sender_record = payload
+            ctx.message.started = time.monotonic()
         elif command == _CONNECT:
             ctx.client = payload
         else:
@@ -352,6 +387,7 @@ class Responder:
             observed = self.app.dispatch_now("abort", event, ctx)
             if not decided(observed):
                 return self._abort_later(observed)
+            self._message_done(ctx, self._stage_reached(), None, how="abort")
             ctx.new_message()
         return b""
 
@@ -378,6 +414,7 @@ class Responder:
     async def _abort_later(self, observed: Awaitable[Outcome]) -> bytes:
         await observed
         assert self.ctx is not None
+        self._message_done(self.ctx, self._stage_reached(), None, how="abort")
         self.ctx.new_message()
         return b""
 
@@ -456,7 +493,10 @@ class Responder:
                 try:
                     options = machine.options
                     size = options.max_data_size if options else DEFAULT_MAX_DATA_SIZE
-                    out.extend(machine.send(mod) for mod in ctx.take_modifications(size))
+                    for mod in ctx.take_modifications(size):
+                        out.append(machine.send(mod))
+                        if self.log_messages:
+                            count_modification(ctx.message, mod)
                 except (LocalProtocolError, OSError, ValueError) as exc:
                     ctx.log.error("modification_failed", error=str(exc))
                     out.clear()
@@ -466,8 +506,10 @@ class Responder:
             out.append(machine.send(verdict))
         except LocalProtocolError as exc:
             ctx.log.error("reply_refused", stage=name, reply=repr(verdict), error=str(exc))
-            out.append(machine.send(TempFail()))
+            verdict = TempFail()
+            out.append(machine.send(verdict))
         if was_message and machine.state is not _MESSAGE:
+            self._message_done(ctx, name, verdict)
             ctx.new_message()
         return b"".join(out)
 
@@ -510,6 +552,8 @@ class Responder:
         ctx.log.warning("limit_exceeded", limit=limit, value=value, stage=stage, **facts)
         if awaiting is None:
             awaiting = self.machine.awaiting_reply
+        if stage == "envrcpt":
+            ctx.message.refused_recipients += 1
         if awaiting and isinstance(reply, BY_NAME[stage].goes_on):
             return self._refuse(ctx, reply)  # only this command (a recipient): the message goes on
         # Without a reply to this command, the whole message gets one later (fail closed).
@@ -522,8 +566,45 @@ class Responder:
         was_message = machine.state is _MESSAGE
         out = machine.send(reply)
         if was_message and machine.state is not _MESSAGE:
+            self._message_done(ctx, self._stage_reached(), reply)
             ctx.new_message()
         return out
+
+    # --- the administrator's log ---------------------------------------------------------
+
+    def _stage_reached(self) -> str:
+        """The name of the last message stage the MTA reached."""
+        rank = self.machine.rank
+        return BY_COMMAND[ord(SEQUENCE[rank])].name if rank >= 0 else "envfrom"
+
+    def _message_done(
+        self, ctx: Context, stage: str, verdict: Any, *, how: str | None = None
+    ) -> None:
+        """The message ends: its log line, with the time of the event that ended it."""
+        self.messages += 1
+        if self.log_messages:
+            if self.clock:  # the time so far is this message's; the rest, the next one's
+                now = time.perf_counter()
+                ctx.message.handler_seconds += now - self.clock
+                self.clock = now
+            log_message(ctx, stage, verdict, how=how)
+
+    def charge(self) -> None:
+        """Stop the clock, charging the time since it started to the current message."""
+        if self.clock:
+            if self.ctx is not None:
+                self.ctx.message.handler_seconds += time.perf_counter() - self.clock
+            self.clock = 0.0
+
+    def event_done(self, event: Event, replies: bytes) -> None:
+        """The reply to ``event`` is made (``replies``): the debug ``event`` line."""
+        started, self._event_started = self._event_started, 0.0
+        ctx = self.ctx
+        if started and ctx is not None:
+            seconds = time.perf_counter() - started
+            log_event(
+                ctx, _REPLYING_STAGES.get(type(event)) or type(event).__name__, replies, seconds
+            )
 
 
 def _nothing_after(observed: Outcome | Coroutine[Any, Any, Outcome]) -> Response:

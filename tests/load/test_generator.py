@@ -19,6 +19,7 @@ from milterapp import Accept, App, Reject, TempFail
 from milterapp.cli import main
 from milterapp.events import EndOfMessage, EnvRcpt
 from milterapp.load import LoadOptions, run_load
+from milterapp.server.logsetup import configure_logging
 from milterapp.testing import ServerThread
 
 
@@ -162,6 +163,7 @@ def test_bench_command_prints_a_report_and_json(capsys: pytest.CaptureFixture[st
     def refuse(event: Any) -> Reject:
         return Reject()
 
+    configure_logging("text", "WARNING")  # the milter's lines (one per message) to stderr
     with ServerThread(app, "inet:0@[127.0.0.1]") as server:
         spec = spec_of(server)
         capsys.readouterr()  # the server's own log lines
