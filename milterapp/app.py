@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final, Literal, TypeVar, overload
+from typing import Any, Literal, TypeVar, overload
 
 import structlog
 from pydantic import ValidationError
@@ -48,8 +48,8 @@ from milterapp.handlers import (
     canonical_name,
     handler_label,
     is_async,
-    names_read,
     positional_arity,
+    setup_warnings,
 )
 from milterapp.protocol.negotiation import OPTIONAL_EVENTS, Requirements
 from milterapp.protocol.stages import OptionalEvent
@@ -59,10 +59,6 @@ from milterapp.server.servable import Serving
 __all__ = ["App"]
 
 _log = structlog.get_logger("milterapp")
-#: Methods of ctx.message that need the body kept.
-_BODY_READERS: Final = frozenset({"as_email", "body", "body_bytes"})
-#: Handlers that run before the connect event.
-_BEFORE_CONNECT: Final = frozenset({"negotiate", "open"})
 
 NegotiateH = TypeVar("NegotiateH", bound=Handler[Negotiate])
 OpenH = TypeVar("OpenH", bound=Handler[ConnectionOpened])
@@ -85,6 +81,12 @@ CloseH = TypeVar(
 AnyH = TypeVar("AnyH", bound=Callable[..., Any])
 Hook = TypeVar("Hook", bound=Callable[[], Awaitable[None] | None])
 ErrorMapper = TypeVar("ErrorMapper", bound=Callable[..., Any])
+
+
+async def _call(hook: Callable[[], Any]) -> None:
+    result = hook()
+    if inspect.isawaitable(result):
+        await result
 
 
 def _options_problem(exc: ValidationError) -> str:
@@ -119,6 +121,7 @@ class App(Dispatcher):
         self.serving = Serving(name)
         self._startup: list[Callable[[], Any]] = []
         self._shutdown: list[Callable[[], Any]] = []
+        self._reload: list[Callable[[], Any]] = []
 
     def __repr__(self) -> str:
         return f"<App {self.name!r}>"
@@ -188,6 +191,13 @@ class App(Dispatcher):
         """Run ``hook()`` (plain or async) after the server has stopped."""
         self._check_not_started("add a shutdown hook")
         self._shutdown.append(hook)
+        return hook
+
+    def on_reload(self, hook: Hook) -> Hook:
+        """Run ``hook()`` (plain or async) on SIGHUP or :meth:`reload`: reload lists, keys,
+        settings. A hook that raises is logged as ``reload_failed``; the others still run."""
+        self._check_not_started("add a reload hook")
+        self._reload.append(hook)
         return hook
 
     def handles(self, name: str) -> bool:
@@ -314,31 +324,7 @@ class App(Dispatcher):
         ``ctx.message.as_email()`` in an app without ``keep_message=True`` would fail at
         every message. Logged as ``setup_warning`` when the app starts.
         """
-        kept = self.config.keep_message
-        headers_kept = kept or self.handles("header")
-        warnings: list[str] = []
-        for event, specs in self._handlers.items():
-            for spec in specs:
-                names = names_read(spec.fn)
-                where = f"handler {spec.name} ({event!r})"
-                if not kept and "message" in names:
-                    warnings.extend(
-                        f"{where} calls ctx.message.{method}(), but the body is not kept: "
-                        "create the App with keep_message=True"
-                        for method in sorted(names & _BODY_READERS)
-                    )
-                if not headers_kept and {"message", "headers"} <= names:
-                    warnings.append(
-                        f"{where} reads ctx.message.headers, but the MTA is not asked for "
-                        "headers: add a 'header' handler or create the App with "
-                        "keep_message=True"
-                    )
-                if event in _BEFORE_CONNECT and "client" in names:
-                    warnings.append(
-                        f"{where} reads ctx.client, which is not known before the connect "
-                        "event: read it in a 'connect' handler or later"
-                    )
-        return warnings
+        return setup_warnings(self._handlers, keep_message=self.config.keep_message)
 
     async def run_startup(self) -> None:
         """Log :meth:`setup_warnings`, then run the startup hooks in order; registration is
@@ -347,22 +333,30 @@ class App(Dispatcher):
         for warning in self.setup_warnings():
             _log.warning("setup_warning", app=self.name, warning=warning)
         for hook in self._startup:
-            result = hook()
-            if inspect.isawaitable(result):
-                await result
+            await _call(hook)
 
     async def run_shutdown(self) -> None:
         """Run the shutdown hooks in reverse order (every one, even if one fails)."""
         errors: list[BaseException] = []
         for hook in reversed(self._shutdown):
             try:
-                result = hook()
-                if inspect.isawaitable(result):
-                    await result
+                await _call(hook)
             except Exception as exc:  # noqa: BLE001 - run the others, then re-raise
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+    async def run_reload(self) -> tuple[int, int]:
+        """Run the reload hooks in order, each even if one before failed; return how many ran
+        and how many failed."""
+        failed = 0
+        for hook in self._reload:
+            try:
+                await _call(hook)
+            except Exception as exc:  # noqa: BLE001 - logged; that hook's old state stays
+                failed += 1
+                _log.error("reload_failed", app=self.name, hook=handler_label(hook), exc_info=exc)
+        return len(self._reload), failed
 
     # --- running -------------------------------------------------------------------------
 
@@ -390,3 +384,8 @@ class App(Dispatcher):
         Does nothing when the app is not serving.
         """
         self.serving.stop()
+
+    def reload(self) -> None:
+        """Ask the running server to run the reload hooks, as SIGHUP does; safe from any
+        thread or signal. Does nothing when the app is not serving."""
+        self.serving.reload()

@@ -4,7 +4,7 @@ The server never imports the App: it serves anything that offers :class:`Servabl
 werkzeug serves any WSGI application and never imports Flask. :class:`milterapp.App` is the
 one everybody uses; the tests check that it conforms. :class:`Serving` is the handle an app
 exposes as ``app.serving``: whether its startup hooks ran, whether a server runs it now, and
-how to stop that server.
+how to stop that server or have it run the reload hooks.
 """
 
 from __future__ import annotations
@@ -45,17 +45,19 @@ def decided(result: Outcome | Coroutine[Any, Any, Outcome]) -> TypeIs[Outcome]:
 
 
 class Serving:
-    """An app's serving state (``app.serving``), and the way to stop the server that runs it.
+    """An app's serving state (``app.serving``), and the way to stop the server that runs it
+    or have it reload.
 
     A server attaches itself while it runs; one app is served by one server at a time.
     """
 
-    __slots__ = ("_name", "_started", "_stop")
+    __slots__ = ("_name", "_reload", "_started", "_stop")
 
     def __init__(self, name: str) -> None:
         self._name = name
         self._started = False
         self._stop: Callable[[], None] | None = None
+        self._reload: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return f"<Serving {self._name!r} started={self._started} running={self.running}>"
@@ -79,12 +81,22 @@ class Serving:
         if stop is not None:
             stop()
 
+    def reload(self) -> None:
+        """Ask the server that runs the app to run its reload hooks, as SIGHUP does.
+
+        Safe from any thread and from signal handlers; does nothing when no server runs.
+        """
+        reload = self._reload
+        if reload is not None:
+            reload()
+
     def mark_started(self) -> None:
         """Record that the startup hooks ran (the app calls this)."""
         self._started = True
 
-    def attach(self, stop: Callable[[], None]) -> None:
-        """A server starts serving the app; ``stop`` asks it to stop (thread-safe).
+    def attach(self, stop: Callable[[], None], reload: Callable[[], None] | None = None) -> None:
+        """A server starts serving the app; ``stop`` asks it to stop, ``reload`` to run the
+        reload hooks (both thread-safe).
 
         Raises:
             ServerError: another server serves the app already (``kind`` RUNNING).
@@ -95,11 +107,13 @@ class Serving:
                 kind=ServerErrorKind.RUNNING,
             )
         self._stop = stop
+        self._reload = reload
 
     def detach(self, stop: Callable[[], None]) -> None:
         """The server that attached with ``stop`` no longer serves the app."""
         if self._stop == stop:  # not a newer server's
             self._stop = None
+            self._reload = None
 
 
 class Servable(Protocol):
@@ -131,3 +145,7 @@ class Servable(Protocol):
 
     async def run_shutdown(self) -> None:
         """Run the shutdown hooks, after the last connection."""
+
+    async def run_reload(self) -> tuple[int, int]:
+        """Run the reload hooks (on SIGHUP, while connections go on), each even if one
+        failed; return how many ran and how many of them failed."""

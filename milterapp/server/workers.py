@@ -7,6 +7,11 @@ The parent only supervises: a worker that dies is logged (``worker_died``) and r
 with a growing delay while workers die young; after more than ``MAX_FAST_DEATHS`` such
 deaths in a row it stops everything and exits 1. SIGTERM or SIGINT to the parent is passed
 to every worker as SIGTERM; they drain gracefully, then the socket is closed and removed.
+SIGHUP is passed on as it is: each worker runs the app's reload hooks.
+
+Under systemd (``$NOTIFY_SOCKET``) the parent alone talks to it, as the main process: each
+worker reports to the parent with a queued signal once it serves (after starting, after a
+reload), and the parent sends ``READY=1`` once every worker has; it sends the watchdog pings.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import structlog
 from milterapp.errors import MilterError, SetupError
 from milterapp.server.listener import Listener, listen
 from milterapp.server.loops import run_in_loop
+from milterapp.server.notify import Notifier
 from milterapp.server.options import ServerOptions
 from milterapp.server.servable import Servable
 from milterapp.server.server import serve
@@ -39,7 +45,10 @@ MAX_FAST_DEATHS: Final = 5
 #: Seconds the parent waits beyond ``shutdown_grace`` before it SIGKILLs a worker.
 _KILL_MARGIN: Final = 10.0
 _STOP_SIGNALS: Final = frozenset({signal.SIGTERM, signal.SIGINT})
-_SIGNALS: Final = _STOP_SIGNALS | {signal.SIGCHLD}
+#: What a worker sends its parent once it serves: a real-time signal, as those queue (one per
+#: worker) where two SIGUSR1s at once would merge into one. (Only Linux runs workers.)
+_WORKER_READY: Final = signal.SIGRTMIN if sys.platform == "linux" else signal.SIGUSR2
+_SIGNALS: Final = _STOP_SIGNALS | {signal.SIGCHLD, signal.SIGHUP, _WORKER_READY}
 
 
 @dataclass
@@ -73,6 +82,7 @@ def run_workers(app: Servable, options: ServerOptions, count: int, *, loop: str 
         raise
     finally:
         listener.close()
+        supervisor.notifier.close()
         for fd in lifeline:
             os.close(fd)
         while signal.sigtimedwait(_SIGNALS, 0) is not None:
@@ -104,18 +114,29 @@ class _Supervisor:
         self.log: Any = structlog.get_logger("milterapp").bind(
             app=app.name, listen=listener.description
         )
+        self.notifier = Notifier.from_environment()
+        # The workers whose report the parent waits for before READY=1; None: not waiting.
+        self.awaiting: set[int] | None = set() if self.notifier.enabled else None
+        interval = self.notifier.watchdog_interval
+        self.watchdog_at = None if interval is None else time.monotonic()
 
     def run(self) -> int:
         self.log.info("workers_starting", workers=self.count)
         for slot in range(1, self.count + 1):
             self._spawn(slot)
         while True:
-            info = self._wait(self._next_restart())
+            self._ping_watchdog()
+            info = self._wait(self._next_deadline())
             if info is not None and info.si_signo in _STOP_SIGNALS:
                 self.log.info("stopping", signal=signal.Signals(info.si_signo).name)
+                self.notifier.stopping()
                 self.stop_workers()
                 self.log.info("stopped")
                 return 0
+            if info is not None and info.si_signo == signal.SIGHUP:
+                self._reload()
+            elif info is not None and info.si_signo == _WORKER_READY:
+                self._worker_ready(info.si_pid)
             self._reap()
             if self.young_deaths > MAX_FAST_DEATHS:
                 self.stop_workers()
@@ -132,8 +153,38 @@ class _Supervisor:
             return signal.sigwaitinfo(_SIGNALS)
         return signal.sigtimedwait(_SIGNALS, max(0.0, deadline - time.monotonic()))
 
-    def _next_restart(self) -> float | None:
-        return min(when for when, _ in self.restarts) if self.restarts else None
+    def _next_deadline(self) -> float | None:
+        due = [when for when, _ in self.restarts]
+        if self.watchdog_at is not None:
+            due.append(self.watchdog_at)
+        return min(due, default=None)
+
+    def _ping_watchdog(self) -> None:
+        # Proves the supervisor alive only: a stuck worker is for the MTA's timeouts to notice.
+        interval = self.notifier.watchdog_interval
+        if interval is None or self.watchdog_at is None or time.monotonic() < self.watchdog_at:
+            return
+        self.notifier.watchdog()
+        self.watchdog_at = time.monotonic() + interval
+
+    def _reload(self) -> None:
+        """SIGHUP: pass it to every worker; READY=1 again once each has reloaded."""
+        self.log.info("reloading", signal="SIGHUP", workers=len(self.workers))
+        if self.notifier.enabled:
+            if self.awaiting is None:  # not still starting
+                self.notifier.reloading()
+            self.awaiting = set(self.workers)
+        for pid in self.workers:
+            _signal(pid, signal.SIGHUP)
+
+    def _worker_ready(self, pid: int) -> None:
+        if self.awaiting is None or pid not in self.awaiting:
+            return
+        self.awaiting.discard(pid)
+        if not self.awaiting:
+            self.awaiting = None
+            status = f"serving {self.listener.description} with {self.count} workers"
+            self.notifier.ready(status, main_pid=os.getpid())
 
     def _reap(self) -> None:
         """Collect every worker that exited; schedule its replacement."""
@@ -144,6 +195,8 @@ class _Supervisor:
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
+            if self.awaiting is not None:
+                self.awaiting.discard(pid)  # its replacement reports instead
             lived = time.monotonic() - worker.started
             self.young_deaths = self.young_deaths + 1 if lived < YOUNG else 0
             delay = min(0.1 * 2 ** (self.young_deaths - 1), 2.0) if self.young_deaths else 0.0
@@ -167,12 +220,23 @@ class _Supervisor:
     def _spawn(self, slot: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the worker; coverage does not follow fork()
+            notifier = _ParentNotifier(parent) if self.notifier.enabled else Notifier()
             _worker_main(
-                self.app, self.options, self.listener, slot, self.old_mask, self.loop, self.lifeline
+                self.app,
+                self.options,
+                self.listener,
+                slot,
+                self.old_mask,
+                self.loop,
+                self.lifeline,
+                notifier,
             )
         self.workers[pid] = _Worker(slot, time.monotonic())
+        if self.awaiting is not None:
+            self.awaiting.add(pid)
         self.log.info("worker_started", pid=pid, worker=slot)
 
     def stop_workers(self) -> None:
@@ -209,6 +273,7 @@ def _worker_main(
     mask: Iterable[int],
     loop: str,
     lifeline: tuple[int, int] | None = None,
+    notifier: Notifier | None = None,
 ) -> NoReturn:  # pragma: no cover - runs in the forked worker
     status = 1
     try:
@@ -216,7 +281,9 @@ def _worker_main(
             os.close(lifeline[1])  # only the parent may hold the write end
         for signum in _SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        # SIGHUP stays blocked until serve() handles it: one forwarded while this worker
+        # starts would kill it otherwise (SIGHUP's default), and its reload must not be lost.
+        signal.pthread_sigmask(signal.SIG_SETMASK, {*mask, signal.SIGHUP})
         structlog.contextvars.bind_contextvars(worker=slot, pid=os.getpid())
         worker_options = {
             **dict(options),
@@ -224,7 +291,8 @@ def _worker_main(
             "socket_activation": False,
         }
         watched = lifeline[0] if lifeline is not None else None
-        run_in_loop(_serve_while_parent_lives(app, worker_options, watched), loop)
+        serving = _serve_while_parent_lives(app, worker_options, watched, notifier or Notifier())
+        run_in_loop(serving, loop)
         status = 0
     except MilterError as exc:
         print(f"milterapp: error: worker {slot}: {exc}", file=sys.stderr)
@@ -237,7 +305,7 @@ def _worker_main(
 
 
 async def _serve_while_parent_lives(
-    app: Servable, options: dict[str, Any], lifeline: int | None
+    app: Servable, options: dict[str, Any], lifeline: int | None, notifier: Notifier
 ) -> None:  # pragma: no cover - runs in the forked worker
     """Serve; stop gracefully, as on SIGTERM, if the parent dies (end of file on the lifeline)."""
     loop = asyncio.get_running_loop()
@@ -257,10 +325,22 @@ async def _serve_while_parent_lives(
     if lifeline is not None:
         loop.add_reader(lifeline, parent_gone)
     try:
-        await serve(app, handle_signals=True, **options)
+        await serve(app, handle_signals=True, notifier=notifier, **options)
     finally:
         if lifeline is not None:
             loop.remove_reader(lifeline)
+
+
+class _ParentNotifier(Notifier):  # pragma: no cover - runs in the forked worker
+    """A worker's notifier: it reports being ready to its parent, which alone tells systemd."""
+
+    def __init__(self, parent: int) -> None:
+        super().__init__()
+        self.parent = parent
+
+    def ready(self, status: str | None = None, *, main_pid: int | None = None) -> None:
+        if os.getppid() == self.parent:  # never a signal to whoever adopted us (init)
+            _signal(self.parent, _WORKER_READY)
 
 
 def _signal(pid: int, signum: signal.Signals) -> None:
