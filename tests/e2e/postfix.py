@@ -60,6 +60,7 @@ MAILBOX_NAMES = (
     "obvious",
     "ops",
     "rejected",
+    "reloaded",
     "removed",
     "sender",
     "several",
