@@ -169,11 +169,13 @@ UNNEGOTIATED: Final = SessionOptions(
 
 
 def _names(flags: ActionFlag | ProtocolFlag) -> list[str]:
-    return [
+    names = [
         flag.name
         for flag in type(flags)
         if flag in flags and flag.name and flag.value.bit_count() == 1
     ]
+    unnamed = int(flags) & ~int(type(flags).ALL)
+    return names + ([f"0x{unnamed:x}"] if unnamed else [])
 
 
 def _offered(offer: Negotiate) -> tuple[ActionFlag, ProtocolFlag]:
@@ -286,13 +288,15 @@ def _check_reply(offer: Negotiate, reply: NegotiationReply) -> SessionOptions:
             f"{offer.version} (what the MTA offered)",
             command="O",
         )
-    extra_actions = reply.actions & ~offered_actions
+    # In ints: an IntFlag's complement has no bits outside its members, so bits the
+    # protocol does not name would pass unseen.
+    extra_actions = ActionFlag(int(reply.actions) & ~int(offered_actions))
     if extra_actions:
         raise LocalProtocolError(
             f"negotiation reply asks for actions not offered: {', '.join(_names(extra_actions))}",
             command="O",
         )
-    extra_protocol = reply.protocol & ~offered_protocol
+    extra_protocol = ProtocolFlag(int(reply.protocol) & ~int(offered_protocol))
     if extra_protocol:
         raise LocalProtocolError(
             "negotiation reply asks for protocol flags not offered: "

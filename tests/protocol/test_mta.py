@@ -285,6 +285,16 @@ def test_mta_modification_in_answer_to_rcpt_is_remote_error(reply: Reply) -> Non
             NegotiationReply(version=6),
             "version 6",
         ),
+        (  # bits the protocol does not name: an IntFlag's complement would hide them
+            Negotiate(version=6, actions=ActionFlag.ALL, protocol=ProtocolFlag.ALL),
+            NegotiationReply(version=6, actions=ActionFlag(0x3FF)),
+            "actions not offered: 0x200",
+        ),
+        (
+            Negotiate(version=6, actions=ActionFlag.ALL, protocol=ProtocolFlag.ALL),
+            NegotiationReply(version=6, protocol=ProtocolFlag(0x400000)),
+            "protocol flags not offered: 0x400000",
+        ),
     ],
 )
 def test_mta_negotiation_reply_beyond_offer_is_remote_error(
