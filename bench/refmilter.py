@@ -39,9 +39,16 @@ def main() -> None:
     parser.add_argument("--loop", default="auto")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--log-level", default="WARNING", help="INFO: a line per message")
+    parser.add_argument("--metrics", help="HOST:PORT: Prometheus metrics on")
     args = parser.parse_args()
     app = build(eom_only=args.eom_only)
-    options = {"loop": args.loop, "workers": args.workers, "log_level": args.log_level}
+    options: dict[str, Any] = {
+        "loop": args.loop,
+        "workers": args.workers,
+        "log_level": args.log_level,
+    }
+    if args.metrics:
+        options["metrics"] = args.metrics
     if "argv" in inspect.signature(app.run).parameters:
         options["argv"] = []  # the command line is this script's, parsed above
     # (else a build from before run() parsed the command line: compare.py measures those too)

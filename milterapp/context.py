@@ -105,6 +105,9 @@ class Context(Generic[MessageStateT, ConnectionStateT]):
         self._log_values: dict[str, Any] = {"conn_id": conn_id, "peer": peer}
         self._log_queue_id = False  # bind the queue id (macro i) too, from end of message on
         self._log: Any = None
+        #: Told the kind of each handler failure (``raised``, ``timed_out``, ``bad_reply``)
+        #: by the App, when the server counts them (``--metrics``).
+        self.count_failure: Callable[[str], None] | None = None
         self._progress = progress
         self._modifications: list[Modification | _BodyStream] = []
         self._at_eom = False

@@ -66,6 +66,10 @@ _VALID_REPLIES: Final[dict[str, tuple[type, ...]]] = {
 _REPLY_CLASSES: Final = frozenset(cls for replies in _VALID_REPLIES.values() for cls in replies)
 
 
+class _BadReply(TypeError):
+    """A handler returned something that is not a valid reply at its stage."""
+
+
 @dataclass(frozen=True, slots=True)
 class HandlerSpec:
     """A registered handler and how to call it (inspected once, at registration)."""
@@ -295,10 +299,10 @@ class Dispatcher:
         if result is None:
             return None
         if name in _OBSERVERS:
-            raise TypeError(f"{name!r} handlers observe only; return None, not {result!r}")
+            raise _BadReply(f"{name!r} handlers observe only; return None, not {result!r}")
         if not isinstance(result, _VALID_REPLIES[name]):
             valid = ", ".join(cls.__name__ for cls in _VALID_REPLIES[name])
-            raise TypeError(f"returned {result!r}, which is not a valid {name!r} reply ({valid})")
+            raise _BadReply(f"returned {result!r}, which is not a valid {name!r} reply ({valid})")
         return result  # type: ignore[return-value]
 
     async def _failed(
@@ -312,6 +316,9 @@ class Dispatcher:
                 " or declare it on the app's message_state class and use ctx.message.state"
             )
         reason = "timed out" if isinstance(exc, TimeoutError) else "raised"
+        if ctx.count_failure is not None:
+            kind = "bad_reply" if isinstance(exc, _BadReply) else reason.replace(" ", "_")
+            ctx.count_failure(kind)
         ctx.log.error(
             "handler_failed",
             handler=handler.name,

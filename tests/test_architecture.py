@@ -58,6 +58,7 @@ LAYERS: list[list[str]] = [
         "milterapp.server.outcomes",
         "milterapp.server.notify",
         "milterapp.server.check",
+        "milterapp.server.metrics",
     ],
     ["milterapp.server.options", "milterapp.server.deadlines", "milterapp.server.responder"],
     ["milterapp.server.listener", "milterapp.server.connection"],

@@ -12,6 +12,7 @@ layer. Its modules, lowest first (``tests/test_architecture.py`` holds them to t
     outcomes    the administrator's log: a line per message, per connection, per event
     notify      systemd's notify protocol: ready, reloading, stopping, watchdog
     check       the health check: negotiate with a milter as an MTA would, and quit
+    metrics     Prometheus metrics and /healthz (--metrics), summed over workers
     options     ServerOptions: every option of the server, holding the Limits
     deadlines   the idle, per-command and write deadlines of one connection, as timers
     responder   every reply of a connection, and its record of the session

@@ -32,7 +32,8 @@ from milterapp.protocol.negotiation import Requirements
 from milterapp.replies import NegotiationReply
 from milterapp.server.deadlines import Deadlines
 from milterapp.server.limits import Limits
-from milterapp.server.responder import Responder, Response
+from milterapp.server.metrics import Metrics
+from milterapp.server.responder import STAGE_NAMES, Responder, Response
 from milterapp.server.servable import Servable
 from milterapp.server.writes import WriteBatch, no_delay
 
@@ -52,6 +53,11 @@ _OWN_READ_BUFFER: Final = 64 * 1024
 #: Events that end an SMTP session on this connection.
 _ENDINGS: Final = frozenset({Quit, QuitNoClose, ConnectionClosed})
 _MESSAGE: Final = ConnectionState.MESSAGE
+
+
+def _stage_of(event: Event) -> str:
+    """The stage name of ``event`` for the handler-time histogram."""
+    return STAGE_NAMES.get(type(event)) or type(event).__name__.lower()
 
 
 def peer_name(transport: asyncio.BaseTransport) -> str:
@@ -88,6 +94,7 @@ class Connection(asyncio.BufferedProtocol):
             of an event loop, since each read is consumed (or copied) before the next.
         writes: where replies wait for the end of the event loop's turn; one
             :class:`WriteBatch` may serve every connection of an event loop.
+        metrics: where to count what happens (``--metrics``), if anywhere.
 
     Attributes:
         idle: True while waiting for the MTA with no message in flight.
@@ -110,6 +117,7 @@ class Connection(asyncio.BufferedProtocol):
         log: Any = None,
         read_buffer: bytearray | None = None,
         writes: WriteBatch | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.limits = limits = limits or Limits()
         self.machine = MilterConnection(
@@ -128,7 +136,9 @@ class Connection(asyncio.BufferedProtocol):
             raise_errors=raise_errors,
             log=log,
             negotiations=negotiations,
+            metrics=metrics,
         )
+        self.metrics = metrics
         self._read_view = memoryview(read_buffer) if read_buffer is not None else None
         self.idle = True
         self.error: BaseException | None = None
@@ -150,6 +160,7 @@ class Connection(asyncio.BufferedProtocol):
         self._deadlines: Deadlines | None = None
         self._target: memoryview | None = None  # lent to the transport by get_buffer
         self._timed_event: Event | None = None  # whose reply a task makes, when timed
+        self._event_started: tuple[Event, float] | None = None  # ...and since when (metrics)
 
     @property
     def closed(self) -> bool:
@@ -165,6 +176,8 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.close()
             return
         no_delay(transport)
+        if self.metrics is not None:
+            self.metrics.connection_opened()
         limits = self.limits
         self._deadlines = Deadlines(
             self._loop,
@@ -272,12 +285,20 @@ class Connection(asyncio.BufferedProtocol):
         if timed and not responder.clock:  # (it ran on while a task ran)
             responder.clock = time.perf_counter()
         debug = responder.log_events
+        metrics = self.metrics
         try:
             while (event := machine.next_event()) is not None:
                 if event.__class__ in _ENDINGS:
                     self._run(self._quit(event))  # type: ignore[arg-type]
                 else:
+                    if metrics is not None:
+                        started = time.perf_counter()
                     response = responder.respond(event)
+                    if metrics is not None:
+                        if isinstance(response, bytes):
+                            metrics.handler_time(_stage_of(event), time.perf_counter() - started)
+                        else:
+                            self._event_started = (event, started)  # done with its task
                     if debug:
                         if isinstance(response, bytes):
                             responder.event_done(event, response)
@@ -332,6 +353,10 @@ class Connection(asyncio.BufferedProtocol):
                 self._fail(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
         else:
             out = task.result()
+            if self._event_started is not None and self.metrics is not None:
+                event, started = self._event_started
+                self.metrics.handler_time(_stage_of(event), time.perf_counter() - started)
+                self._event_started = None
             if self._timed_event is not None:
                 self.responder.event_done(self._timed_event, out)
                 self._timed_event = None
@@ -440,7 +465,11 @@ class Connection(asyncio.BufferedProtocol):
         """End the connection after an error: the MTA may get TempFail, the server goes on."""
         if isinstance(exc, LimitExceededError):
             self._log().warning("limit_exceeded", limit=exc.limit, value=exc.value, count=exc.count)
+            if self.metrics is not None:
+                self.metrics.limit_exceeded(exc.limit or "unknown")
         if isinstance(exc, ProtocolError):
+            if self.metrics is not None:
+                self.metrics.protocol_error()
             self._log().warning("protocol_error", error=str(exc))
             self.error = exc
         elif isinstance(exc, ConnectionError | TimeoutError):
@@ -479,6 +508,8 @@ class Connection(asyncio.BufferedProtocol):
 
     def _closed(self) -> None:
         self._ended = True
+        if self.metrics is not None and self.transport is not None:
+            self.metrics.connection_closed()
         self._cancel_timers()
         self.responder.release()
         self._flush()
@@ -508,9 +539,13 @@ class Connection(asyncio.BufferedProtocol):
 
     def _idle_expired(self) -> None:
         self._log().info("idle_timeout", timeout=self.limits.timeout)
+        if self.metrics is not None:
+            self.metrics.timeout("idle")
         self._end()
 
     def _read_expired(self) -> None:
+        if self.metrics is not None:
+            self.metrics.timeout("read")
         self._log().warning(
             "read_timeout", timeout=self.limits.read_timeout, buffered=self.machine.buffered
         )
@@ -518,6 +553,8 @@ class Connection(asyncio.BufferedProtocol):
 
     def _write_expired(self) -> None:
         self._log().warning("write_timeout", timeout=self.limits.write_timeout)
+        if self.metrics is not None:
+            self.metrics.timeout("write")
         if self.transport is not None:
             self.transport.abort()  # close() would wait for the unread replies to be sent
 

@@ -20,6 +20,7 @@ from milterapp.errors import MilterError
 from milterapp.server.arguments import describe, parse_command_line, settle
 from milterapp.server.logsetup import configure_logging
 from milterapp.server.loops import loop_factory, run_in_loop
+from milterapp.server.metrics import Metrics, MetricsEndpoint, require_prometheus
 from milterapp.server.options import ServerOptions
 from milterapp.server.servable import Servable
 from milterapp.server.server import serve
@@ -32,6 +33,25 @@ __all__ = ["run"]
 def _fail(message: str) -> NoReturn:
     print(f"milterapp: error: {message}", file=sys.stderr)
     raise SystemExit(1)
+
+
+def _serve_one(
+    app: Servable,
+    spec: str | ConnectionSpec | None,
+    metrics_address: str | None,
+    loop: Any,
+    server_options: dict[str, Any],
+) -> None:
+    """Serve in this process, with the metrics endpoint if asked for."""
+    if not metrics_address:
+        run_in_loop(serve(app, spec, handle_signals=True, **server_options), loop)
+        return
+    metrics = Metrics()
+    endpoint = MetricsEndpoint(metrics_address, metrics.registry, lambda: metrics.accepting)
+    try:
+        run_in_loop(serve(app, spec, handle_signals=True, metrics=metrics, **server_options), loop)
+    finally:
+        endpoint.close()
 
 
 def run(
@@ -64,11 +84,15 @@ def run(
         settings, server_options = settle(options, given)
         configure_logging(settings.log_format, settings.log_level, syslog=settings.syslog)
         loop_factory(settings.loop)  # an unknown loop, or uvloop missing: fail before anything
+        if settings.metrics:
+            require_prometheus()
         if settings.workers == 1:
-            run_in_loop(serve(app, spec, handle_signals=True, **server_options), settings.loop)
+            _serve_one(app, spec, settings.metrics, settings.loop, server_options)
             return
         server = ServerOptions.from_spec(spec, **server_options)
-        status = run_workers(app, server, settings.workers, loop=settings.loop)
+        status = run_workers(
+            app, server, settings.workers, loop=settings.loop, metrics=settings.metrics
+        )
     except MilterError as exc:
         _fail(str(exc))
     except ValidationError as exc:  # pydantic validation of options given in code

@@ -165,6 +165,11 @@ class RunOptions(BaseModel):
     log_level: LogLevel = Field(
         default="INFO", description="the least severe events logged (any case)"
     )
+    metrics: str | None = Field(
+        default=None,
+        description="serve Prometheus metrics at http://HOST:PORT/metrics, and /healthz "
+        "(needs the metrics extra: pip install 'milterapp[metrics]')",
+    )
     syslog: str | None = Field(
         default=None,
         description="log to the syslog at this address (facility mail) instead of stderr: "

@@ -61,21 +61,25 @@ from milterapp.server.limits import (
     Limits,
     header_size,
 )
+from milterapp.server.metrics import Metrics
 from milterapp.server.outcomes import (
     count_modification,
     enabled_for,
     log_connection,
     log_event,
     log_message,
+    verdict_name,
 )
 from milterapp.server.servable import Outcome, Servable, decided
 
-__all__ = ["Responder", "Response"]
+__all__ = ["STAGE_NAMES", "Responder", "Response"]
 
 #: The reply to one event: its bytes now, or a coroutine that gives them.
 Response = bytes | Coroutine[Any, Any, bytes]
 
 _NEGOTIATIONS_KEPT: Final = 64
+#: Every stage's name, by event model (for logs and metrics).
+STAGE_NAMES: Final[dict[type[Event], str]] = {stage.event: stage.name for stage in STAGES}
 #: The stages whose handlers may reply, by event model (the others are observed only).
 _REPLYING_STAGES: Final[dict[type[Event], str]] = {
     stage.event: stage.name for stage in STAGES if not stage.observer
@@ -105,6 +109,7 @@ class Responder:
         log: the structlog logger that each session's ``ctx.log`` binds to.
         negotiations: negotiation replies by offer, shared by one server's connections
             (they have the same requirements).
+        metrics: where to count what happens (``--metrics``), if anywhere.
 
     Attributes:
         ctx: the current session's context (None before the first session opens).
@@ -123,8 +128,10 @@ class Responder:
         raise_errors: bool = False,
         log: Any = None,
         negotiations: dict[tuple[int, int, int], NegotiationReply] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.app = app
+        self.metrics = metrics
         self.requirements = requirements
         self.machine = machine
         # The counts the per-packet path reads, as plain attributes (quicker than a model's).
@@ -183,6 +190,8 @@ class Responder:
             message_state=config.message_state,
             connection_state=config.connection_state,
         )
+        if self.metrics is not None:
+            ctx.count_failure = self.metrics.handler_failed
         self.closed = False
         return _nothing_after(self.app.dispatch_now("open", ConnectionOpened(peer=peer), ctx))
 
@@ -463,6 +472,8 @@ class Responder:
         write = self._write_now
         if write is not None:
             await write(self.machine.send(Progress()))
+            if self.metrics is not None:
+                self.metrics.progress_sent()
 
     def tempfail_pending(self) -> bytes:
         """TempFail for a command still waiting for its reply, as the connection ends
@@ -550,6 +561,8 @@ class Responder:
         machine waits for one: not so for a command kept earlier without an event).
         """
         ctx.log.warning("limit_exceeded", limit=limit, value=value, stage=stage, **facts)
+        if self.metrics is not None:
+            self.metrics.limit_exceeded(limit)
         if awaiting is None:
             awaiting = self.machine.awaiting_reply
         if stage == "envrcpt":
@@ -582,6 +595,15 @@ class Responder:
     ) -> None:
         """The message ends: its log line, with the time of the event that ended it."""
         self.messages += 1
+        metrics = self.metrics
+        if metrics is not None:
+            message = ctx.message
+            metrics.message_done(
+                how or verdict_name(verdict, stage),
+                stage,
+                message.refused_recipients,
+                message.body_size,
+            )
         if self.log_messages:
             if self.clock:  # the time so far is this message's; the rest, the next one's
                 now = time.perf_counter()

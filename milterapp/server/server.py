@@ -27,6 +27,7 @@ from milterapp.server.acceptor import Acceptor
 from milterapp.server.connection import Connection, peer_name
 from milterapp.server.listener import Listener, listen
 from milterapp.server.loops import loop_name
+from milterapp.server.metrics import Metrics
 from milterapp.server.notify import Notifier
 from milterapp.server.options import ServerOptions
 from milterapp.server.servable import Servable
@@ -53,9 +54,11 @@ class MilterServer:
         options: ServerOptions | None = None,
         *,
         notifier: Notifier | None = None,
+        metrics: Metrics | None = None,
         **kwargs: Any,
     ) -> None:
         self.app = app
+        self.metrics = metrics
         if options is None:
             options = ServerOptions.from_spec(**kwargs)
         self.options = options
@@ -129,6 +132,8 @@ class MilterServer:
             # Anyone on the host who can reach the path may then feed mail to the milter.
             self.log.warning("unix_socket_open_to_others", mode=f"{mode:03o}")
         self._status = f"serving {self.listener.description}"
+        if self.metrics is not None:
+            self.metrics.accepting = True
         self.notifier.ready(self._status)
         self._ping_watchdog()
         if self._reload_wanted:  # asked for while starting: the hooks may have read old state
@@ -209,6 +214,8 @@ class MilterServer:
             return
         self._closed = True
         self._stopping = True
+        if self.metrics is not None:
+            self.metrics.accepting = False  # /healthz: 503 while draining
         self.notifier.stopping()
         if self._acceptor is not None:
             await self._acceptor.close()
@@ -255,6 +262,7 @@ class MilterServer:
             log=self._connection_log,
             read_buffer=self._read_buffer,
             writes=self._writes,
+            metrics=self.metrics,
         )
 
     def _admit(self, handler: Connection) -> bool:
@@ -284,6 +292,7 @@ async def serve(
     *,
     handle_signals: bool = False,
     notifier: Notifier | None = None,
+    metrics: Metrics | None = None,
     **options: Any,
 ) -> None:
     """Serve ``app`` in the running event loop until ``app.shutdown()`` (or a signal).
@@ -294,11 +303,14 @@ async def serve(
             SIGINT, run the reload hooks on SIGHUP, and tell systemd how the server goes
             when ``$NOTIFY_SOCKET`` is set. Embedded (False), none of that happens.
         notifier: whom to tell instead (a worker tells its parent).
+        metrics: where to count what happens (``--metrics``), if anywhere.
         **options: any field of :class:`ServerOptions`.
     """
     if notifier is None:
         notifier = Notifier.from_environment() if handle_signals else Notifier()
-    server = MilterServer(app, ServerOptions.from_spec(spec, **options), notifier=notifier)
+    server = MilterServer(
+        app, ServerOptions.from_spec(spec, **options), notifier=notifier, metrics=metrics
+    )
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
     # Before start(): a signal that arrives while starting still stops the server cleanly.

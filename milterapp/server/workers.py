@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,6 +33,12 @@ import structlog
 from milterapp.errors import MilterError, SetupError
 from milterapp.server.listener import Listener, listen
 from milterapp.server.loops import run_in_loop
+from milterapp.server.metrics import (
+    Metrics,
+    MetricsEndpoint,
+    multiprocess_directory,
+    worker_gone,
+)
 from milterapp.server.notify import Notifier
 from milterapp.server.options import ServerOptions
 from milterapp.server.servable import Servable
@@ -57,8 +65,18 @@ class _Worker:
     started: float
 
 
-def run_workers(app: Servable, options: ServerOptions, count: int, *, loop: str = "auto") -> int:
+def run_workers(
+    app: Servable,
+    options: ServerOptions,
+    count: int,
+    *,
+    loop: str = "auto",
+    metrics: str | None = None,
+) -> int:
     """Serve ``app`` with ``count`` worker processes until SIGTERM or SIGINT.
+
+    ``metrics``: serve at ``HOST:PORT`` the sum of the workers' metrics (and ``/healthz``),
+    from this process.
 
     Returns the exit status: 0 after a graceful stop, 1 after a crash loop.
 
@@ -69,13 +87,23 @@ def run_workers(app: Servable, options: ServerOptions, count: int, *, loop: str 
     if sys.platform != "linux":
         raise SetupError("workers > 1 needs Linux (fork() and sigwaitinfo()); use workers=1")
     listener = listen(options)  # opened once, as a single-process server opens it
+    directory = None
+    if metrics:
+        # Before prometheus_client is first imported here and before any fork: it picks
+        # where values live once, at import.
+        directory = tempfile.mkdtemp(prefix="milterapp-metrics-")
+        multiprocess_directory(directory)
     # Blocked signals wait for sigwaitinfo(): none is lost between fork() and the wait.
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     # The lifeline: workers read a pipe whose write end only this process holds. When it dies,
     # even by SIGKILL, the kernel closes that end, and every worker sees end of file and stops.
     lifeline = os.pipe()
     supervisor = _Supervisor(app, options, listener, count, old_mask, loop, lifeline)
+    supervisor.metrics = directory is not None
+    endpoint = None
     try:
+        if metrics:
+            endpoint = MetricsEndpoint(metrics, None, lambda: not supervisor.stopping)
         return supervisor.run()
     except BaseException:
         supervisor.stop_workers()  # never leave workers behind, whatever went wrong
@@ -83,6 +111,10 @@ def run_workers(app: Servable, options: ServerOptions, count: int, *, loop: str 
     finally:
         listener.close()
         supervisor.notifier.close()
+        if endpoint is not None:
+            endpoint.close()
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
         for fd in lifeline:
             os.close(fd)
         while signal.sigtimedwait(_SIGNALS, 0) is not None:
@@ -109,6 +141,8 @@ class _Supervisor:
         self.count = count
         self.old_mask = old_mask
         self.workers: dict[int, _Worker] = {}
+        self.metrics = False  # workers count into files (multiprocess mode)
+        self.stopping = False  # /healthz: 503 from here
         self.restarts: list[tuple[float, int]] = []  # (when, slot)
         self.young_deaths = 0
         self.log: Any = structlog.get_logger("milterapp").bind(
@@ -195,6 +229,8 @@ class _Supervisor:
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
+            if self.metrics:
+                worker_gone(pid)
             if self.awaiting is not None:
                 self.awaiting.discard(pid)  # its replacement reports instead
             lived = time.monotonic() - worker.started
@@ -233,6 +269,7 @@ class _Supervisor:
                 self.loop,
                 self.lifeline,
                 notifier,
+                self.metrics,
             )
         self.workers[pid] = _Worker(slot, time.monotonic())
         if self.awaiting is not None:
@@ -241,6 +278,7 @@ class _Supervisor:
 
     def stop_workers(self) -> None:
         """SIGTERM every worker and wait until all have exited (SIGKILL after the grace)."""
+        self.stopping = True
         self.restarts.clear()
         for pid in self.workers:
             _signal(pid, signal.SIGTERM)
@@ -274,6 +312,7 @@ def _worker_main(
     loop: str,
     lifeline: tuple[int, int] | None = None,
     notifier: Notifier | None = None,
+    metrics: bool = False,
 ) -> NoReturn:  # pragma: no cover - runs in the forked worker
     status = 1
     try:
@@ -290,6 +329,8 @@ def _worker_main(
             "listen_socket": listener.sock,
             "socket_activation": False,
         }
+        if metrics:  # made here: its values go to this worker's own files
+            worker_options["metrics"] = Metrics()
         watched = lifeline[0] if lifeline is not None else None
         serving = _serve_while_parent_lives(app, worker_options, watched, notifier or Notifier())
         run_in_loop(serving, loop)

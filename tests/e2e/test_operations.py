@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import re
 import smtplib
-from contextlib import suppress
+import urllib.request
+from contextlib import closing, suppress
 from typing import Any
 
 import structlog
+from prometheus_client.parser import text_string_to_metric_families
 
 from milterapp import (
     App,
@@ -25,6 +27,7 @@ from milterapp import (
     Reject,
     TempFail,
 )
+from milterapp.server.metrics import Metrics, MetricsEndpoint
 from tests.e2e.common import SENDER, message, poll
 from tests.e2e.conftest import Mta
 
@@ -69,7 +72,13 @@ def test_postfix_each_message_has_one_line_with_postfixs_queue_id(mta: Mta) -> N
     full = f"full-{mta.transport}@example.org"
     later = f"later-{mta.transport}@example.org"
     before = set(QUEUE_ID.findall(mta.postfix.log()))
-    with structlog.testing.capture_logs() as logs, mta.milter(sorting_app()):
+    metrics = Metrics()
+    endpoint = MetricsEndpoint("127.0.0.1:0", metrics.registry, lambda: metrics.accepting)
+    with (
+        structlog.testing.capture_logs() as logs,
+        mta.milter(sorting_app(), metrics=metrics),
+        closing(endpoint),
+    ):
         port = mta.postfix.smtp_port
         send(port, SENDER, [box], message("plain"))
         send(port, SENDER, [box, full], message("one refused"))
@@ -82,6 +91,7 @@ def test_postfix_each_message_has_one_line_with_postfixs_queue_id(mta: Mta) -> N
             return [entry for entry in logs if entry["event"] == "message"]
 
         lines = poll(milter_lines, 5, 30, "five message lines", mta.postfix.log)
+        scraped = scrape(endpoint.port)
     assert len(lines) == 5
     verdicts = sorted((line["verdict"], line["stage"]) for line in lines)
     assert verdicts == [
@@ -103,3 +113,30 @@ def test_postfix_each_message_has_one_line_with_postfixs_queue_id(mta: Mta) -> N
     assert milter_ids == postfix_ids
     accepted = [line for line in lines if line["verdict"] == "accept"]
     assert [line["modifications"] for line in accepted] == ["add_header:1"] * 2
+    # The same five messages in a scrape of the metrics, read by prometheus_client's parser.
+    counted = {
+        (labels["verdict"], labels["stage"]): value
+        for (name, labels), value in scraped
+        if name == "milterapp_messages_total"
+    }
+    assert counted == {
+        ("accept", "eom"): 2,
+        ("discard", "header"): 1,
+        ("reject", "envfrom"): 1,
+        ("tempfail", "eom"): 1,
+    }
+    refused = [
+        value for (name, _), value in scraped if name == "milterapp_recipients_refused_total"
+    ]
+    assert refused == [1]
+
+
+def scrape(port: int) -> list[tuple[tuple[str, dict[str, str]], float]]:
+    """Every sample at ``/metrics``: its name and labels, and its value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    return [
+        ((sample.name, sample.labels), sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]

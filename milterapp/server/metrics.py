@@ -1,0 +1,261 @@
+"""Prometheus metrics and the health endpoint: ``--metrics HOST:PORT``.
+
+:class:`Metrics` holds the counters and histograms of one server process, made with the
+``prometheus_client`` package (``pip install 'milterapp[metrics]'``); the server, its
+connections and responders call its methods where things happen. :class:`MetricsEndpoint`
+serves them over HTTP, in a thread of the standard library's ``http.server``: ``/metrics`` in
+Prometheus' text format, and ``/healthz``, 200 while the server accepts connections and 503
+while it drains.
+
+With worker processes (``--workers N``) each worker writes its values to files in a
+directory the parent made, before any worker started, and named in
+``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode); the parent serves the
+sum over all workers. docs/operations.md lists every metric.
+"""
+
+from __future__ import annotations
+
+import http.server
+import importlib.util
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, Final
+
+from milterapp.errors import SetupError
+
+__all__ = [
+    "HANDLER_BUCKETS",
+    "Metrics",
+    "MetricsEndpoint",
+    "multiprocess_directory",
+    "require_prometheus",
+    "worker_gone",
+]
+
+#: Seconds: a plain handler takes tens of microseconds, a DNS or Redis lookup milliseconds,
+#: and the MTA gives up after its own timeout (Postfix: 10 s per command by default).
+HANDLER_BUCKETS: Final = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+_MULTIPROCESS: Final = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def require_prometheus() -> None:
+    """Raise :class:`SetupError` unless ``prometheus_client`` is installed (without importing
+    it: with workers it must first be imported after the multiprocess directory is set)."""
+    if importlib.util.find_spec("prometheus_client") is None:
+        raise SetupError(
+            "--metrics needs the prometheus_client package: pip install 'milterapp[metrics]'"
+        )
+
+
+class Metrics:
+    """The metrics of one server process (one worker), in ``registry`` (a fresh one by
+    default; with multiprocess mode the values go to files whatever the registry)."""
+
+    def __init__(self, registry: Any = None) -> None:
+        require_prometheus()
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+        )
+
+        self.registry = registry if registry is not None else CollectorRegistry()
+        on = self.registry
+        self.connections = Counter(
+            "milterapp_connections", "MTA connections accepted and served", registry=on
+        )
+        self.connections_open = Gauge(
+            "milterapp_connections_open",
+            "MTA connections open now",
+            multiprocess_mode="livesum",
+            registry=on,
+        )
+        self.messages = Counter(
+            "milterapp_messages",
+            "messages ended, by verdict and the stage that decided it",
+            ["verdict", "stage"],
+            registry=on,
+        )
+        self.recipients_refused = Counter(
+            "milterapp_recipients_refused",
+            "recipients refused (handler, limit or MTA)",
+            registry=on,
+        )
+        self.handler_seconds = Histogram(
+            "milterapp_handler_duration_seconds",
+            "time from a command's arrival to its reply, by stage",
+            ["stage"],
+            buckets=HANDLER_BUCKETS,
+            registry=on,
+        )
+        self.handler_failures = Counter(
+            "milterapp_handler_failures",
+            "handler failures, by kind: raised, timed_out, bad_reply",
+            ["kind"],
+            registry=on,
+        )
+        self.protocol_errors = Counter(
+            "milterapp_protocol_errors", "connections closed for a protocol error", registry=on
+        )
+        self.limits = Counter(
+            "milterapp_limits_exceeded", "limits hit, by limit", ["limit"], registry=on
+        )
+        self.timeouts = Counter(
+            "milterapp_timeouts",
+            "connections closed by a deadline, by kind: idle, read, write",
+            ["kind"],
+            registry=on,
+        )
+        self.body_bytes = Counter(
+            "milterapp_body_bytes", "message body bytes received from the MTA", registry=on
+        )
+        self.progress = Counter(
+            "milterapp_progress_packets", "progress packets sent while handlers ran", registry=on
+        )
+        # Children of labelled metrics, by label: looked up once, not per message.
+        self._stages: dict[str, Any] = {}
+        self._verdicts: dict[tuple[str, str], Any] = {}
+        #: Whether the server accepts connections (``/healthz`` says 200), and drains.
+        self.accepting = False
+
+    def connection_opened(self) -> None:
+        self.connections.inc()
+        self.connections_open.inc()
+
+    def connection_closed(self) -> None:
+        self.connections_open.dec()
+
+    def message_done(self, verdict: str, stage: str, refused: int, body_bytes: int) -> None:
+        """One message ended: its verdict, where, its refused recipients and body size."""
+        child = self._verdicts.get((verdict, stage))
+        if child is None:
+            child = self._verdicts[verdict, stage] = self.messages.labels(verdict, stage)
+        child.inc()
+        if refused:
+            self.recipients_refused.inc(refused)
+        if body_bytes:
+            self.body_bytes.inc(body_bytes)
+
+    def handler_time(self, stage: str, seconds: float) -> None:
+        child = self._stages.get(stage)
+        if child is None:
+            child = self._stages[stage] = self.handler_seconds.labels(stage)
+        child.observe(seconds)
+
+    def handler_failed(self, kind: str) -> None:
+        self.handler_failures.labels(kind).inc()
+
+    def protocol_error(self) -> None:
+        self.protocol_errors.inc()
+
+    def limit_exceeded(self, limit: str) -> None:
+        self.limits.labels(limit).inc()
+
+    def timeout(self, kind: str) -> None:
+        self.timeouts.labels(kind).inc()
+
+    def progress_sent(self) -> None:
+        self.progress.inc()
+
+
+class MetricsEndpoint:
+    """``/metrics`` and ``/healthz`` over HTTP at ``address`` (``HOST:PORT``; port 0 picks
+    one, see :attr:`port`), until :meth:`close`.
+
+    Args:
+        address: where to listen.
+        registry: what ``/metrics`` shows; None: the sum of the workers' files (multiprocess
+            mode, ``PROMETHEUS_MULTIPROC_DIR``).
+        healthy: whether ``/healthz`` answers 200 (else 503).
+    """
+
+    def __init__(self, address: str, registry: Any, healthy: Callable[[], bool]) -> None:
+        require_prometheus()
+        from prometheus_client import (
+            CONTENT_TYPE_LATEST,
+            CollectorRegistry,
+            generate_latest,
+        )
+        from prometheus_client.multiprocess import (
+            MultiProcessCollector,
+        )
+
+        host, _, port = address.rpartition(":")
+        if not port.isdigit():
+            raise SetupError(f"--metrics: expected HOST:PORT, not {address!r}")
+        if registry is None:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.split("?", 1)[0] == "/metrics":
+                    self._answer(200, CONTENT_TYPE_LATEST, generate_latest(registry))
+                elif self.path == "/healthz":
+                    ok = healthy()
+                    self._answer(200 if ok else 503, "text/plain", b"ok\n" if ok else b"draining\n")
+                else:
+                    self._answer(404, "text/plain", b"not found: try /metrics or /healthz\n")
+
+            def _answer(self, status: int, kind: str, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # scrapes every 15 s would flood the milter's own log
+
+        try:
+            self.http = http.server.ThreadingHTTPServer(
+                # No host: the loopback; all interfaces only when asked (0.0.0.0).
+                (host.strip("[]") or "127.0.0.1", int(port)),
+                Handler,
+            )
+        except OSError as exc:
+            raise SetupError(f"--metrics {address}: {exc.strerror or exc}") from None
+        self.http.daemon_threads = True
+        self.port: int = self.http.server_address[1]
+        self._thread = threading.Thread(
+            target=self.http.serve_forever, name="milterapp-metrics", daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+        self._thread.join(timeout=5)
+
+
+def multiprocess_directory(directory: str) -> None:
+    """Make the workers' metrics go to files in ``directory`` (multiprocess mode): call in the
+    parent before prometheus_client is imported and before any worker is forked."""
+    os.environ[_MULTIPROCESS] = directory
+
+
+def worker_gone(pid: int) -> None:
+    """A worker exited: drop its live gauges from the sum (its counters stay counted)."""
+    if os.environ.get(_MULTIPROCESS):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
