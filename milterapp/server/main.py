@@ -47,7 +47,12 @@ def _serve_one(
         run_in_loop(serve(app, spec, handle_signals=True, **server_options), loop)
         return
     metrics = Metrics()
-    endpoint = MetricsEndpoint(metrics_address, metrics.registry, lambda: metrics.accepting)
+    endpoint = MetricsEndpoint(
+        metrics_address,
+        metrics.registry,
+        lambda: metrics.accepting,
+        before_scrape=metrics.flush_from_any_thread,
+    )
     try:
         run_in_loop(serve(app, spec, handle_signals=True, metrics=metrics, **server_options), loop)
     finally:

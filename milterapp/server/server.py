@@ -134,6 +134,7 @@ class MilterServer:
         self._status = f"serving {self.listener.description}"
         if self.metrics is not None:
             self.metrics.accepting = True
+            self.metrics.start(self._loop)
         self.notifier.ready(self._status)
         self._ping_watchdog()
         if self._reload_wanted:  # asked for while starting: the hooks may have read old state
@@ -245,6 +246,8 @@ class MilterServer:
             self._watchdog.cancel()
         self.notifier.close()
         self.app.serving.detach(self.request_stop)
+        if self.metrics is not None:
+            self.metrics.stop()  # what is left goes to prometheus_client
         self.log.info("stopped")
         await self.app.run_shutdown()
 

@@ -73,7 +73,12 @@ def test_postfix_each_message_has_one_line_with_postfixs_queue_id(mta: Mta) -> N
     later = f"later-{mta.transport}@example.org"
     before = set(QUEUE_ID.findall(mta.postfix.log()))
     metrics = Metrics()
-    endpoint = MetricsEndpoint("127.0.0.1:0", metrics.registry, lambda: metrics.accepting)
+    endpoint = MetricsEndpoint(
+        "127.0.0.1:0",
+        metrics.registry,
+        lambda: metrics.accepting,
+        before_scrape=metrics.flush_from_any_thread,
+    )
     with (
         structlog.testing.capture_logs() as logs,
         mta.milter(sorting_app(), metrics=metrics),
