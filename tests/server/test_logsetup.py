@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import socket
 import sys
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from milterapp.server.arguments import parse_command_line
-from milterapp.server.logsetup import configure_logging, render_logfmt
+from milterapp.server.logsetup import UtcTimestamp, configure_logging, render_logfmt
 from milterapp.server.options import RunOptions
 
 
@@ -133,3 +135,13 @@ def test_our_logfmt_lines_are_structlogs(fields: dict[str, Any], first: dict[str
 def test_a_key_with_a_space_is_refused_as_structlog_does() -> None:
     with pytest.raises(ValueError, match='Invalid key: "a b"'):
         render_logfmt(None, "info", {"a b": 1})
+
+
+def test_the_timestamp_is_structlogs_iso_utc_form() -> None:
+    ours = UtcTimestamp()(None, "info", {})["timestamp"]
+    theirs = structlog.processors.TimeStamper(fmt="iso", utc=True)(None, "info", {})["timestamp"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", ours)
+    assert abs(
+        datetime.fromisoformat(ours.replace("Z", "+00:00"))
+        - datetime.fromisoformat(theirs.replace("Z", "+00:00"))
+    ) < timedelta(seconds=1)
