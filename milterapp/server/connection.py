@@ -33,6 +33,7 @@ from milterapp.replies import NegotiationReply
 from milterapp.server.deadlines import Deadlines
 from milterapp.server.limits import Limits
 from milterapp.server.metrics import Metrics
+from milterapp.server.outcomes import log_event
 from milterapp.server.responder import STAGE_NAMES, Responder, Response
 from milterapp.server.servable import Servable
 from milterapp.server.writes import WriteBatch, no_delay
@@ -53,11 +54,6 @@ _OWN_READ_BUFFER: Final = 64 * 1024
 #: Events that end an SMTP session on this connection.
 _ENDINGS: Final = frozenset({Quit, QuitNoClose, ConnectionClosed})
 _MESSAGE: Final = ConnectionState.MESSAGE
-
-
-def _stage_of(event: Event) -> str:
-    """The stage name of ``event`` for the handler-time histogram."""
-    return STAGE_NAMES.get(type(event)) or type(event).__name__.lower()
 
 
 def peer_name(transport: asyncio.BaseTransport) -> str:
@@ -159,8 +155,8 @@ class Connection(asyncio.BufferedProtocol):
         self._write_paused: asyncio.Future[None] | None = None
         self._deadlines: Deadlines | None = None
         self._target: memoryview | None = None  # lent to the transport by get_buffer
-        self._timed_event: Event | None = None  # whose reply a task makes, when timed
-        self._event_started: tuple[Event, float] | None = None  # ...and since when (metrics)
+        # The event whose reply a task makes, and since when (when commands are measured).
+        self._awaited: tuple[Event, float] | None = None
 
     @property
     def closed(self) -> bool:
@@ -284,26 +280,21 @@ class Connection(asyncio.BufferedProtocol):
         timed = responder.log_messages
         if timed and not responder.clock:  # (it ran on while a task ran)
             responder.clock = time.perf_counter()
-        debug = responder.log_events
-        metrics = self.metrics
+        # Each command's time, for the metrics and the debug line alike.
+        measured = self.metrics is not None or responder.log_events
         try:
             while (event := machine.next_event()) is not None:
                 if event.__class__ in _ENDINGS:
                     self._run(self._quit(event))  # type: ignore[arg-type]
                 else:
-                    if metrics is not None:
+                    if measured:
                         started = time.perf_counter()
                     response = responder.respond(event)
-                    if metrics is not None:
+                    if measured:
                         if isinstance(response, bytes):
-                            metrics.handler_time(_stage_of(event), time.perf_counter() - started)
+                            self._answered(event, response, started)
                         else:
-                            self._event_started = (event, started)  # done with its task
-                    if debug:
-                        if isinstance(response, bytes):
-                            responder.event_done(event, response)
-                        else:
-                            self._timed_event = event  # done when its task is
+                            self._awaited = (event, started)  # answered when its task is
                     self._run(response)
                 if self._task is not None or self._ending:
                     break
@@ -321,6 +312,16 @@ class Connection(asyncio.BufferedProtocol):
                 self._end()
             elif self._deadlines is not None:
                 self._deadlines.command_incomplete(machine.partial)
+
+    def _answered(self, event: Event, replies: bytes, started: float) -> None:
+        """``event`` got its ``replies``: its time to the metrics, and its debug line."""
+        seconds = time.perf_counter() - started
+        stage = STAGE_NAMES.get(type(event)) or type(event).__name__.lower()
+        if self.metrics is not None:
+            self.metrics.handler_time(stage, seconds)
+        ctx = self.responder.ctx
+        if self.responder.log_events and ctx is not None:
+            log_event(ctx, stage, replies, seconds)
 
     def _run(self, response: Response) -> None:
         if isinstance(response, bytes):
@@ -353,13 +354,10 @@ class Connection(asyncio.BufferedProtocol):
                 self._fail(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
         else:
             out = task.result()
-            if self._event_started is not None and self.metrics is not None:
-                event, started = self._event_started
-                self.metrics.handler_time(_stage_of(event), time.perf_counter() - started)
-                self._event_started = None
-            if self._timed_event is not None:
-                self.responder.event_done(self._timed_event, out)
-                self._timed_event = None
+            if self._awaited is not None:
+                event, started = self._awaited
+                self._awaited = None
+                self._answered(event, out, started)
             if out:
                 self._out.append(out)
             if self._ending:

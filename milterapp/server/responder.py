@@ -66,7 +66,6 @@ from milterapp.server.outcomes import (
     count_modification,
     enabled_for,
     log_connection,
-    log_event,
     log_message,
     verdict_name,
 )
@@ -161,7 +160,6 @@ class Responder:
         #: handler is awaited; it is charged to the message at its end (per batch, not per
         #: event: a clock read costs more than most events' own work).
         self.clock = 0.0
-        self._event_started = 0.0  # perf_counter() when the event being answered came (debug)
         # The message that went over a limit, and the reply it gets (at most one at a time).
         self._refused: tuple[object, TempFail] | None = None
 
@@ -221,8 +219,6 @@ class Responder:
 
     def respond(self, event: Event) -> Response:
         """The reply to ``event`` (empty when the MTA expects none)."""
-        if self.log_events:
-            self._event_started = time.perf_counter()
         if self.machine.kept:
             assert self.ctx is not None
             self._take_kept(self.ctx)
@@ -617,16 +613,6 @@ class Responder:
             if self.ctx is not None:
                 self.ctx.message.handler_seconds += time.perf_counter() - self.clock
             self.clock = 0.0
-
-    def event_done(self, event: Event, replies: bytes) -> None:
-        """The reply to ``event`` is made (``replies``): the debug ``event`` line."""
-        started, self._event_started = self._event_started, 0.0
-        ctx = self.ctx
-        if started and ctx is not None:
-            seconds = time.perf_counter() - started
-            log_event(
-                ctx, _REPLYING_STAGES.get(type(event)) or type(event).__name__, replies, seconds
-            )
 
 
 def _nothing_after(observed: Outcome | Coroutine[Any, Any, Outcome]) -> Response:
