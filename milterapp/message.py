@@ -77,7 +77,7 @@ class Message(Generic[MessageStateT]):
         self.records_undecoded = False
         self.body_size = 0
         # For the message's log line (milterapp/server/outcomes.py), kept by the server.
-        #: When MAIL came (time.monotonic()); 0 before.
+        #: When MAIL came (time.perf_counter(), the clock of handler_seconds); 0 before.
         self.started = 0.0
         #: Recipients refused, by a handler, a limit or the MTA.
         self.refused_recipients = 0

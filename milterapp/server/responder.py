@@ -260,7 +260,7 @@ class Responder:
             if message.begun:  # else it is the fresh one the last message ended with
                 ctx.new_message()
             ctx.message.sender_record = event
-            ctx.message.started = time.monotonic()
+            self._message_begins(ctx)
         elif name == "connect":
             assert isinstance(event, Connect)
             ctx.client = event
@@ -358,7 +358,7 @@ class Responder:
             if message.sender_record is not None or message.recipient_records:
                 ctx.new_message()  # (else it is the fresh one the last message ended with)
             ctx.message.sender_record = payload
-            ctx.message.started = time.monotonic()
+            self._message_begins(ctx)
         elif command == _CONNECT:
             ctx.client = payload
         else:
@@ -606,6 +606,13 @@ class Responder:
                 ctx.message.handler_seconds += now - self.clock
                 self.clock = now
             log_message(ctx, stage, verdict, how=how)
+
+    def _message_begins(self, ctx: Context) -> None:
+        """MAIL came: the message's clocks start; time spent before it in this batch of
+        reads was the session's, not this message's."""
+        now = ctx.message.started = time.perf_counter()
+        if self.clock:
+            self.clock = now
 
     def charge(self) -> None:
         """Stop the clock, charging the time since it started to the current message."""
