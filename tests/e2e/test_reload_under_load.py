@@ -10,14 +10,12 @@ the milter's log has no line about a lost or failed connection.
 from __future__ import annotations
 
 import signal
-import smtplib
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tests.e2e.common import message
 from tests.e2e.conftest import Mta
-from tests.e2e.test_restart import Milter
+from tests.e2e.test_restart import Milter, deliver
 
 DELIVERIES = 200
 RELOADS = 3
@@ -41,19 +39,6 @@ APP = textwrap.dedent(
 )
 
 
-def deliver(mta: Mta, index: int) -> int:
-    """Send message ``index``; return Postfix's SMTP reply code to it."""
-    body = message(f"reload {index}", **{"Message-ID": f"<reload-{index}@test.example>"})
-    with smtplib.SMTP("127.0.0.1", mta.postfix.smtp_port, timeout=60) as smtp:
-        try:
-            smtp.sendmail("sender@test.example", [f"reloaded-{mta.transport}@example.org"], body)
-        except smtplib.SMTPResponseException as exc:
-            return exc.smtp_code
-        except smtplib.SMTPRecipientsRefused as exc:
-            return next(iter(exc.recipients.values()))[0]
-    return 250
-
-
 def test_sighup_under_load_runs_the_hooks_and_drops_nothing(mta: Mta, tmp_path: Path) -> None:
     (tmp_path / "restartapp.py").write_text(APP)  # the module name Milter runs
     box = f"reloaded-{mta.transport}"
@@ -62,7 +47,7 @@ def test_sighup_under_load_runs_the_hooks_and_drops_nothing(mta: Mta, tmp_path: 
     try:
         milter.wait_listening()
         with ThreadPoolExecutor(max_workers=DELIVERIES) as pool:
-            codes = pool.map(lambda index: deliver(mta, index), range(DELIVERIES))
+            codes = pool.map(lambda index: deliver(mta, index, "reloaded"), range(DELIVERIES))
             assert milter.enough.wait(60), "".join(milter.lines)  # 50 stamped: mid-load
             for _ in range(RELOADS):
                 milter.process.send_signal(signal.SIGHUP)
@@ -70,7 +55,7 @@ def test_sighup_under_load_runs_the_hooks_and_drops_nothing(mta: Mta, tmp_path: 
         assert results == [250] * DELIVERIES
         delivered = mta.postfix.wait_for_mail(box, before + DELIVERIES, timeout=60)[before:]
         ids = sorted(str(mail["Message-ID"]) for mail in delivered)
-        assert ids == sorted(f"<reload-{index}@test.example>" for index in range(DELIVERIES))
+        assert ids == sorted(f"<reloaded-{index}@test.example>" for index in range(DELIVERIES))
         generations = {str(mail["X-Generation"]) for mail in delivered}
         assert "0" in generations  # stamped before the first reload
         assert generations - {"0"}  # ...and after one: the hook ran, its state was used

@@ -86,12 +86,13 @@ class Milter:
         return status
 
 
-def deliver(mta: Mta, index: int) -> int:
-    """Send message ``index``; return Postfix's SMTP reply code to it."""
-    body = message(f"load {index}", **{"Message-ID": f"<load-{index}@test.example>"})
+def deliver(mta: Mta, index: int, box: str = "load") -> int:
+    """Send message ``index`` (Message-ID ``<BOX-INDEX@test.example>``) to mailbox ``box``;
+    return Postfix's SMTP reply code to it."""
+    body = message(f"{box} {index}", **{"Message-ID": f"<{box}-{index}@test.example>"})
     with smtplib.SMTP("127.0.0.1", mta.postfix.smtp_port, timeout=60) as smtp:
         try:
-            smtp.sendmail("sender@test.example", [f"load-{mta.transport}@example.org"], body)
+            smtp.sendmail("sender@test.example", [f"{box}-{mta.transport}@example.org"], body)
         except smtplib.SMTPResponseException as exc:
             return exc.smtp_code
         except smtplib.SMTPRecipientsRefused as exc:
