@@ -11,7 +11,7 @@ without braces.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Final
+from typing import Any, Final
 
 from milterapp.events import macro_name
 from milterapp.protocol.commands import decode_macros
@@ -22,6 +22,28 @@ __all__ = ["MacroTable"]
 _MESSAGE_STAGES: Final = frozenset(stage.commands.decode() for stage in MESSAGE_STAGES)
 #: The stages after each one, in the order the MTA goes through them.
 _LATER: Final = {letter: frozenset(SEQUENCE[at + 1 :]) for at, letter in enumerate(SEQUENCE)}
+
+
+_MISSING: Final = object()
+
+
+def _leading(payload: bytes, key: str, braced: str) -> str | None:
+    """The value of ``key`` (or ``braced``) in an undecoded ``D`` payload when it is the
+    packet's first name and neither spelling occurs again in it, or None (then decode it).
+
+    Postfix and Sendmail send the queue id ``i`` first in its packets, and the server looks
+    it up for each message's log line: this reads it without decoding the whole packet.
+    """
+    names = [name.encode("utf-8", "surrogateescape") + b"\0" for name in (key, braced)]
+    for needle in names:
+        if payload.startswith(needle, 1):
+            start = 1 + len(needle)
+            end = payload.index(b"\0", start)
+            plain, braces = names
+            if payload.find(b"\0" + plain, end) >= 0 or payload.find(b"\0" + braces, end) >= 0:
+                return None  # named again, or a value that reads as the name: decode
+            return payload[start:end].decode("utf-8", "surrogateescape")
+    return None
 
 
 class MacroTable(Mapping[str, str]):
@@ -90,15 +112,30 @@ class MacroTable(Mapping[str, str]):
         return {macro_name(name): value for name, value in self._decoded(letter).items()}
 
     def __getitem__(self, name: str) -> str:
+        value = self.get(name, _MISSING)
+        if value is _MISSING:
+            raise KeyError(name)
+        return value  # type: ignore[no-any-return]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """The value of ``name`` (with or without braces), or ``default``."""
         key = macro_name(name)
         braced = "{" + key + "}"
-        for stage in reversed(self._stages):  # the newest definition wins
-            values = self._decoded(stage)
+        stages = self._stages
+        for stage in reversed(stages):  # the newest definition wins
+            raw = stages[stage]
+            if isinstance(raw, bytes):
+                value = _leading(raw, key, braced)
+                if value is not None:
+                    return value
+                values = self._decoded(stage)
+            else:
+                values = raw
             if key in values:
                 return values[key]
             if braced in values:
                 return values[braced]
-        raise KeyError(name)
+        return default
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.as_dict())

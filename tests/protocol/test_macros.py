@@ -280,3 +280,28 @@ def test_the_macro_limit_holds_for_packets_of_every_size(
             conn.next_event()
     else:
         assert conn.next_event() is None  # taken into the table
+
+
+names = st.sampled_from(["i", "{i}", "j", "{j}", "ii", "{", "}", "é"])
+values = st.text(st.characters(blacklist_characters="\0"), max_size=3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.lists(st.tuples(names, names | values), max_size=4), max_size=3),
+    names,
+)
+def test_a_lookup_in_undecoded_packets_is_the_decoded_lookup(
+    packets: list[list[tuple[str, str]]], name: str
+) -> None:
+    """A name at the head of a packet is read without decoding the packet: same answer."""
+    undecoded, decoded = MacroTable(), MacroTable()
+    for letter, pairs in zip("CHMRTE", packets, strict=False):
+        payload = letter.encode() + b"".join(
+            f"{key}\0{value}\0".encode("utf-8", "surrogateescape") for key, value in pairs
+        )
+        undecoded.define_packet(letter, payload)
+        decoded.define_packet(letter, payload)
+        decoded.stage(letter)  # decodes it
+    assert undecoded.get(name, "-") == decoded.get(name, "-")
+    assert (name in undecoded) == (name in decoded)
