@@ -53,6 +53,7 @@ LAYERS: list[list[str]] = [
         "milterapp.server.limits",
         "milterapp.server.writes",
         "milterapp.server.loops",
+        "milterapp.server.logfmt",
         "milterapp.server.logsetup",
         "milterapp.server.acceptor",
         "milterapp.server.outcomes",

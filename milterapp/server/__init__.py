@@ -7,6 +7,7 @@ layer. Its modules, lowest first (``tests/test_architecture.py`` holds them to t
     limits      what one connection may cost, and the replies when a limit is hit
     writes      replies written in one batch per loop turn, without Nagle's delay
     loops       which event loop runs (uvloop when installed, or asyncio's)
+    logfmt      key=value lines as structlog's processors write them, for less
     logsetup    logging set-up for scripts (the library itself never configures logging)
     acceptor    accepting connections on the listening socket, on either loop
     outcomes    the administrator's log: a line per message, per connection, per event

@@ -14,11 +14,11 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import sys
-import time
-from collections.abc import MutableMapping
 from typing import Any, Final, Literal, TypeAlias
 
 import structlog
+
+from milterapp.server.logfmt import UtcTimestamp, logfmt_logger_class, render_logfmt
 
 __all__ = ["DEFAULT_SYSLOG_ADDRESS", "LogFormat", "LogLevel", "configure_logging"]
 
@@ -28,71 +28,6 @@ LogLevel: TypeAlias = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 DEFAULT_SYSLOG_ADDRESS: Final = "/dev/log"
 #: The stdlib logger that carries milterapp's lines to syslog.
 _SYSLOG_LOGGER: Final = "milterapp.syslog"
-
-
-_FIRST: Final = ("timestamp", "level", "event")
-_checked_keys: set[str] = set()
-
-
-class UtcTimestamp:
-    """``timestamp`` as structlog's ``TimeStamper(fmt="iso", utc=True)`` writes it
-    (``2026-12-06T10:41:07.118734Z``), for a quarter of its cost: the date and time are
-    formatted once a second, the microseconds each line (always six digits)."""
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._text = ""
-
-    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
-        now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self._second = second
-        event["timestamp"] = f"{self._text}.{int((now - second) * 1_000_000):06d}Z"
-        return event
-
-
-def render_logfmt(logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
-    """``key=value`` text as structlog's ``LogfmtRenderer`` writes it (``timestamp``,
-    ``level`` and ``event`` first; values quoted when they hold a space, ``=`` or ``"``; a
-    true boolean as the bare key), at a quarter of its cost: a line per message is the
-    administrator's default, and that renderer examined every character of every key of
-    every line."""
-    elements: list[str] = []
-    items = [(key, event.pop(key)) for key in _FIRST if key in event]
-    items += event.items()
-    for key, value in items:
-        if key not in _checked_keys:
-            if any(c <= " " for c in key):
-                raise ValueError(f'Invalid key: "{key}"')
-            _checked_keys.add(key)
-        kind = type(value)
-        if kind is str:
-            pass
-        elif value is None:
-            elements.append(f"{key}=")
-            continue
-        elif kind is bool:
-            if value:
-                elements.append(key)
-                continue
-            value = "false"
-        elif kind is int or kind is float:
-            elements.append(f"{key}={value}")
-            continue
-        else:
-            value = str(value)
-        if " " not in value and "=" not in value and '"' not in value:  # (a regex costs more)
-            if "\n" in value:
-                value = value.replace("\n", "\\n")
-            elements.append(f"{key}={value}")
-            continue
-        if "\\" in value:
-            value = value.replace("\\", "\\\\")
-        value = value.replace('"', '\\"').replace("\n", "\\n")
-        elements.append(f'{key}="{value}"')
-    return " ".join(elements)
 
 
 def _stderr_logger(*args: object) -> structlog.WriteLogger:
@@ -130,8 +65,9 @@ def configure_logging(
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
     ]
-    if syslog is None:
-        processors.append(UtcTimestamp())
+    stamp = UtcTimestamp() if syslog is None else None
+    if stamp is not None:
+        processors.append(stamp)
     processors.append(structlog.processors.format_exc_info)
     processors.append(
         structlog.processors.JSONRenderer() if log_format == "json" else render_logfmt
@@ -150,9 +86,14 @@ def configure_logging(
         def factory(*args: object) -> logging.Logger:
             return target
 
+    wrapper = (
+        logfmt_logger_class(level, processors, stamp)
+        if log_format == "text"
+        else structlog.make_filtering_bound_logger(level)
+    )
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(level),
+        wrapper_class=wrapper,
         # Resolve sys.stderr when each logger is made, not now: it may be replaced later
         # (test runners capture it), and a closed one would break every later log call.
         logger_factory=factory,

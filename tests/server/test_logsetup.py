@@ -5,20 +5,15 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import socket
 import sys
-from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 import structlog
-from hypothesis import given
-from hypothesis import strategies as st
 
 from milterapp.server.arguments import parse_command_line
-from milterapp.server.logsetup import UtcTimestamp, configure_logging, render_logfmt
+from milterapp.server.logsetup import configure_logging
 from milterapp.server.options import RunOptions
 
 
@@ -108,40 +103,3 @@ def test_the_syslog_flag_alone_means_the_local_syslog() -> None:
     assert parse_command_line(["--syslog"], "test") == {"syslog": "/dev/log"}
     assert parse_command_line(["--syslog", "127.0.0.1:514"], "test") == {"syslog": "127.0.0.1:514"}
     assert RunOptions(syslog=True).syslog == "/dev/log"
-
-
-values = st.one_of(
-    st.text(max_size=12),
-    st.integers(),
-    st.floats(allow_nan=False),
-    st.booleans(),
-    st.none(),
-    st.lists(st.integers(), max_size=2),
-)
-
-
-@given(
-    st.dictionaries(st.from_regex(r"[a-z_]{1,8}", fullmatch=True), values, max_size=6),
-    st.sampled_from([{}, {"event": "message"}, {"level": "info", "timestamp": "t"}]),
-)
-def test_our_logfmt_lines_are_structlogs(fields: dict[str, Any], first: dict[str, Any]) -> None:
-    event = {**fields, **first}
-    theirs = structlog.processors.LogfmtRenderer(
-        key_order=["timestamp", "level", "event"], drop_missing=True
-    )(None, "info", dict(event))
-    assert render_logfmt(None, "info", dict(event)) == theirs
-
-
-def test_a_key_with_a_space_is_refused_as_structlog_does() -> None:
-    with pytest.raises(ValueError, match='Invalid key: "a b"'):
-        render_logfmt(None, "info", {"a b": 1})
-
-
-def test_the_timestamp_is_structlogs_iso_utc_form() -> None:
-    ours = UtcTimestamp()(None, "info", {})["timestamp"]
-    theirs = structlog.processors.TimeStamper(fmt="iso", utc=True)(None, "info", {})["timestamp"]
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", ours)
-    assert abs(
-        datetime.fromisoformat(ours.replace("Z", "+00:00"))
-        - datetime.fromisoformat(theirs.replace("Z", "+00:00"))
-    ) < timedelta(seconds=1)
