@@ -33,8 +33,8 @@ from milterapp.replies import NegotiationReply
 from milterapp.server.deadlines import Deadlines
 from milterapp.server.limits import Limits
 from milterapp.server.metrics import Metrics
-from milterapp.server.outcomes import log_event
-from milterapp.server.responder import STAGE_NAMES, Responder, Response
+from milterapp.server.outcomes import log_event, stage_name
+from milterapp.server.responder import Responder, Response
 from milterapp.server.servable import Servable
 from milterapp.server.writes import WriteBatch, no_delay
 
@@ -155,8 +155,13 @@ class Connection(asyncio.BufferedProtocol):
         self._write_paused: asyncio.Future[None] | None = None
         self._deadlines: Deadlines | None = None
         self._target: memoryview | None = None  # lent to the transport by get_buffer
-        # The event whose reply a task makes, and since when (when commands are measured).
-        self._awaited: tuple[Event, float] | None = None
+        # Whether each command is timed, where its time goes for the metrics, and the event
+        # whose reply a task makes (answered when the task ends).
+        self._clocked = (
+            metrics is not None or self.responder.log_messages or self.responder.log_events
+        )
+        self._durations = metrics.durations if metrics is not None else None
+        self._awaited: Event | None = None
 
     @property
     def closed(self) -> bool:
@@ -277,32 +282,43 @@ class Connection(asyncio.BufferedProtocol):
         """Hand every available event to the responder; write the replies in one batch."""
         machine = self.machine
         responder = self.responder
-        timed = responder.log_messages
-        if timed and not responder.clock:  # (it ran on while a task ran)
-            responder.clock = time.perf_counter()
-        # Each command's time, for the metrics and the debug line alike.
-        measured = self.metrics is not None or responder.log_events
+        # Each command's time, from its arrival in this batch to its reply: one clock read
+        # per command (and one per batch), for the metrics, the message line and the debug
+        # line alike.
+        clocked = self._clocked
+        if clocked:
+            clock = time.perf_counter
+            durations = self._durations
+            log_events = responder.log_events
+            responder.clock = clock()
+        out = self._out
         try:
             while (event := machine.next_event()) is not None:
                 if event.__class__ in _ENDINGS:
                     self._run(self._quit(event))  # type: ignore[arg-type]
                 else:
-                    if measured:
-                        started = time.perf_counter()
                     response = responder.respond(event)
-                    if measured:
-                        if isinstance(response, bytes):
-                            self._answered(event, response, started)
-                        else:
-                            self._awaited = (event, started)  # answered when its task is
-                    self._run(response)
+                    if response.__class__ is bytes:
+                        if response:
+                            out.append(response)
+                        if clocked:
+                            now = clock()
+                            seconds = now - responder.clock
+                            responder.clock = now
+                            responder.spent += seconds
+                            if durations is not None:
+                                durations[event.__class__].append(seconds)
+                            if log_events:
+                                self._log_event(event, response, seconds)
+                    else:
+                        if clocked:
+                            self._awaited = event  # measured when its task ends
+                        self._start(response)  # type: ignore[arg-type]
                 if self._task is not None or self._ending:
                     break
         except Exception as exc:  # noqa: BLE001 - classified and logged by _fail
             self._fail(exc)
             return
-        if timed and self._task is None:  # (else it runs on while the handler is awaited)
-            responder.charge()
         self._flush()
         if self._task is None and not self._ending:
             # Between batches: shutdown at an idle point, and the per-command read deadline.
@@ -313,15 +329,23 @@ class Connection(asyncio.BufferedProtocol):
             elif self._deadlines is not None:
                 self._deadlines.command_incomplete(machine.partial)
 
-    def _answered(self, event: Event, replies: bytes, started: float) -> None:
-        """``event`` got its ``replies``: its time to the metrics, and its debug line."""
-        seconds = time.perf_counter() - started
-        stage = STAGE_NAMES.get(type(event)) or type(event).__name__.lower()
-        if self.metrics is not None:
-            self.metrics.handler_time(stage, seconds)
+    def _answered_late(self, event: Event, replies: bytes) -> None:
+        """The task answering ``event`` ended: the command's time, as ``_process`` counts it
+        for the others (the clock kept the command's start meanwhile)."""
+        responder = self.responder
+        now = time.perf_counter()
+        seconds = now - responder.clock
+        responder.clock = now
+        responder.spent += seconds
+        if self._durations is not None:
+            self._durations[event.__class__].append(seconds)
+        if responder.log_events:
+            self._log_event(event, replies, seconds)
+
+    def _log_event(self, event: Event, replies: bytes, seconds: float) -> None:
         ctx = self.responder.ctx
-        if self.responder.log_events and ctx is not None:
-            log_event(ctx, stage, replies, seconds)
+        if ctx is not None:
+            log_event(ctx, stage_name(type(event)), replies, seconds)
 
     def _run(self, response: Response) -> None:
         if isinstance(response, bytes):
@@ -355,9 +379,9 @@ class Connection(asyncio.BufferedProtocol):
         else:
             out = task.result()
             if self._awaited is not None:
-                event, started = self._awaited
+                event = self._awaited
                 self._awaited = None
-                self._answered(event, out, started)
+                self._answered_late(event, out)
             if out:
                 self._out.append(out)
             if self._ending:

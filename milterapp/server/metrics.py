@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import http.server
 import importlib.util
 import math
@@ -26,6 +27,8 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from milterapp.errors import SetupError
+from milterapp.events import Event
+from milterapp.server.outcomes import stage_name
 
 __all__ = [
     "HANDLER_BUCKETS",
@@ -142,7 +145,12 @@ class Metrics:
         # and a microsecond or more each, which per command cost the server a fifth of its
         # speed. Buckets as prometheus_client keeps them: not cumulative, +Inf last.
         self._bounds = (*HANDLER_BUCKETS, math.inf)
-        self._times: dict[str, tuple[list[int], list[float]]] = {}
+        #: Each command's time since the last flush, by event model: connections append
+        #: here (a list append is the least a command can pay), flush() sorts them into
+        #: buckets.
+        self.durations: collections.defaultdict[type[Event], list[float]] = collections.defaultdict(
+            list
+        )
         self._verdicts: dict[tuple[str, str], int] = {}
         self._opened = 0
         self._open = 0
@@ -169,12 +177,10 @@ class Metrics:
         self._refused += refused
         self._body_bytes += body_bytes
 
-    def handler_time(self, stage: str, seconds: float) -> None:
-        times = self._times.get(stage)
-        if times is None:
-            times = self._times[stage] = ([0] * len(self._bounds), [0.0])
-        times[0][bisect.bisect_left(self._bounds, seconds)] += 1
-        times[1][0] += seconds
+    def handler_time(self, event: type[Event], seconds: float) -> None:
+        """One command of ``event``'s kind took ``seconds`` to answer (connections append
+        to :attr:`durations` themselves)."""
+        self.durations[event].append(seconds)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Hand the counts to prometheus_client every second, from ``loop``'s thread."""
@@ -227,16 +233,24 @@ class Metrics:
         if self._body_bytes:
             self.body_bytes.inc(self._body_bytes)
             self._body_bytes = 0
-        times, self._times = self._times, {}
-        for stage, (counts, total) in times.items():
-            child = self.handler_seconds.labels(stage)
+        bounds = self._bounds
+        for event, seconds in self.durations.items():
+            if not seconds:
+                continue
+            child = self.handler_seconds.labels(stage_name(event))
+            # Sorted, the values fall into the buckets in runs: one search per bound finds
+            # each run's end (each value in turn would cost a search and a count in Python).
+            seconds.sort()
+            ends = [bisect.bisect_right(seconds, bound) for bound in bounds]
+            counts = [end - start for start, end in zip([0, *ends], ends, strict=False)]
             # As observe() would have, once per observation: its own values, in bulk
             # (prometheus_client has no public way; tests/server/test_metrics.py checks
             # that the result is observe()'s).
             for at, count in enumerate(counts):
                 if count:
                     child._buckets[at].inc(count)
-            child._sum.inc(total[0])
+            child._sum.inc(sum(seconds))
+            seconds.clear()
 
     # --- rare: handed over at once --------------------------------------------------------
 

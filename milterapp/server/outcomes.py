@@ -17,8 +17,9 @@ import time
 from typing import Any, Final
 
 from milterapp.context import Context
-from milterapp.events import EnvFrom
+from milterapp.events import EnvFrom, Event
 from milterapp.message import Message
+from milterapp.protocol.stages import BY_EVENT
 from milterapp.replies import Continue, Reject, Reply, TempFail
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "log_connection",
     "log_event",
     "log_message",
+    "stage_name",
     "verdict_name",
 ]
 
@@ -48,6 +50,12 @@ def enabled_for(logger: Any, level: int) -> bool:
     """Whether ``logger`` prints at ``level`` (True when it cannot tell)."""
     test = getattr(logger, "is_enabled_for", None) or getattr(logger, "isEnabledFor", None)
     return True if test is None else bool(test(level))
+
+
+def stage_name(event: type[Event]) -> str:
+    """The stage an event belongs to (``envrcpt``, ``eom``...), as logs and metrics name it."""
+    stage = BY_EVENT.get(event)
+    return stage.name if stage is not None else event.__name__.lower()
 
 
 def verdict_name(verdict: Reply | None, stage: str) -> str:
@@ -79,20 +87,17 @@ def count_modification(message: Message, reply: Reply) -> None:
     counts[name] = counts.get(name, 0) + 1
 
 
-def log_message(
-    ctx: Context[Any, Any], stage: str, verdict: Reply | None, *, how: str | None = None
-) -> None:
-    """Log the ``message`` line of ``ctx.message``, which ends now.
-
-    ``how``: ``abort`` or ``closed`` when the message ended without a verdict.
-    """
+def log_message(ctx: Context[Any, Any], stage: str, verdict: Reply | None, outcome: str) -> None:
+    """Log the ``message`` line of ``ctx.message``, which ends now at ``stage`` with
+    ``verdict``: ``outcome`` is its :func:`verdict_name`, or ``abort`` or ``closed`` when
+    the message ended without one."""
     message = ctx.message
     fields: dict[str, Any] = {
         "queue_id": message.queue_id,
         "sender": envelope_address(message.sender_record),
         "recipients": len(message.recipient_records),
         "refused": message.refused_recipients,
-        "verdict": how or verdict_name(verdict, stage),
+        "verdict": outcome,
         "stage": stage,
     }
     if isinstance(verdict, Reject | TempFail) and verdict.code is not None:
@@ -104,9 +109,9 @@ def log_message(
             f"{name}:{count}" for name, count in sorted(message.modifications_sent.items())
         )
     fields["body_bytes"] = message.body_size
-    fields["handler_ms"] = round(message.handler_seconds * 1000, 3)
+    fields["handler_ms"] = _milliseconds(message.handler_seconds)
     if message.started:
-        fields["duration_ms"] = round((time.perf_counter() - message.started) * 1000, 3)
+        fields["duration_ms"] = _milliseconds(time.perf_counter() - message.started)
     # (The session's logger: binding one with this queue id would cost more than the line.)
     ctx.session_log.info("message", **fields)
 
@@ -116,15 +121,19 @@ def log_connection(ctx: Context[Any, Any], messages: int, started: float) -> Non
     ctx.session_log.info(
         "connection_closed",
         messages=messages,
-        duration_ms=round((time.monotonic() - started) * 1000, 3),
+        duration_ms=_milliseconds(time.monotonic() - started),
     )
 
 
 def log_event(ctx: Context[Any, Any], stage: str, replies: bytes, seconds: float) -> None:
     """Log the debug ``event`` line: the stage, the reply letters sent, the time taken."""
-    ctx.log.debug(
-        "event", stage=stage, replies=_reply_letters(replies), ms=round(seconds * 1000, 3)
-    )
+    ctx.log.debug("event", stage=stage, replies=_reply_letters(replies), ms=_milliseconds(seconds))
+
+
+def _milliseconds(seconds: float) -> float:
+    """``seconds`` in milliseconds to the microsecond (``round(x, 3)`` costs several times
+    more: it rounds through the decimal digits)."""
+    return round(seconds * 1_000_000) / 1000
 
 
 def _reply_letters(packets: bytes) -> str:

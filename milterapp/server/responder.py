@@ -71,14 +71,12 @@ from milterapp.server.outcomes import (
 )
 from milterapp.server.servable import Outcome, Servable, decided
 
-__all__ = ["STAGE_NAMES", "Responder", "Response"]
+__all__ = ["Responder", "Response"]
 
 #: The reply to one event: its bytes now, or a coroutine that gives them.
 Response = bytes | Coroutine[Any, Any, bytes]
 
 _NEGOTIATIONS_KEPT: Final = 64
-#: Every stage's name, by event model (for logs and metrics).
-STAGE_NAMES: Final[dict[type[Event], str]] = {stage.event: stage.name for stage in STAGES}
 #: The stages whose handlers may reply, by event model (the others are observed only).
 _REPLYING_STAGES: Final[dict[type[Event], str]] = {
     stage.event: stage.name for stage in STAGES if not stage.observer
@@ -155,11 +153,11 @@ class Responder:
         self.log_events = enabled_for(base, logging.DEBUG) and structlog.is_configured()
         self.messages = 0  # messages ended in the current session
         self._session_started = 0.0
-        #: perf_counter() when the time now spent answering the MTA began to count (0: not
-        #: counting): the connection starts it for each batch of reads, and it runs while a
-        #: handler is awaited; it is charged to the message at its end (per batch, not per
-        #: event: a clock read costs more than most events' own work).
+        #: perf_counter() when the command being answered began (the connection keeps it:
+        #: a batch's start, then each reply's time), and the time spent answering the MTA
+        #: since MAIL, summed over the commands answered: the message line's handler_ms.
         self.clock = 0.0
+        self.spent = 0.0
         # The message that went over a limit, and the reply it gets (at most one at a time).
         self._refused: tuple[object, TempFail] | None = None
 
@@ -592,34 +590,22 @@ class Responder:
         """The message ends: its log line, with the time of the event that ended it."""
         self.messages += 1
         metrics = self.metrics
+        if metrics is None and not self.log_messages:
+            return
+        outcome = how or verdict_name(verdict, stage)
+        message = ctx.message
         if metrics is not None:
-            message = ctx.message
-            metrics.message_done(
-                how or verdict_name(verdict, stage),
-                stage,
-                message.refused_recipients,
-                message.body_size,
-            )
+            metrics.message_done(outcome, stage, message.refused_recipients, message.body_size)
         if self.log_messages:
-            if self.clock:  # the time so far is this message's; the rest, the next one's
-                now = time.perf_counter()
-                ctx.message.handler_seconds += now - self.clock
-                self.clock = now
-            log_message(ctx, stage, verdict, how=how)
+            # The commands answered so far, and the one that ends the message (so far).
+            message.handler_seconds = self.spent + (time.perf_counter() - self.clock)
+            log_message(ctx, stage, verdict, outcome)
 
     def _message_begins(self, ctx: Context) -> None:
-        """MAIL came: the message's clocks start; time spent before it in this batch of
-        reads was the session's, not this message's."""
-        now = ctx.message.started = time.perf_counter()
-        if self.clock:
-            self.clock = now
-
-    def charge(self) -> None:
-        """Stop the clock, charging the time since it started to the current message."""
-        if self.clock:
-            if self.ctx is not None:
-                self.ctx.message.handler_seconds += time.perf_counter() - self.clock
-            self.clock = 0.0
+        """MAIL came: the message's clocks start (MAIL's own time counts to it)."""
+        if self.log_messages:
+            ctx.message.started = self.clock
+            self.spent = 0.0
 
 
 def _nothing_after(observed: Outcome | Coroutine[Any, Any, Outcome]) -> Response:
