@@ -22,6 +22,7 @@ import http.server
 import importlib.util
 import math
 import os
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any, Final
@@ -75,19 +76,26 @@ def require_prometheus() -> None:
 
 
 class Metrics:
-    """The metrics of one server process (one worker), in ``registry`` (a fresh one by
-    default; with multiprocess mode the values go to files whatever the registry)."""
+    """The metrics of one server process (one worker), in ``registry``: by default a fresh
+    one that also shows prometheus_client's default registry (the process's own metrics, and
+    the app's). With multiprocess mode the values go to files whatever the registry."""
 
     def __init__(self, registry: Any = None) -> None:
         require_prometheus()
         from prometheus_client import (
+            REGISTRY,
             CollectorRegistry,
             Counter,
             Gauge,
             Histogram,
         )
 
-        self.registry = registry if registry is not None else CollectorRegistry()
+        if registry is None:
+            # Beside milterapp's own, what prometheus_client's default registry holds: the
+            # process (memory, CPU, open files) and any metrics of the app's own.
+            registry = CollectorRegistry()
+            registry.register(REGISTRY)
+        self.registry = registry
         on = self.registry
         self.connections = Counter(
             "milterapp_connections", "MTA connections accepted and served", registry=on
@@ -352,8 +360,15 @@ class MetricsEndpoint:
 
 def multiprocess_directory(directory: str) -> None:
     """Make the workers' metrics go to files in ``directory`` (multiprocess mode): call in the
-    parent before prometheus_client is imported and before any worker is forked."""
+    parent before any worker is forked and any of milterapp's metrics is made."""
     os.environ[_MULTIPROCESS] = directory
+    if "prometheus_client.values" in sys.modules:
+        # prometheus_client chooses where values live when it is imported, and an app may
+        # have imported it already (for metrics of its own): choose again, as the import
+        # would have now. Metrics made before this keep their in-process values.
+        from prometheus_client import values
+
+        values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
 
 
 def worker_gone(pid: int) -> None:

@@ -130,6 +130,28 @@ def test_a_scrape_counts_connections_messages_and_failures() -> None:
     assert samples["milterapp_body_bytes_total", ()] == 3 * len(b"Hello, Bob.\r\n")
 
 
+def test_a_scrape_shows_the_process_and_the_apps_own_metrics() -> None:
+    """What an app registers in prometheus_client's default registry is served beside
+    milterapp's metrics, with the process's memory and CPU."""
+    from prometheus_client import REGISTRY, Counter
+
+    own = Counter("test_cache_hits", "an app's own metric")
+    try:
+        own.inc(3)
+        metrics = Metrics()
+        endpoint = MetricsEndpoint("127.0.0.1:0", metrics.registry, lambda: True)
+        try:
+            samples = scrape(endpoint.port)
+        finally:
+            endpoint.close()
+    finally:
+        REGISTRY.unregister(own)
+    assert samples["test_cache_hits_total", ()] == 3
+    assert samples["milterapp_connections_total", ()] == 0
+    if sys.platform == "linux":
+        assert samples["process_resident_memory_bytes", ()] > 0
+
+
 def test_an_unknown_path_is_404_and_a_busy_port_a_setup_error() -> None:
     metrics = Metrics()
     endpoint = MetricsEndpoint("127.0.0.1:0", metrics.registry, lambda: True)
@@ -154,13 +176,21 @@ SCRIPT = textwrap.dedent(
     """
     import sys
 
+    import prometheus_client  # (before run(), as an app with metrics of its own does)
+
     from milterapp import App
 
     app = App("counted")
+    counted = []
+
+    @app.on_startup
+    def make_the_apps_own_metric():
+        counted.append(prometheus_client.Counter("app_stamps", "the app's own count"))
 
     @app.on("eom")
     def stamp(event, ctx):
         ctx.add_header("X-Counted", "yes")
+        counted[0].inc()
 
     if __name__ == "__main__":
         app.run(sys.argv[1], workers=2, metrics=sys.argv[2], argv=[])
@@ -170,6 +200,8 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.skipif(sys.platform != "linux", reason="workers use fork() (Linux)")
 def test_with_two_workers_a_scrape_shows_the_sum(tmp_path: Path) -> None:
+    """The parent serves the sum of both workers' metrics, the app's own included, although
+    the app imported prometheus_client before run() set its multiprocess mode up."""
     script = tmp_path / "counted.py"
     script.write_text(SCRIPT)
     port, metrics_port = free_port(), free_port()
@@ -195,6 +227,7 @@ def test_with_two_workers_a_scrape_shows_the_sum(tmp_path: Path) -> None:
     samples = run(body(), timeout=60)
     assert samples[ACCEPTED] == 6
     assert samples["milterapp_connections_total", ()] == 6
+    assert samples["app_stamps_total", ()] == 6
 
 
 def test_the_counts_handed_over_in_bulk_are_what_observe_would_give() -> None:
