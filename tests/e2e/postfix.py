@@ -65,6 +65,7 @@ MAILBOX_NAMES = (
     "sender",
     "several",
     "slow",
+    "workers",
 )
 TRANSPORTS = ("inet", "unix")
 

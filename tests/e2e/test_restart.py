@@ -45,8 +45,10 @@ APP = textwrap.dedent(
 class Milter:
     """One ``milterapp run`` process, its stderr read line by line in a thread."""
 
-    def __init__(self, mta: Mta, directory: Path) -> None:
-        command = [sys.executable, "-m", "milterapp", "run", "restartapp:app"]
+    def __init__(
+        self, mta: Mta, directory: Path, target: str = "restartapp:app", *options: str
+    ) -> None:
+        command = [sys.executable, "-m", "milterapp", "run", target, *options]
         command += ["--spec", mta.milter_spec, "--shutdown-grace", "20"]
         if mta.transport == "unix":
             command += ["--unix-socket-group", "postfix"]
@@ -66,7 +68,7 @@ class Milter:
         assert self.process.stderr is not None
         for line in self.process.stderr:
             self.lines.append(line)
-            if "event=listening" in line:
+            if "event=listening" in line or '"event": "listening"' in line:
                 self.listening.set()
             elif "event=stamped" in line:
                 self.stamped += 1
@@ -84,6 +86,15 @@ class Milter:
         status = self.process.wait(timeout=60)
         self.reader.join(timeout=30)
         return status
+
+    def close(self) -> None:
+        """Kill the process if it still runs, and close its stderr."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        self.reader.join(timeout=30)
+        if self.process.stderr is not None:
+            self.process.stderr.close()
 
 
 def deliver(mta: Mta, index: int, box: str = "load") -> int:
@@ -145,9 +156,4 @@ def test_a_restart_under_load_loses_nothing(mta: Mta, tmp_path: Path) -> None:
     finally:
         for milter in (first, second):
             if milter is not None:
-                if milter.process.poll() is None:
-                    milter.process.kill()
-                    milter.process.wait(timeout=30)
-                milter.reader.join(timeout=30)
-                if milter.process.stderr is not None:
-                    milter.process.stderr.close()
+                milter.close()
