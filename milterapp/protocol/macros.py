@@ -32,18 +32,20 @@ def _leading(payload: bytes, key: str, braced: str) -> str | None:
     packet's first name and neither spelling occurs again in it, or None (then decode it).
 
     Postfix and Sendmail send the queue id ``i`` first in its packets, and the server looks
-    it up for each message's log line: this reads it without decoding the whole packet.
+    it up for each message's log line: this reads it in a few steps (each costs about as
+    much as decoding a string) instead of decoding the whole packet.
     """
-    names = [name.encode("utf-8", "surrogateescape") + b"\0" for name in (key, braced)]
-    for needle in names:
-        if payload.startswith(needle, 1):
-            start = 1 + len(needle)
-            end = payload.index(b"\0", start)
-            plain, braces = names
-            if payload.find(b"\0" + plain, end) >= 0 or payload.find(b"\0" + braces, end) >= 0:
-                return None  # named again, or a value that reads as the name: decode
-            return payload[start:end].decode("utf-8", "surrogateescape")
-    return None
+    parts = payload.split(b"\0", 2)
+    if len(parts) != 3:
+        return None
+    name = parts[0][1:].decode("utf-8", "surrogateescape")
+    if name != key and name != braced:
+        return None
+    if parts[2]:
+        later = "\0" + parts[2].decode("utf-8", "surrogateescape")
+        if f"\0{key}\0" in later or f"\0{braced}\0" in later:
+            return None  # named again, or a value that reads as the name: decode
+    return parts[1].decode("utf-8", "surrogateescape")
 
 
 class MacroTable(Mapping[str, str]):

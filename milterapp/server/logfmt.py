@@ -28,6 +28,8 @@ __all__ = ["UtcTimestamp", "logfmt_logger_class", "render_logfmt"]
 #: The keys every line starts with, in this order.
 _FIRST: Final = ("timestamp", "level", "event")
 _FIRST_KEYS: Final = frozenset(_FIRST)
+#: Fields that take the processors' way: moved first, or an exception to format.
+_RESERVED: Final = frozenset({*_FIRST, "exc_info"})
 #: structlog's level methods, by number (``add_log_level`` writes these names unchanged).
 _LEVELS: Final = {10: "debug", 20: "info", 30: "warning", 40: "error", 50: "critical"}
 #: Keys found valid (no space or control character), so each is examined once.
@@ -143,29 +145,24 @@ class _LogfmtLines:
     #: The processor list these lines stand for, and its time stamper (set per class).
     _pipeline: Any = None
     _stamp: UtcTimestamp | None = None
-    #: The bound context rendered, and its size then (structlog replaces a context on
-    #: ``bind()``; only ``new()`` changes one in place, and it empties it first).
-    _prefix: tuple[int, str | None] = (-1, None)
+    #: The bound context's size, its rendering, and the keys a line's fields must not
+    #: have (structlog replaces a context on ``bind()``; only ``new()`` changes one in
+    #: place, and it empties it first).
+    _prefix: tuple[int, str | None, frozenset[str]] = (-1, None, frozenset())
 
     def _line(self, level: str, event: str, fields: dict[str, Any]) -> str | None:
         """The line the processors would give for ``event`` and ``fields`` (None: let
         them give it)."""
         context = self._context
-        if self._processors is not self._pipeline or (
-            fields
-            and not (
-                "exc_info" not in fields
-                and _FIRST_KEYS.isdisjoint(fields)
-                and context.keys().isdisjoint(fields)
-            )
-        ):
+        if self._processors is not self._pipeline:
             return None
-        size, prefix = self._prefix
+        size, prefix, reserved = self._prefix
         if size != len(context):
             prefix = _render_context(context)
-            self._prefix = (len(context), prefix)
-        if prefix is None:
-            return None
+            reserved = _RESERVED.union(context)
+            self._prefix = (len(context), prefix, reserved)
+        if prefix is None or (fields and not reserved.isdisjoint(fields)):
+            return None  # a key the processors would move or merge, or an exception
         head = _heads.get((level, event)) or _head(level, event)
         stamp = self._stamp
         elements = [f"timestamp={stamp.now()} {head}" if stamp is not None else head]

@@ -104,10 +104,15 @@ def log_message(ctx: Context[Any, Any], stage: str, verdict: Reply | None, outco
         fields["code"] = verdict.code
         if verdict.xcode:
             fields["xcode"] = verdict.xcode
-    if message.modifications_sent:
-        fields["modifications"] = ",".join(
-            f"{name}:{count}" for name, count in sorted(message.modifications_sent.items())
-        )
+    sent = message.modifications_sent
+    if sent:
+        if len(sent) == 1:  # (most messages: one kind, mostly a header added)
+            [(name, count)] = sent.items()
+            fields["modifications"] = f"{name}:{count}"
+        else:
+            fields["modifications"] = ",".join(
+                [f"{name}:{count}" for name, count in sorted(sent.items())]
+            )
     fields["body_bytes"] = message.body_size
     fields["handler_ms"] = _milliseconds(message.handler_seconds)
     if message.started:
