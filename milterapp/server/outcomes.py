@@ -89,8 +89,8 @@ def count_modification(message: Message, reply: Reply) -> None:
 
 def log_message(ctx: Context[Any, Any], stage: str, verdict: Reply | None, outcome: str) -> None:
     """Log the ``message`` line of ``ctx.message``, which ends now at ``stage`` with
-    ``verdict``: ``outcome`` is its :func:`verdict_name`, or ``abort`` or ``closed`` when
-    the message ended without one."""
+    ``verdict``: ``outcome`` is its :func:`verdict_name`, or ``abort`` when the message
+    ended without one."""
     message = ctx.message
     fields: dict[str, Any] = {
         "queue_id": message.queue_id,

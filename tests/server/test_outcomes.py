@@ -3,6 +3,7 @@ per connection, debug ``event`` lines, and a handler's failure named as such."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -90,6 +91,28 @@ def test_a_message_that_ends_without_a_verdict_is_logged_as_an_abort() -> None:
     (done,) = lines(logs, "message")
     assert (done["verdict"], done["stage"], done["recipients"]) == ("abort", "envrcpt", 1)
     assert done["sender"] == "alice@example.org"
+
+
+def test_a_message_open_when_the_connection_closes_is_logged_as_an_abort() -> None:
+    """The MTA went away in the middle of a message (no abort first): the message still
+    gets its line, and the time the milter waited meanwhile is not counted as its own."""
+
+    async def body() -> list[dict[str, Any]]:
+        with structlog.testing.capture_logs() as logs:
+            async with running_server(guard()) as server:  # (it answers MAIL and RCPT)
+                client = await connect(server)
+                await start_session(client)
+                for event in message_events(recipients=["b@example.net"])[:3]:
+                    await send(client, event)
+                await asyncio.sleep(0.2)  # (the MTA's silence, which handler_ms must leave out)
+                await client.close(quit=False)  # the socket closed: no abort, no QUIT
+                await until(lambda: bool(lines(logs, "connection_closed")))
+        return logs
+
+    logs = run(body())
+    (done,) = lines(logs, "message")
+    assert (done["verdict"], done["stage"], done["recipients"]) == ("abort", "envrcpt", 1)
+    assert done["handler_ms"] < 200 <= done["duration_ms"]
 
 
 def test_the_connection_line_counts_its_messages() -> None:
