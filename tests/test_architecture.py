@@ -67,6 +67,9 @@ LAYERS: list[list[str]] = [
     ["milterapp.server.workers"],
     ["milterapp.server.arguments", "milterapp.server.main"],
     ["milterapp.server"],
+    # Chaining: the MTA side of the protocol over asyncio, calling upstream milters.
+    ["milterapp.chain.*"],
+    ["milterapp.chain"],
     # The App on top of the server (as Flask's app.run() on werkzeug).
     ["milterapp.handlers"],
     ["milterapp.app"],

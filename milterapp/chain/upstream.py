@@ -1,0 +1,400 @@
+"""One conversation with one upstream milter, spoken from the MTA's side, over asyncio.
+
+:meth:`UpstreamConnection.open` connects to the milter at a spec and negotiates;
+:meth:`~UpstreamConnection.send` sends one command (and its macros) and returns the milter's
+:class:`~milterapp.protocol.mta.Answer`. The sans-IO :class:`~milterapp.protocol.mta.MtaConnection`
+checks every byte both ways; this module adds the sockets and the deadlines.
+
+Every read and write is bounded: connecting and negotiating by ``connect_timeout``, each other
+command by ``command_timeout``, end of message by ``eom_timeout`` (restarted by each progress
+packet). Whatever goes wrong with the upstream is an :class:`UpstreamFailure` whose ``kind``
+says what: ``unreachable``, ``negotiation``, ``timeout``, ``protocol`` or ``closed``. After a
+failure the socket is closed and every later call fails at once with the same kind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import socket
+from collections.abc import Callable
+from types import TracebackType
+from typing import Final, Literal, Self, TypeAlias
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from milterapp.constants import MAX_VERSION
+from milterapp.errors import MilterError, ProtocolError, RemoteProtocolError
+from milterapp.events import Abort, EndOfMessage, EnvFrom, Event, Macros, Negotiate, Quit
+from milterapp.protocol.mta import DEFAULT_OFFER, Answer, MtaConnection
+from milterapp.protocol.negotiation import SessionOptions
+from milterapp.replies import Modification, NegotiationReply, Progress
+from milterapp.spec import ConnectionSpec
+
+__all__ = [
+    "FailureKind",
+    "FailurePolicy",
+    "UpstreamConnection",
+    "UpstreamFailure",
+    "UpstreamOptions",
+]
+
+#: What the chain answers for a message when its upstream fails (used by the App, later).
+FailurePolicy: TypeAlias = Literal["tempfail", "accept", "reject"]
+FailureKind: TypeAlias = Literal["unreachable", "negotiation", "timeout", "protocol", "closed"]
+
+#: Largest reply packet accepted. Milters send small packets (body replacements come in
+#: 64 KiB chunks); a low limit makes a text greeting read as a length ("HTTP" is 1.2 GB,
+#: any printable first byte is over 512 MiB) fail on arrival instead of at the deadline.
+_MAX_REPLY_SIZE: Final = 16 << 20
+_READ_SIZE: Final = 65536
+#: How many bytes of a non-milter's answer a failure quotes.
+_QUOTED: Final = 40
+_NAME: Final = re.compile(r"[A-Za-z0-9_.-]+")
+#: What each command is called in a failure's detail.
+_PENDING: Final = {
+    "C": "connect",
+    "H": "HELO",
+    "M": "MAIL",
+    "R": "RCPT",
+    "T": "DATA",
+    "L": "a header",
+    "N": "end of headers",
+    "B": "a body chunk",
+    "E": "end of message",
+}
+
+
+class UpstreamOptions(BaseModel):
+    """Where an upstream milter listens, its deadlines in seconds, and the policy on failure.
+
+    ``command_timeout`` stays below Sendmail's 10 s per reply, so that our MTA does not give
+    up on us before we give up on the upstream.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    spec: ConnectionSpec
+    connect_timeout: float = Field(default=5.0, gt=0, allow_inf_nan=False)
+    command_timeout: float = Field(default=8.0, gt=0, allow_inf_nan=False)
+    eom_timeout: float = Field(default=120.0, gt=0, allow_inf_nan=False)
+    on_failure: FailurePolicy = "tempfail"
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        if not _NAME.fullmatch(name):
+            raise ValueError(f"name {name!r} must be non-empty letters, digits, '_', '.' or '-'")
+        return name
+
+    @field_validator("spec", mode="before")
+    @classmethod
+    def _parse_spec(cls, spec: object) -> object:
+        # ConnectionSpecError is a ValueError: pydantic reports it under the field "spec".
+        return ConnectionSpec.parse(spec) if isinstance(spec, str) else spec
+
+
+class UpstreamFailure(MilterError):
+    """The upstream milter failed; ``str()`` is ``upstream NAME: DETAIL``.
+
+    Attributes:
+        name: the upstream's name (:attr:`UpstreamOptions.name`).
+        kind: ``unreachable`` (no connection), ``negotiation`` (connected, but no valid
+            negotiation reply), ``timeout`` (a deadline passed), ``protocol`` (an invalid
+            reply) or ``closed`` (the upstream closed or reset the connection).
+        detail: what happened, in plain words.
+    """
+
+    def __init__(self, name: str, kind: FailureKind, detail: str) -> None:
+        super().__init__(f"upstream {name}: {detail}")
+        self.name = name
+        self.kind: FailureKind = kind
+        self.detail = detail
+
+
+class _PeerClosed(Exception):
+    """The upstream closed its side (end of file)."""
+
+
+async def _connect(spec: ConnectionSpec) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if spec.scheme == "unix":
+        return await asyncio.open_unix_connection(spec.path)
+    family = socket.AF_INET6 if spec.scheme == "inet6" else socket.AF_INET
+    return await asyncio.open_connection(spec.connect_host, spec.port, family=family)
+
+
+def _unreachable(spec: ConnectionSpec, exc: OSError) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return f"no such socket at {spec}"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connection refused at {spec}"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve {spec.connect_host}: {exc.strerror}"
+    return f"cannot connect to {spec}: {(exc.strerror or str(exc)).lower()}"
+
+
+def _not_a_reply(heard: bytes, exc: ProtocolError | None) -> str:
+    if exc is not None and heard[4:5] == b"O":
+        return f"invalid negotiation reply: {exc}"  # a milter's packet, with a wrong reply
+    quoted = repr(heard[:_QUOTED]) + ("..." if len(heard) > _QUOTED else "")
+    return f"not a milter: answered {quoted}"
+
+
+class UpstreamConnection:
+    """One negotiated connection to an upstream milter, made by :meth:`open`; ``config`` holds
+    the :class:`UpstreamOptions` it was opened with."""
+
+    def __init__(
+        self,
+        config: UpstreamOptions,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        mta: MtaConnection,
+    ) -> None:
+        self.config = config
+        self._reader = reader
+        self._writer = writer
+        self._mta = mta
+        self._failure: UpstreamFailure | None = None
+        self._closed = False
+
+    @property
+    def name(self) -> str:
+        """The upstream's name, as in every failure it raises."""
+        return self.config.name
+
+    @property
+    def reply(self) -> NegotiationReply:
+        """The upstream's negotiation reply."""
+        assert self._mta.reply is not None  # open() returns only once it is in
+        return self._mta.reply
+
+    @property
+    def options(self) -> SessionOptions:
+        """What was negotiated: version, actions, protocol flags (declined events, NR flags)."""
+        assert self._mta.options is not None
+        return self._mta.options
+
+    @classmethod
+    async def open(
+        cls, options: UpstreamOptions, offer: Negotiate = DEFAULT_OFFER
+    ) -> UpstreamConnection:
+        """Connect to ``options.spec`` and negotiate ``offer`` (its version capped at 6),
+        both within ``options.connect_timeout``.
+
+        Raises:
+            UpstreamFailure: ``unreachable``, ``negotiation`` or ``timeout``; no socket stays
+                open.
+        """
+        offer = Negotiate(
+            version=min(offer.version, MAX_VERSION), actions=offer.actions, protocol=offer.protocol
+        )
+        mta = MtaConnection(offer, max_data_size=_MAX_REPLY_SIZE)
+        spec, limit = options.spec, options.connect_timeout
+        writer: asyncio.StreamWriter | None = None
+        failure: UpstreamFailure | None = None
+        try:
+            async with asyncio.timeout(limit):
+                reader, writer = await _connect(spec)
+                connection = cls(options, reader, writer, mta)
+                detail = await connection._negotiate()
+            if detail is None:
+                return connection
+            failure = UpstreamFailure(options.name, "negotiation", detail)
+        except TimeoutError:
+            # A connect() that the system timed out is a TimeoutError too: both are deadlines.
+            detail = f"no connection to {spec} within {limit:g} s"
+            if writer is not None:
+                detail = f"no answer to the negotiation within {limit:g} s"
+            failure = UpstreamFailure(options.name, "timeout", detail)
+        except OSError as exc:
+            if writer is None:
+                failure = UpstreamFailure(options.name, "unreachable", _unreachable(spec, exc))
+            else:
+                detail = "reset the connection without answering the negotiation"
+                failure = UpstreamFailure(options.name, "negotiation", detail)
+        finally:
+            if writer is not None and (failure is not None or mta.options is None):
+                writer.transport.abort()  # a failure or cancellation: no socket left open
+        assert failure is not None  # every way out of the try but success sets it
+        raise failure
+
+    async def _negotiate(self) -> str | None:
+        """Send the offer and read the reply; None when it is in, else what went wrong."""
+        mta = self._mta
+        self._writer.write(mta.send(mta.offer))
+        await self._writer.drain()
+        heard = b""  # the start of the answer, quoted when it is not a milter's
+        while True:
+            try:
+                if mta.next_reply() is not None:
+                    return None
+            except RemoteProtocolError as exc:
+                return _not_a_reply(heard, exc)
+            data = await self._reader.read(_READ_SIZE)
+            if not data:
+                if heard:
+                    return _not_a_reply(heard, None)
+                return "closed the connection without answering the negotiation"
+            heard = (heard + data)[: _QUOTED + 1]
+            mta.receive_data(data)
+
+    # --- the conversation --------------------------------------------------------------------
+
+    def declined(self, event: Event) -> bool:
+        """Whether the upstream asked not to receive ``event`` (a NO flag, or its version)."""
+        return self._mta.suppressed(event)
+
+    async def send(
+        self,
+        event: Event,
+        *,
+        macros: Macros | None = None,
+        on_progress: Callable[[], object] | None = None,
+    ) -> Answer | None:
+        """Send ``macros`` (if given) then ``event``; return the upstream's answer, or None
+        when it owes none (an NR flag) or declined the event.
+
+        A declined command is not sent, but its macros are, as Sendmail and Postfix send
+        them; a declined MAIL is always preceded by a ``D`` packet, which is how the upstream
+        and the state machine learn that a new message begins. The answer comes within
+        ``command_timeout``; for :class:`EndOfMessage` within ``eom_timeout`` of the command
+        or of the last progress packet, each of which calls ``on_progress``.
+
+        Raises:
+            UpstreamFailure: ``timeout``, ``protocol`` or ``closed``; the connection is closed.
+            LocalProtocolError: ``event`` may not be sent now (say, a recipient after the
+                upstream rejected the message); nothing was sent and the connection goes on.
+        """
+        self._check_open()
+        mta = self._mta
+        if mta.suppressed(event):
+            if macros is None and isinstance(event, EnvFrom):
+                macros = Macros(stage="M")
+            if macros is None:
+                return None
+            data, owes = mta.send(macros), False
+        else:
+            data = mta.send(macros) if macros is not None else b""
+            data += mta.send(event)
+            owes = mta.awaiting_reply
+        eom = isinstance(event, EndOfMessage)
+        limit = self.config.eom_timeout if eom else self.config.command_timeout
+        return await self._exchange(data, event.command.decode(), limit, owes, on_progress)
+
+    async def abort(self) -> None:
+        """Abort the current message (no reply comes); the connection stays open."""
+        self._check_open()
+        await self._exchange(self._mta.send(Abort()), "A", self.config.command_timeout, False)
+
+    async def close(self, *, quit: bool = True) -> None:
+        """Send QUIT (unless ``quit`` is false) and close; never raises, never hangs."""
+        if self._closed:
+            return
+        self._closed = True
+        writer = self._writer
+        # The upstream may be gone, or a reply may still be owed (QUIT is refused then):
+        # closing goes on regardless, bounded as any write.
+        with contextlib.suppress(ProtocolError, OSError, RuntimeError, TimeoutError):
+            async with asyncio.timeout(self.config.command_timeout):
+                if quit and self._failure is None and not writer.is_closing():
+                    writer.write(self._mta.send(Quit()))
+                    await writer.drain()
+                writer.close()
+                await writer.wait_closed()
+        writer.transport.abort()  # a no-op once closed; frees a socket stuck in wait_closed
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # --- inside ------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._failure is not None:
+            failure = self._failure
+            raise UpstreamFailure(self.name, failure.kind, f"already failed: {failure.detail}")
+        if self._closed:
+            raise UpstreamFailure(self.name, "closed", "the connection was closed by our side")
+
+    async def _exchange(
+        self,
+        data: bytes,
+        letter: str,
+        limit: float,
+        owes: bool,
+        on_progress: Callable[[], object] | None = None,
+    ) -> Answer | None:
+        pending = _PENDING.get(letter, repr(letter))
+        failure: UpstreamFailure | None = None
+        progress = 0
+        if self._reader.at_eof():
+            # Gone while idle: writes still succeed, and a command owing no reply would vanish.
+            failure = UpstreamFailure(self.name, "closed", f"closed before {pending} was sent")
+            self._fail(failure)
+            raise failure
+        try:
+            async with asyncio.timeout(limit) as deadline:
+                if data:
+                    self._writer.write(data)
+                    await self._writer.drain()
+                if not owes:
+                    return None
+                modifications: list[Modification] = []
+                while True:
+                    reply = self._mta.next_reply()
+                    if reply is None:
+                        await self._read()
+                    elif isinstance(reply, Progress):
+                        progress += 1
+                        deadline.reschedule(asyncio.get_running_loop().time() + limit)
+                        if on_progress is not None:
+                            on_progress()
+                    elif isinstance(reply, Modification):
+                        modifications.append(reply)
+                    else:
+                        verdict = None if isinstance(reply, NegotiationReply) else reply
+                        return Answer(modifications, progress, verdict)
+        except TimeoutError:
+            since = f" of progress packet {progress}" if progress else ""
+            detail = f"no answer to {pending} within {limit:g} s{since}"
+            failure = UpstreamFailure(self.name, "timeout", detail)
+        except RemoteProtocolError as exc:
+            failure = UpstreamFailure(self.name, "protocol", f"invalid answer to {pending}: {exc}")
+        except _PeerClosed:
+            failure = UpstreamFailure(
+                self.name, "closed", f"closed the connection while {pending} was pending"
+            )
+        except OSError as exc:
+            what = "reset" if isinstance(exc, ConnectionResetError) else "lost"
+            detail = f"{what} the connection while {pending} was pending ({exc.strerror or exc})"
+            failure = UpstreamFailure(self.name, "closed", detail)
+        except BaseException as exc:
+            # Cancelled, or on_progress raised, with an answer perhaps half read: the
+            # conversation cannot go on.
+            detail = f"interrupted ({type(exc).__name__}) while {pending} was pending"
+            self._fail(UpstreamFailure(self.name, "closed", detail))
+            raise
+        assert failure is not None
+        self._fail(failure)
+        raise failure
+
+    async def _read(self) -> None:
+        data = await self._reader.read(_READ_SIZE)
+        if not data:
+            raise _PeerClosed
+        self._mta.receive_data(data)
+
+    def _fail(self, failure: UpstreamFailure) -> None:
+        self._failure = failure
+        self._closed = True
+        self._writer.transport.abort()
