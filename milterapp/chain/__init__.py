@@ -2,11 +2,13 @@
 
 Its modules, lowest first (``tests/test_architecture.py`` holds them to this order):
 
+    negotiation one reply for the MTA from the negotiation replies of every party of a chain
     upstream    one conversation with one upstream milter: connect, negotiate, commands, deadlines
 
 This ``__init__`` only re-exports.
 """
 
+from milterapp.chain.negotiation import Combined, combine, macros_for
 from milterapp.chain.upstream import (
     FailureKind,
     FailurePolicy,
@@ -16,9 +18,12 @@ from milterapp.chain.upstream import (
 )
 
 __all__ = [
+    "Combined",
     "FailureKind",
     "FailurePolicy",
     "UpstreamConnection",
     "UpstreamFailure",
     "UpstreamOptions",
+    "combine",
+    "macros_for",
 ]
