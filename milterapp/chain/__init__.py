@@ -3,12 +3,14 @@
 Its modules, lowest first (``tests/test_architecture.py`` holds them to this order):
 
     negotiation one reply for the MTA from the negotiation replies of every party of a chain
+    referee     how the parties' verdicts combine, command by command, as an MTA's list does
     upstream    one conversation with one upstream milter: connect, negotiate, commands, deadlines
 
 This ``__init__`` only re-exports.
 """
 
 from milterapp.chain.negotiation import Combined, combine, macros_for
+from milterapp.chain.referee import Referee
 from milterapp.chain.upstream import (
     FailureKind,
     FailurePolicy,
@@ -21,6 +23,7 @@ __all__ = [
     "Combined",
     "FailureKind",
     "FailurePolicy",
+    "Referee",
     "UpstreamConnection",
     "UpstreamFailure",
     "UpstreamOptions",
