@@ -42,7 +42,7 @@ _OPTIONAL: Final = tuple(stage for stage in STAGES if stage.optional)
 #: Features one party's wish is enough for: the chain makes up the difference for the others.
 _ANY_PARTY: Final = ProtocolFlag.SKIP | ProtocolFlag.RCPT_REJ | ProtocolFlag.HDR_LEADSPC
 _MDS_FLAGS: Final = (ProtocolFlag.MDS_256K, ProtocolFlag.MDS_1M)
-#: Which stages each macro stage's list goes with (several for end of message's list).
+#: The optional stage each macro stage's list goes with (end of message, always sent, has none).
 _MACRO_STAGES: Final = {
     stage.macros: stage for stage in STAGES if stage.macros is not None and stage.optional
 }

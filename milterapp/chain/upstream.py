@@ -38,6 +38,7 @@ __all__ = [
     "UpstreamConnection",
     "UpstreamFailure",
     "UpstreamOptions",
+    "open_stream",
 ]
 
 #: What the chain answers for a message when its upstream fails (used by the App, later).
@@ -118,11 +119,15 @@ class _PeerClosed(Exception):
     """The upstream closed its side (end of file)."""
 
 
-async def _connect(spec: ConnectionSpec) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def open_stream(
+    spec: ConnectionSpec, *, limit: int = _READ_SIZE
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to the milter listening at ``spec`` (a unix socket, or IPv4 or IPv6 as the
+    spec says); ``limit`` is the reader's buffer limit. Unbounded: callers set a deadline."""
     if spec.scheme == "unix":
-        return await asyncio.open_unix_connection(spec.path)
+        return await asyncio.open_unix_connection(spec.path, limit=limit)
     family = socket.AF_INET6 if spec.scheme == "inet6" else socket.AF_INET
-    return await asyncio.open_connection(spec.connect_host, spec.port, family=family)
+    return await asyncio.open_connection(spec.connect_host, spec.port, family=family, limit=limit)
 
 
 def _unreachable(spec: ConnectionSpec, exc: OSError) -> str:
@@ -197,7 +202,7 @@ class UpstreamConnection:
         failure: UpstreamFailure | None = None
         try:
             async with asyncio.timeout(limit):
-                reader, writer = await _connect(spec)
+                reader, writer = await open_stream(spec)
                 connection = cls(options, reader, writer, mta)
                 detail = await connection._negotiate()
             if detail is None:

@@ -185,11 +185,6 @@ class Metrics:
         self._refused += refused
         self._body_bytes += body_bytes
 
-    def handler_time(self, event: type[Event], seconds: float) -> None:
-        """One command of ``event``'s kind took ``seconds`` to answer (connections append
-        to :attr:`durations` themselves)."""
-        self.durations[event].append(seconds)
-
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Hand the counts to prometheus_client every second, from ``loop``'s thread."""
         self._loop = loop

@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from milterapp.app import App
+from milterapp.chain.upstream import open_stream
 from milterapp.errors import ProtocolError
 from milterapp.events import Event, Negotiate, Quit
 from milterapp.protocol.mta import DEFAULT_OFFER, Answer, MtaConnection
@@ -61,11 +62,7 @@ class MtaClient:
                 reader, writer = await asyncio.open_connection(*target)
             else:
                 spec = ConnectionSpec.parse(target) if isinstance(target, str) else target
-                if spec.scheme == "unix":
-                    assert spec.path is not None
-                    reader, writer = await asyncio.open_unix_connection(spec.path)
-                else:
-                    reader, writer = await asyncio.open_connection(spec.connect_host, spec.port)
+                reader, writer = await open_stream(spec)
         return cls(reader, writer, offer=offer, timeout=timeout)
 
     async def __aenter__(self) -> Self:

@@ -16,6 +16,7 @@ from typing import Any, Final
 
 import structlog
 
+from milterapp.chain.upstream import open_stream
 from milterapp.errors import RemoteProtocolError
 from milterapp.protocol.framing import FrameDecoder
 from milterapp.server import listener as listening
@@ -69,10 +70,7 @@ async def _open_connection(
     spec: ConnectionSpec,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     async with asyncio.timeout(_CONNECT_TIMEOUT):
-        if spec.scheme == "unix":
-            assert spec.path is not None
-            return await asyncio.open_unix_connection(spec.path, limit=READ_SIZE)
-        return await asyncio.open_connection(spec.connect_host, spec.port, limit=READ_SIZE)
+        return await open_stream(spec, limit=READ_SIZE)
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
