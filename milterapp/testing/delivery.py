@@ -17,13 +17,13 @@ import difflib
 import email.policy
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from email.message import EmailMessage
 from email.parser import BytesParser
 from typing import Final
 
 from pydantic import BaseModel, ConfigDict
 
+from milterapp.chain.headers import HeaderField, HeaderList
 from milterapp.events import decode_text, encode_text, strip_brackets
 from milterapp.replies import (
     AddHeader,
@@ -150,64 +150,6 @@ def _crlf(body: bytes) -> bytes:
     return body
 
 
-@dataclass(slots=True)
-class _Field:
-    name: str
-    value: str
-    visible: bool  # False for the MTA's own headers, which the milter never saw
-    deleted: bool = False  # Sendmail's mark; Postfix removes the field instead
-
-
-class _Headers:
-    """The MTA's header list, edited as the profile's MTA edits it (§6)."""
-
-    def __init__(self, profile: MtaProfile, fields: list[_Field]) -> None:
-        self.profile = profile
-        self.fields = fields
-
-    def add(self, name: str, value: str) -> None:
-        new = _Field(name, value, visible=True)
-        if self.profile.adds_before_same_name:
-            # Sendmail's addheader() links a new field before the first one of that name,
-            # deleted ones included (headers.c; source reading, unconfirmed).
-            for position, field in enumerate(self.fields):
-                if field.name.lower() == name.lower():
-                    self.fields.insert(position, new)
-                    return
-        self.fields.append(new)
-
-    def insert(self, index: int, name: str, value: str) -> None:
-        # Index 0 is above the MTA's own Received:, 1 just below it; the index counts the
-        # whole list, so Sendmail's deleted (marked) fields count too; past the end appends.
-        # Sendmail's list also holds configuration-default headers that are not written out,
-        # so there indexes above 1 may land earlier than here (§6, unconfirmed).
-        self.fields.insert(min(index, len(self.fields)), _Field(name, value, visible=True))
-
-    def change(self, index: int, name: str, value: str | None) -> None:
-        # 1-based among the fields of that name the milter could see; 0 counts as 1 (§6).
-        # None deletes (the milter sent an empty value). Not modelled: Sendmail changes a
-        # configuration-default header of that name when no client header matches.
-        same = [f for f in self.fields if f.visible and f.name.lower() == name.lower()]
-        position = max(index, 1) - 1
-        if position >= len(same):
-            if value is not None:  # changing a missing occurrence adds it; deleting: no-op
-                self.add(name, value)
-            return
-        target = same[position]
-        if value is None:
-            if self.profile.deletes_headers:
-                self.fields.remove(target)  # later occurrences renumber
-            else:
-                target.deleted = True  # later occurrences keep their index
-            return
-        target.value, target.deleted = value, False
-        if self.profile.renames_changed_headers:
-            target.name = name
-
-    def result(self) -> tuple[tuple[str, str], ...]:
-        return tuple((f.name, f.value) for f in self.fields if not f.deleted)
-
-
 def _same_address(a: str, b: str) -> bool:
     # Local parts compare exactly, domains in any case (the MTAs' own rules differ in
     # detail: Postfix compares the recipient string, Sendmail parsed addresses).
@@ -245,9 +187,9 @@ def apply(
     def stored(value: str) -> str:
         return value.removeprefix(" ") if leading_space else value
 
-    fields = [_Field(n, v.replace("\r\n", "\n"), visible=False) for n, v in mta_headers]
-    fields += [_Field(n, v.replace("\r\n", "\n"), visible=True) for n, v in headers]
-    edited = _Headers(profile, fields)
+    fields = [HeaderField(n, v.replace("\r\n", "\n"), visible=False) for n, v in mta_headers]
+    fields += [HeaderField(n, v.replace("\r\n", "\n"), visible=True) for n, v in headers]
+    edited = HeaderList(profile, fields)
     envelope_from = strip_brackets(sender)
     rcpts = [strip_brackets(r) for r in recipients]
     new_body: list[bytes] | None = None

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from milterapp.chain.headers import POSTFIX_RULES, SENDMAIL_RULES
 from milterapp.constants import DEFAULT_MAX_DATA_SIZE, MacroStage
 from milterapp.events import Header, Negotiate, macro_name
 from milterapp.protocol.mta import DEFAULT_OFFER
@@ -303,9 +305,7 @@ POSTFIX: Final = MtaProfile(
     sends_macros_without_values=True,
     abort_after_each_message=True,
     queue_id_from_rcpt=True,
-    deletes_headers=True,
-    renames_changed_headers=True,
-    adds_before_same_name=False,
+    **asdict(POSTFIX_RULES),
     consecutive_body_replacement=True,
     daemon_name="smtpd",
 )
@@ -331,9 +331,7 @@ SENDMAIL: Final = MtaProfile(
     sends_macros_without_values=False,
     abort_after_each_message=False,
     queue_id_from_rcpt=False,
-    deletes_headers=False,
-    renames_changed_headers=False,
-    adds_before_same_name=True,
+    **asdict(SENDMAIL_RULES),
     consecutive_body_replacement=False,
     daemon_name="MTA",
     ipv6_prefix="IPv6:",
