@@ -487,6 +487,8 @@ class AsyncMilterTestClient:
                 headers=headers,
                 body=body,
                 profile=self.profile,
+                # With HDR_LEADSPC a value carries the space after the colon itself.
+                leading_space=bool(self.mta.options and self.mta.options.leading_space),
             )
         if self.profile.abort_after_each_message or result.stage != "eom":
             await self._send(Abort())

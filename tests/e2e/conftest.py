@@ -21,6 +21,7 @@ import pytest
 from milterapp.app import App
 from milterapp.testing import ServerThread
 from tests.e2e.common import free_port
+from tests.e2e.opendkim import OpenDkim, opendkim_available
 from tests.e2e.postfix import Postfix, postfix_available
 
 
@@ -75,6 +76,21 @@ def mta(request: pytest.FixtureRequest) -> Iterator[Mta]:
             postfix.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def opendkim(request: pytest.FixtureRequest) -> Iterator[OpenDkim]:
+    """A private OpenDKIM signing mail From: the senders' domain, over inet by default.
+
+    ``@pytest.mark.parametrize("opendkim", ["unix"], indirect=True)`` gets one listening on a
+    unix socket instead (tests/e2e/opendkim.py).
+    """
+    reason = opendkim_available()
+    if reason:
+        _skip_or_fail(reason)
+    transport = getattr(request, "param", "inet")
+    with OpenDkim(transport=transport) as signer:
+        yield signer
 
 
 @pytest.hookimpl(hookwrapper=True)
