@@ -13,13 +13,16 @@ never imports this module.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Literal, TypeVar, overload
 
 import structlog
 from pydantic import ValidationError
 
 from milterapp import server
+from milterapp.chain.party import UpstreamMilter
+from milterapp.chain.session import ChainSession
+from milterapp.chain.upstream import FailurePolicy, UpstreamOptions
 from milterapp.config import AppConfig
 from milterapp.constants import ActionFlag
 from milterapp.context import KEPT_EVENTS, RECORDED_EVENTS, Context
@@ -34,6 +37,7 @@ from milterapp.events import (
     EndOfMessage,
     EnvFrom,
     EnvRcpt,
+    Event,
     Header,
     Helo,
     Negotiate,
@@ -53,8 +57,9 @@ from milterapp.handlers import (
 )
 from milterapp.protocol.negotiation import OPTIONAL_EVENTS, Requirements
 from milterapp.protocol.stages import OptionalEvent
+from milterapp.replies import NegotiationReply
 from milterapp.server.arguments import describe
-from milterapp.server.servable import Serving
+from milterapp.server.servable import Outcome, Serving
 
 __all__ = ["App"]
 
@@ -81,6 +86,8 @@ CloseH = TypeVar(
 AnyH = TypeVar("AnyH", bound=Callable[..., Any])
 Hook = TypeVar("Hook", bound=Callable[[], Awaitable[None] | None])
 ErrorMapper = TypeVar("ErrorMapper", bound=Callable[..., Any])
+#: The stages a condition on an upstream milter can be asked at.
+_CONDITION_STAGES = ("connect", "helo", "envfrom", "data")
 
 
 async def _call(hook: Callable[[], Any]) -> None:
@@ -122,6 +129,8 @@ class App(Dispatcher):
         self._startup: list[Callable[[], Any]] = []
         self._shutdown: list[Callable[[], Any]] = []
         self._reload: list[Callable[[], Any]] = []
+        self._upstreams: list[UpstreamMilter] = []
+        self._handlers_at: int | None = None
 
     def __repr__(self) -> str:
         return f"<App {self.name!r}>"
@@ -280,6 +289,109 @@ class App(Dispatcher):
 
         return register
 
+    # --- upstream milters ----------------------------------------------------------------
+
+    def use_milter(
+        self,
+        spec: str,
+        *,
+        name: str,
+        when: Callable[[Context[Any, Any]], object] | None = None,
+        when_at: Literal["connect", "helo", "envfrom", "data"] = "envfrom",
+        connect_timeout: float = 5.0,
+        command_timeout: float = 8.0,
+        eom_timeout: float = 120.0,
+        on_failure: FailurePolicy = "tempfail",
+        reuse: bool = True,
+    ) -> UpstreamMilter:
+        """Call the milter listening at ``spec`` for every MTA connection, as the MTA would,
+        after the milters used before it (docs/chaining.md).
+
+        Args:
+            name: its name in logs, metrics and failures (letters, digits, ``_.-``).
+            when: a condition: called with the context at ``when_at``; when it is false the
+                milter is not given the rest of that message (at ``connect`` or ``helo``:
+                of that connection).
+            when_at: the stage whose facts ``when`` reads.
+            connect_timeout: seconds to connect and negotiate.
+            command_timeout: seconds for each command's answer.
+            eom_timeout: seconds for the answer to end of message (restarted by each
+                progress packet of the milter).
+            on_failure: what a message gets when the milter is down, times out or breaks
+                the protocol: ``tempfail`` (the default: nothing passes unchecked),
+                ``reject``, or ``accept`` (go on without it).
+            reuse: keep connections to it across MTA connections (QUIT_NC, version 6).
+
+        Raises:
+            SetupError: a bad spec, name or option, a name used twice, or the app is
+                already serving.
+        """
+        self._check_not_started("add a milter")
+        label = f"use_milter({spec!r}, name={name!r})"
+        if any(upstream.name == name for upstream in self._upstreams):
+            raise SetupError(f"{label}: another milter is called {name!r}")
+        if when is not None and not callable(when):
+            raise SetupError(f"{label}: when must be callable, not {when!r}")
+        if when_at not in _CONDITION_STAGES:
+            raise SetupError(f"{label}: when_at must be one of {', '.join(_CONDITION_STAGES)}")
+        try:
+            options = UpstreamOptions(
+                name=name,
+                spec=spec,  # type: ignore[arg-type]  # parsed by the model
+                connect_timeout=connect_timeout,
+                command_timeout=command_timeout,
+                eom_timeout=eom_timeout,
+                on_failure=on_failure,
+            )
+        except ValidationError as exc:
+            raise SetupError(f"{label}: {describe(exc)}") from None
+        upstream = UpstreamMilter(options, when=when, when_at=when_at, reuse=reuse)
+        self._upstreams.append(upstream)
+        if not self.config.keep_message:  # upstreams are replayed the message at its end
+            self.config = self.config.model_copy(update={"keep_message": True})
+        # Chained apps dispatch through the chain; the others keep the plain path.
+        self.dispatch_now = self._dispatch_chained  # type: ignore[method-assign]
+        return upstream
+
+    def use_handlers(self) -> None:
+        """Give the app's own handlers their turn here, after the milters used so far
+        (by default they come first)."""
+        self._check_not_started("place the handlers")
+        self._handlers_at = len(self._upstreams)
+
+    @property
+    def upstreams(self) -> tuple[UpstreamMilter, ...]:
+        """The upstream milters, in the order they were added."""
+        return tuple(self._upstreams)
+
+    def _parties(self) -> list[UpstreamMilter | None]:
+        """The chain's parties in order; None stands for the app's own handlers (left out
+        when it has none)."""
+        at = self._handlers_at or 0
+        own: list[UpstreamMilter | None] = [None] if self._handlers else []
+        return [*self._upstreams[:at], *own, *self._upstreams[at:]]
+
+    _dispatch_own = Dispatcher.dispatch_now
+
+    def _dispatch_chained(
+        self, name: str, event: Event, ctx: Context[Any, Any]
+    ) -> Outcome | Coroutine[Any, Any, Outcome]:
+        session = ctx.upstreams
+        if session is not None:
+            return session.dispatch(name, event, ctx)  # type: ignore[no-any-return]
+        if isinstance(event, Negotiate):
+            session = ctx.upstreams = ChainSession(self._parties(), self._dispatch_own)
+            return session.negotiate(event, ctx)
+        return self._dispatch_own(name, event, ctx)
+
+    def negotiated(
+        self, offer: Negotiate, reply: NegotiationReply, ctx: Context[Any, Any]
+    ) -> NegotiationReply:
+        """The reply to the MTA: ``reply`` (what the handlers and options ask for), and
+        what the upstream milters ask for too."""
+        session = ctx.upstreams
+        return reply if session is None else session.combined(reply)
+
     # --- negotiation ---------------------------------------------------------------------
 
     def requirements(self) -> Requirements:
@@ -310,7 +422,9 @@ class App(Dispatcher):
             skip="body" in handled and not config.keep_message,
             # Kept for the context only: decoded if and when a handler reads them. RCPT is
             # not, when the MTA marks the recipients it refused in the macros sent with it.
-            undecoded=frozenset(
+            undecoded=frozenset()
+            if self._upstreams  # upstream milters are sent every command as it comes
+            else frozenset(
                 RECORDED_EVENTS - handled - ({"envrcpt"} if config.rejected_recipients else set())
             ),
         )
@@ -336,7 +450,10 @@ class App(Dispatcher):
             await _call(hook)
 
     async def run_shutdown(self) -> None:
-        """Run the shutdown hooks in reverse order (every one, even if one fails)."""
+        """Run the shutdown hooks in reverse order (every one, even if one fails), then
+        close the connections kept to upstream milters."""
+        for upstream in self._upstreams:
+            await upstream.close_idle()
         errors: list[BaseException] = []
         for hook in reversed(self._shutdown):
             try:

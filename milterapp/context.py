@@ -109,6 +109,11 @@ class Context(Generic[MessageStateT, ConnectionStateT]):
         #: Told the kind of each handler failure (``raised``, ``timed_out``, ``bad_reply``)
         #: by the App, when the server counts them (``--metrics``).
         self.count_failure: Callable[[str], None] | None = None
+        #: Told each upstream milter's failure (its name, the failure's kind), likewise.
+        self.count_upstream_failure: Callable[[str, str], None] | None = None
+        #: The connection's chain of upstream milters (:mod:`milterapp.chain`), when the app
+        #: has any: made at negotiation, carried to the next session of a reused connection.
+        self.upstreams: Any = None
         self._progress = progress
         self._modifications: list[Modification | _BodyStream] = []
         self._at_eom = False
@@ -262,6 +267,11 @@ class Context(Generic[MessageStateT, ConnectionStateT]):
                 action=action.name or str(action),
             )
         self._modifications.append(modification)
+
+    def queue(self, modification: Modification) -> None:
+        """Queue a modification made as a model (an upstream milter's, for one), checked
+        as those of the methods below are."""
+        self._queue(modification, modification.required_action)
 
     def add_header(self, name: str, value: str) -> None:
         """Append a header at the end of the header block."""

@@ -108,6 +108,15 @@ class Referee:
             self._message_ends()
         return _CONTINUE
 
+    def drop(self, party: int) -> None:
+        """``party`` takes no further part in this connection (it failed, or a condition
+        says it does not apply): as if it had accepted at CONNECT."""
+        self._done_connection.add(party)
+
+    def drop_from_message(self, party: int) -> None:
+        """``party`` takes no further part in the current message."""
+        self._done_message.add(party)
+
     def message_aborted(self) -> None:
         """The MTA aborted the message: every party is asked again for the next one."""
         self._message_ends()

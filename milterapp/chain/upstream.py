@@ -26,7 +26,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from milterapp.constants import MAX_VERSION
 from milterapp.errors import MilterError, ProtocolError, RemoteProtocolError
-from milterapp.events import Abort, EndOfMessage, EnvFrom, Event, Macros, Negotiate, Quit
+from milterapp.events import (
+    Abort,
+    EndOfMessage,
+    EnvFrom,
+    Event,
+    Macros,
+    Negotiate,
+    Quit,
+    QuitNoClose,
+)
 from milterapp.protocol.mta import DEFAULT_OFFER, Answer, MtaConnection
 from milterapp.protocol.negotiation import SessionOptions
 from milterapp.replies import Modification, NegotiationReply, Progress
@@ -64,6 +73,8 @@ _PENDING: Final = {
     "N": "end of headers",
     "B": "a body chunk",
     "E": "end of message",
+    "A": "abort",
+    "K": "QUIT_NC",
 }
 
 
@@ -294,6 +305,33 @@ class UpstreamConnection:
         self._check_open()
         await self._exchange(self._mta.send(Abort()), "A", self.config.command_timeout, False)
 
+    @property
+    def reusable(self) -> bool:
+        """Whether the connection may carry another session after :meth:`recycle`: it is
+        open, owes nothing, and the upstream speaks version 6 (whose libmilter takes QUIT_NC)."""
+        return (
+            not self._closed
+            and not self._reader.at_eof()
+            and not self._writer.is_closing()
+            and not self._mta.awaiting_reply
+            and self.reply.version >= 6
+        )
+
+    async def recycle(self) -> bool:
+        """End the session with QUIT_NC, keeping the connection (and its negotiation) for
+        another: the next command is a CONNECT. False (and closed) when that failed."""
+        if not self.reusable:
+            await self.close()
+            return False
+        try:
+            await self._exchange(
+                self._mta.send(QuitNoClose()), "K", self.config.command_timeout, False
+            )
+        except (UpstreamFailure, ProtocolError):
+            await self.close(quit=False)
+            return False
+        return True
+
     async def close(self, *, quit: bool = True) -> None:
         """Send QUIT (unless ``quit`` is false) and close; never raises, never hangs."""
         if self._closed:
@@ -310,6 +348,11 @@ class UpstreamConnection:
                 writer.close()
                 await writer.wait_closed()
         writer.transport.abort()  # a no-op once closed; frees a socket stuck in wait_closed
+
+    def abandon(self) -> None:
+        """Close at once, without QUIT (the conversation cannot go on)."""
+        self._closed = True
+        self._writer.transport.abort()
 
     async def __aenter__(self) -> Self:
         return self

@@ -130,6 +130,13 @@ class Metrics:
             ["kind"],
             registry=on,
         )
+        self.upstream_failures = Counter(
+            "milterapp_upstream_failures",
+            "upstream milter failures, by upstream and kind: unreachable, negotiation, "
+            "timeout, protocol, closed",
+            ["upstream", "kind"],
+            registry=on,
+        )
         self.protocol_errors = Counter(
             "milterapp_protocol_errors", "connections closed for a protocol error", registry=on
         )
@@ -259,6 +266,9 @@ class Metrics:
 
     def handler_failed(self, kind: str) -> None:
         self.handler_failures.labels(kind).inc()
+
+    def upstream_failed(self, name: str, kind: str) -> None:
+        self.upstream_failures.labels(name, kind).inc()
 
     def protocol_error(self) -> None:
         self.protocol_errors.inc()

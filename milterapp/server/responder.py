@@ -172,6 +172,7 @@ class Responder:
         self.messages = 0
         self._session_started = time.monotonic()
         config = self.app.config
+        previous = self.ctx
         ctx = self.ctx = Context(
             app_name=self.app.name,
             conn_id=self.conn_id if not sessions else f"{self.conn_id}.{sessions}",
@@ -188,6 +189,9 @@ class Responder:
         )
         if self.metrics is not None:
             ctx.count_failure = self.metrics.handler_failed
+            ctx.count_upstream_failure = self.metrics.upstream_failed
+        if previous is not None:  # (a reused connection: its chain goes on)
+            ctx.upstreams = previous.upstreams
         self.closed = False
         return _nothing_after(self.app.dispatch_now("open", ConnectionOpened(peer=peer), ctx))
 
@@ -404,13 +408,15 @@ class Responder:
         key = (event.version, int(event.actions), int(event.protocol))
         try:
             reply = self.negotiations.get(key) or negotiate(event, self.requirements)
+            own = reply
+            reply = self.app.negotiated(event, reply, ctx)
         except NegotiationError as exc:
             # As libmilter: close without replying; the MTA applies its failure policy.
             ctx.log.error("negotiation_failed", error=str(exc))
             raise ConnectionAbortedError(str(exc)) from exc
         out = self.machine.send(reply)
         if len(self.negotiations) < _NEGOTIATIONS_KEPT:
-            self.negotiations[key] = reply
+            self.negotiations[key] = own
         ctx.options = self.machine.options
         return out
 

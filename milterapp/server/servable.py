@@ -18,9 +18,9 @@ from typing_extensions import TypeIs
 from milterapp.config import AppConfig
 from milterapp.context import Context
 from milterapp.errors import ServerError, ServerErrorKind
-from milterapp.events import Event
+from milterapp.events import Event, Negotiate
 from milterapp.protocol.negotiation import Requirements
-from milterapp.replies import Shutdown, Verdict
+from milterapp.replies import NegotiationReply, Shutdown, Verdict
 
 __all__ = ["Outcome", "Servable", "Serving", "decided"]
 
@@ -133,6 +133,12 @@ class Servable(Protocol):
 
     def requirements(self) -> Requirements:
         """What to negotiate with the MTA."""
+
+    def negotiated(
+        self, offer: Negotiate, reply: NegotiationReply, ctx: Context
+    ) -> NegotiationReply:
+        """The reply to send the MTA's ``offer``, given the one its requirements make
+        (``reply``); the app's upstream milters, when it has some, ask for more."""
 
     def dispatch_now(
         self, name: str, event: Event, ctx: Context
