@@ -12,7 +12,7 @@ from milterapp.testing.client import (
 )
 from milterapp.testing.delivery import DeliveredMessage
 from milterapp.testing.profiles import POSTFIX, SENDMAIL, MtaProfile, SessionFacts
-from milterapp.testing.sockets import Answer, MtaClient, ServerThread
+from milterapp.testing.sockets import Answer, MtaClient, ServerThread, bound_spec, serving
 
 __all__ = [
     "POSTFIX",
@@ -27,4 +27,6 @@ __all__ = [
     "ServerThread",
     "SessionFacts",
     "StageReply",
+    "bound_spec",
+    "serving",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
 from typing import Any, Self
 
@@ -24,7 +24,43 @@ from milterapp.server.server import MilterServer
 from milterapp.spec import ConnectionSpec
 from milterapp.testing.pipe import READ_SIZE
 
-__all__ = ["Answer", "MtaClient", "ServerThread"]
+__all__ = ["Answer", "MtaClient", "ServerThread", "bound_spec", "serving"]
+
+#: Where :func:`serving` listens by default: any free loopback port.
+_ANY_LOOPBACK_PORT = "inet:0@[127.0.0.1]"
+
+
+def bound_spec(server: MilterServer) -> str:
+    """The spec that reaches a started server (its port 0 resolved): for ``use_milter`` or
+    :meth:`MtaClient.connect`."""
+    address = server.address
+    if isinstance(address, str):
+        return f"unix:{address}"
+    host, port = address[0], address[1]
+    return f"{'inet6' if ':' in host else 'inet'}:{port}@[{host}]"
+
+
+@contextlib.asynccontextmanager
+async def serving(app: App, spec: str = _ANY_LOOPBACK_PORT, **options: Any) -> AsyncIterator[str]:
+    """Serve ``app`` in the running event loop while the block runs; yield its spec.
+
+    For an app's upstream milters in a test, in memory::
+
+        async with serving(upstream_app) as spec:
+            front.use_milter(spec, name="upstream")
+            async with AsyncMilterTestClient(front) as client:
+                ...
+
+    The server stops gracefully when the block ends.
+    """
+    server = MilterServer(app, spec=spec, **options)
+    await server.start()
+    try:
+        yield bound_spec(server)
+    finally:
+        server.request_stop()
+        await server.wait_stopped()
+        await server.close()
 
 
 class MtaClient:
@@ -160,6 +196,11 @@ class ServerThread:
     def address(self) -> Any:
         """The bound address: ``(host, port)`` for inet, the path for unix."""
         return self.server.address
+
+    @property
+    def spec(self) -> str:
+        """The spec that reaches the server (see :func:`bound_spec`)."""
+        return bound_spec(self.server)
 
     def _run(self) -> None:
         async def main() -> None:

@@ -23,9 +23,8 @@ from milterapp.replies import (
     ReplaceBody,
     TempFail,
 )
-from milterapp.testing import AsyncMilterTestClient
-from tests.chain.test_upstream import spec_of
-from tests.server.support import run, running_server
+from milterapp.testing import AsyncMilterTestClient, serving
+from tests.server.support import run
 
 MESSAGE = (
     b"From: a@example.org\r\nTo: b@example.net\r\nSubject: hi\r\n\r\nfirst line\r\nsecond line\r\n"
@@ -36,7 +35,7 @@ MESSAGE = (
 async def served(*apps: App) -> AsyncIterator[list[str]]:
     """Serve each app on loopback; yield their specs."""
     async with contextlib.AsyncExitStack() as stack:
-        yield [spec_of(await stack.enter_async_context(running_server(app))) for app in apps]
+        yield [await stack.enter_async_context(serving(app)) for app in apps]
 
 
 def recorder(name: str, seen: list[tuple[str, Any]], **replies: Any) -> App:

@@ -6,6 +6,7 @@ import asyncio
 import inspect
 from collections.abc import Callable
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,7 +28,7 @@ from milterapp import (
     TempFail,
 )
 from milterapp.testing.client import AsyncMilterTestClient, MessageResult, MilterTestClient
-from milterapp.testing.sockets import ServerThread
+from milterapp.testing.sockets import ServerThread, serving
 
 MESSAGE = b"From: a@example.org\r\nSubject: hello\r\nX-Long: one\r\n two\r\n\r\nBody line.\r\n"
 
@@ -174,6 +175,26 @@ def test_async_client_against_a_server_over_a_socket() -> None:
 
     with ServerThread(stamping_app(), "inet:0@[127.0.0.1]") as server:
         assert asyncio.run(asyncio.wait_for(exchange(server.address), 20))
+
+
+@pytest.mark.parametrize("where", ["inet", "unix"])
+def test_a_served_app_is_reached_at_its_bound_spec(where: str, sock_dir: Path) -> None:
+    spec = "inet:0@[127.0.0.1]" if where == "inet" else f"unix:{sock_dir}/stamp.sock"
+
+    async def exchange(target: str) -> bool:
+        async with AsyncMilterTestClient(target=target) as client:
+            result = await client.send_message(MESSAGE)
+        return result.delivered is not None and result.delivered.header("X-Stamp") == "1"
+
+    async def in_this_loop() -> None:
+        async with serving(stamping_app(), spec) as bound:
+            assert bound.startswith(where + ":")
+            assert ":0@" not in bound  # the port the system chose
+            assert await exchange(bound)
+
+    asyncio.run(asyncio.wait_for(in_this_loop(), 20))
+    with ServerThread(stamping_app(), spec) as server:
+        assert asyncio.run(asyncio.wait_for(exchange(server.spec), 20))
 
 
 def test_client_needs_exactly_one_of_app_or_target() -> None:
