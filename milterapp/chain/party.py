@@ -96,9 +96,9 @@ class UpstreamMilter:
 
     # --- connections -------------------------------------------------------------------
 
-    async def connect(self, offer: Negotiate) -> tuple[UpstreamConnection, bool]:
-        """A negotiated connection for ``offer``, and whether it was reused (it then waits
-        for a CONNECT, as after QUIT_NC).
+    async def connect(self, offer: Negotiate) -> UpstreamConnection:
+        """A negotiated connection for ``offer``: a kept one (which waits for a CONNECT, as
+        after QUIT_NC), or a new one.
 
         Raises:
             UpstreamFailure: it cannot be had now; while backing off, at once (``kind`` is
@@ -107,8 +107,8 @@ class UpstreamMilter:
         key = _key(offer)
         while self._idle:
             idle_key, link = self._idle.pop()
-            if idle_key == key and link.reusable:
-                return link, True
+            if idle_key == key and link.alive:
+                return link
             await link.close()
         wait = self.retry_in()
         if wait > 0 and self._last_failure is not None:
@@ -121,7 +121,7 @@ class UpstreamMilter:
             self.failed(failure)
             raise
         self.succeeded()
-        return link, False
+        return link
 
     async def release(self, link: UpstreamConnection, offer: Negotiate) -> None:
         """Take back a connection whose session is over: kept for reuse, or closed."""

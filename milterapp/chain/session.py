@@ -37,16 +37,16 @@ from milterapp.constants import MacroStage, ProtocolFlag
 from milterapp.context import Context
 from milterapp.errors import LocalProtocolError, MilterError
 from milterapp.events import (
-    Body,
     EndOfHeaders,
     EndOfMessage,
     Event,
-    Header,
-    Macros,
+    Helo,
     Negotiate,
+    encode_text,
 )
 from milterapp.protocol.macros import MacroTable
 from milterapp.protocol.negotiation import SessionOptions, session_options
+from milterapp.protocol.payload import cstrings
 from milterapp.protocol.stages import BY_NAME, STAGES
 from milterapp.replies import (
     RESTRICTIVE,
@@ -57,7 +57,6 @@ from milterapp.replies import (
     NegotiationReply,
     Reject,
     Shutdown,
-    Skip,
     TempFail,
     Verdict,
 )
@@ -70,6 +69,10 @@ Dispatch = Callable[[str, Event, Context], Outcome | Coroutine[Any, Any, Outcome
 
 _ENVELOPE: Final = frozenset({"connect", "helo", "envfrom", "envrcpt", "data", "unknown"})
 _CONTENT: Final = frozenset({"header", "eoh", "body"})
+#: The envelope stages in the order the MTA sends them.
+_ORDER: Final = {
+    name: at for at, name in enumerate(("connect", "helo", "envfrom", "envrcpt", "data"))
+}
 _CONNECTION_STAGES: Final = frozenset(s.name for s in STAGES if s.scope == "connection")
 #: The macro stage of each command letter that has one.
 _MACRO_STAGES: Final[dict[str, MacroStage]] = {
@@ -80,6 +83,8 @@ _MACRO_STAGES: Final[dict[str, MacroStage]] = {
 #: Upstreams are replayed the content at end of message: the MTA need not wait for replies
 #: to content on their account.
 _BUFFERED: Final = ProtocolFlag.NR_HDR | ProtocolFlag.NR_EOH | ProtocolFlag.NR_BODY
+_EOH: Final = EndOfHeaders()
+_EOM: Final = EndOfMessage()
 _ENDS_PARTY: Final[tuple[type[object], ...]] = (*RESTRICTIVE, Accept)
 #: Enough for the app's own replacement body in one piece (the MTA's limit applies later).
 _WHOLE: Final = 1 << 62
@@ -89,6 +94,11 @@ async def _settle(result: Outcome | Coroutine[Any, Any, Outcome]) -> Outcome:
     if decided(result):
         return result
     return await result
+
+
+def _helo_of(ctx: Context) -> Helo | None:
+    name = ctx.helo
+    return None if name is None else Helo(name=name)
 
 
 def _braced(name: str) -> str:
@@ -119,8 +129,14 @@ class ChainSession:
         self._sticky: dict[int, Verdict] = {}
         self._in_message: set[int] = set()  # upstreams that were sent MAIL, not yet EOM
         self._to_abort: set[int] = set()
+        self._reconnect: set[int] = set()  # upstreams to connect again before their next command
         self._offer: Negotiate | None = None
+        #: By upstream connection, the macro stages at which it is given the MTA's packet
+        #: whole: it asked for every macro there, or for exactly what the MTA was asked for.
+        self._whole: dict[UpstreamConnection, frozenset[MacroStage]] = {}
         self._own_options: SessionOptions | None = None
+        self._rcpt_rej = False
+        self._rules: HeaderRules | None = None  # the MTA's, known at the first end of message
         self._released = False
 
     # --- negotiation ---------------------------------------------------------------------
@@ -138,7 +154,7 @@ class ChainSession:
 
         async def one(at: int, party: UpstreamMilter) -> None:
             try:
-                self._links[at], _ = await party.connect(offer)
+                self._links[at] = await party.connect(offer)
             except UpstreamFailure as failure:
                 self._failed(at, failure, ctx, counted=True)
 
@@ -157,7 +173,30 @@ class ChainSession:
                 replies.append(
                     upstream.model_copy(update={"protocol": upstream.protocol | _BUFFERED})
                 )
-        return combine(self._offer, replies).reply
+        combined = combine(self._offer, replies).reply
+        self._rcpt_rej = bool(combined.protocol & ProtocolFlag.RCPT_REJ)
+        asked = combined.macros
+        self._whole = {
+            link: frozenset(
+                stage
+                for stage in MacroStage
+                if stage not in link.reply.macros or link.reply.macros[stage] == asked.get(stage)
+            )
+            for link in self._links
+            if link is not None
+        }
+        if self._sticky:
+            # An upstream failed already and its policy refuses: the MTA must let us say so
+            # where it answers (CONNECT, or its condition's stage), a command the MTA would
+            # otherwise send without waiting, or not at all.
+            unwanted = ProtocolFlag.NONE
+            for at in self._sticky:
+                party = self.parties[at]
+                assert party is not None
+                stage = BY_NAME[party.when_at if party.when is not None else "connect"]
+                unwanted |= stage.suppress | stage.no_reply
+            combined = combined.model_copy(update={"protocol": combined.protocol & ~unwanted})
+        return combined
 
     # --- commands ------------------------------------------------------------------------
 
@@ -183,7 +222,10 @@ class ChainSession:
             await self._reopen(ctx)
         if name == "envfrom":
             await self._send_aborts()
-        refused = name == "envrcpt" and ctx.macros.get("rcpt_mailer") == "error"
+        if self._reconnect:
+            await self._reconnect_links(ctx)
+        # With RCPT_REJ the MTA also shows the recipients it refused, marked so.
+        refused = self._rcpt_rej and name == "envrcpt" and ctx.macros.get("rcpt_mailer") == "error"
         referee = self.referee
         for at in referee.asks(name):
             party = self.parties[at]
@@ -209,6 +251,16 @@ class ChainSession:
             ctx.log.error("condition_failed", upstream=party.name, exc_info=exc)
             return True
 
+    def _condition_ahead(self, at: int, stage: str) -> bool:
+        """Whether party ``at`` has a condition asked at a later stage than ``stage``: its
+        failure answers only once the condition says that it applies."""
+        party = self.parties[at]
+        return (
+            party is not None
+            and party.when is not None
+            and _ORDER.get(stage, 0) < _ORDER[party.when_at]
+        )
+
     def _stop(self, at: int, stage: str) -> None:
         """A condition says party ``at`` does not apply from ``stage`` on."""
         if stage in _CONNECTION_STAGES:
@@ -221,7 +273,7 @@ class ChainSession:
     ) -> Verdict | Shutdown | None:
         sticky = self._sticky.get(at)
         if sticky is not None:
-            return sticky
+            return None if self._condition_ahead(at, name) else sticky
         link = self._links[at]
         if link is None:
             return None
@@ -238,17 +290,22 @@ class ChainSession:
 
     def _macros(
         self, link: UpstreamConnection, event: Event, ctx: Context, letter: str | None = None
-    ) -> Macros | None:
-        """The macros the MTA sent for ``event``'s command, as many as ``link`` asked for."""
+    ) -> bytes | None:
+        """The ``D`` packet payload for ``event``'s command: the macros the MTA sent for it,
+        as many as ``link`` asked for."""
         letter = letter or event.command.decode("latin-1")
         table = ctx.macros
-        values = table.stage(letter) if isinstance(table, MacroTable) else {}
-        if not values:
+        if not isinstance(table, MacroTable):
             return None
         stage = _MACRO_STAGES.get(letter)
-        if stage is not None:
-            values = macros_for(link.reply, stage, dict(values))
-        return Macros(stage=letter, values={_braced(k): v for k, v in values.items()})
+        if stage is None or stage in self._whole.get(link, ()):
+            return table.packet(letter)  # what the MTA sent is what it asked for
+        values = table.stage(letter)
+        if not values:
+            return None
+        values = macros_for(link.reply, stage, dict(values))
+        pairs = (part for name, value in values.items() for part in (_braced(name), value))
+        return letter.encode("latin-1") + cstrings(*pairs)
 
     def _content(
         self, name: str, event: Event, ctx: Context
@@ -304,6 +361,33 @@ class ChainSession:
                 except UpstreamFailure as failure:
                     self._failed(at, failure, None)
 
+    async def _reconnect_links(self, ctx: Context) -> None:
+        """Connect again to the upstreams whose connection was given up after an early
+        verdict, and bring each to where the MTA's session is: CONNECT and HELO again."""
+        assert self._offer is not None
+        reconnect, self._reconnect = self._reconnect, set()
+        for at in sorted(reconnect):
+            party = self.parties[at]
+            assert party is not None
+            try:
+                link = await party.connect(self._offer)
+                self._links[at] = link
+                verdict: Outcome = None
+                for event in (ctx.client if ctx.client_known else None, _helo_of(ctx)):
+                    if event is None:
+                        continue
+                    answer = await link.send(event, macros=self._macros(link, event, ctx))
+                    verdict = None if answer is None else answer.verdict
+                    if verdict is not None and not isinstance(verdict, Continue):
+                        break
+            except (UpstreamFailure, LocalProtocolError) as exc:
+                self._failed(at, exc, ctx)
+                continue
+            if isinstance(verdict, Accept):
+                self.referee.drop(at)
+            elif isinstance(verdict, Reject | TempFail | Shutdown):
+                self._sticky[at] = verdict if not isinstance(verdict, Shutdown) else TempFail()
+
     # --- failures ------------------------------------------------------------------------
 
     def _failed(
@@ -344,10 +428,14 @@ class ChainSession:
 
     # --- end of message ------------------------------------------------------------------
 
-    def _rules(self, ctx: Context) -> HeaderRules:
-        # Postfix names itself in macro v, which it sends by default (milter_connect_macros);
-        # Sendmail sends no v by default.
-        return POSTFIX_RULES if "Postfix" in (ctx.macros.get("v") or "") else SENDMAIL_RULES
+    def _header_rules(self, ctx: Context) -> HeaderRules:
+        rules = self._rules
+        if rules is None:
+            # Postfix names itself in macro v, which it sends by default (with the connect
+            # macros); Sendmail sends no v by default.
+            postfix = "Postfix" in (ctx.macros.get("v") or "")
+            rules = self._rules = POSTFIX_RULES if postfix else SENDMAIL_RULES
+        return rules
 
     async def _end_of_message(self, event: Event, ctx: Context) -> Outcome:
         message = ctx.message
@@ -355,7 +443,7 @@ class ChainSession:
         edits = MessageEdits(
             message.header_events,
             message.body(),
-            self._rules(ctx),
+            self._header_rules(ctx),
             bool(options is not None and options.leading_space),
         )
         handed_over = False
@@ -395,35 +483,31 @@ class ChainSession:
             return sticky, []
         options = link.options
         leading = options.leading_space
+        packets: list[tuple[bytes, bytes, bytes | None]] = []
+        if not options.suppressed("header"):
+            macros = self._macros(link, _EOH, ctx, "L")
+            space = b" " if leading else b""
+            for name, value in edits.visible_headers():
+                payload = encode_text(name) + b"\0" + space + encode_text(value) + b"\0"
+                packets.append((b"L", payload, macros))
+        packets.append((b"N", b"", self._macros(link, _EOH, ctx)))
+        if not options.suppressed("body"):
+            body = edits.rewind_body()
+            macros = self._macros(link, _EOH, ctx, "B")
+            while chunk := body.read(options.max_data_size):
+                packets.append((b"B", chunk, macros))
+        packets.append((b"E", b"", self._macros(link, _EOM, ctx)))
         try:
-            if not options.suppressed("header"):
-                for name, value in edits.visible_headers():
-                    header = Header(
-                        name=name, value=" " + value if leading else value, leading_space=leading
-                    )
-                    answer = await link.send(header, macros=self._macros(link, header, ctx))
-                    if answer is not None and _ends_party(answer.verdict):
-                        return answer.verdict, []
-            if not options.suppressed("eoh"):
-                eoh = EndOfHeaders()
-                answer = await link.send(eoh, macros=self._macros(link, eoh, ctx))
-                if answer is not None and _ends_party(answer.verdict):
-                    return answer.verdict, []
-            if not options.suppressed("body"):
-                body = edits.rewind_body()
-                while chunk := body.read(options.max_data_size):
-                    answer = await link.send(Body(chunk=chunk))
-                    verdict = None if answer is None else answer.verdict
-                    if isinstance(verdict, Skip):
-                        break
-                    if _ends_party(verdict):
-                        return verdict, []
-            eom = EndOfMessage()
-            answer = await link.send(eom, macros=self._macros(link, eom, ctx))
+            answer, complete = await link.pipeline(packets)
         except (UpstreamFailure, LocalProtocolError) as exc:
             return self._failed(at, exc, ctx), []
         self._in_message.discard(at)
-        assert answer is not None  # end of message is always answered
+        if not complete:
+            # It decided before the end and was sent the rest: a new connection is opened
+            # for it at the next command.
+            self._links[at] = None
+            self._reconnect.add(at)
+            return answer.verdict, []
         return answer.verdict, answer.modifications
 
     def _hand_over(self, edits: MessageEdits, ctx: Context) -> bool:

@@ -18,12 +18,13 @@ import asyncio
 import contextlib
 import re
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Final, Literal, Self, TypeAlias
+from typing import Final, Literal, NoReturn, Self, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from milterapp.chain.link import QUOTED, Link, connect
 from milterapp.constants import MAX_VERSION
 from milterapp.errors import MilterError, ProtocolError, RemoteProtocolError
 from milterapp.events import (
@@ -38,7 +39,16 @@ from milterapp.events import (
 )
 from milterapp.protocol.mta import DEFAULT_OFFER, Answer, MtaConnection
 from milterapp.protocol.negotiation import SessionOptions
-from milterapp.replies import Modification, NegotiationReply, Progress
+from milterapp.replies import (
+    Accept,
+    Continue,
+    Discard,
+    Modification,
+    NegotiationReply,
+    Progress,
+    Reject,
+    TempFail,
+)
 from milterapp.spec import ConnectionSpec
 
 __all__ = [
@@ -59,9 +69,9 @@ FailureKind: TypeAlias = Literal["unreachable", "negotiation", "timeout", "proto
 #: any printable first byte is over 512 MiB) fail on arrival instead of at the deadline.
 _MAX_REPLY_SIZE: Final = 16 << 20
 _READ_SIZE: Final = 65536
-#: How many bytes of a non-milter's answer a failure quotes.
-_QUOTED: Final = 40
 _NAME: Final = re.compile(r"[A-Za-z0-9_.-]+")
+#: Verdicts after which a milter takes no more of the message.
+_FINAL: Final = (Reject, TempFail, Discard, Accept)
 #: What each command is called in a failure's detail.
 _PENDING: Final = {
     "C": "connect",
@@ -154,7 +164,7 @@ def _unreachable(spec: ConnectionSpec, exc: OSError) -> str:
 def _not_a_reply(heard: bytes, exc: ProtocolError | None) -> str:
     if exc is not None and heard[4:5] == b"O":
         return f"invalid negotiation reply: {exc}"  # a milter's packet, with a wrong reply
-    quoted = repr(heard[:_QUOTED]) + ("..." if len(heard) > _QUOTED else "")
+    quoted = repr(heard[:QUOTED]) + ("..." if len(heard) > QUOTED else "")
     return f"not a milter: answered {quoted}"
 
 
@@ -162,19 +172,16 @@ class UpstreamConnection:
     """One negotiated connection to an upstream milter, made by :meth:`open`; ``config`` holds
     the :class:`UpstreamOptions` it was opened with."""
 
-    def __init__(
-        self,
-        config: UpstreamOptions,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        mta: MtaConnection,
-    ) -> None:
+    def __init__(self, config: UpstreamOptions, link: Link, mta: MtaConnection) -> None:
         self.config = config
-        self._reader = reader
-        self._writer = writer
+        self._link = link
         self._mta = mta
         self._failure: UpstreamFailure | None = None
         self._closed = False
+        #: The last command was end of message, answered Continue: the one state from which
+        #: libmilter takes QUIT_NC (after Accept, a refusal or an abort it ignores it, and
+        #: then the next CONNECT too).
+        self._at_rest = False
 
     @property
     def name(self) -> str:
@@ -209,12 +216,12 @@ class UpstreamConnection:
         )
         mta = MtaConnection(offer, max_data_size=_MAX_REPLY_SIZE)
         spec, limit = options.spec, options.connect_timeout
-        writer: asyncio.StreamWriter | None = None
+        link: Link | None = None
         failure: UpstreamFailure | None = None
         try:
             async with asyncio.timeout(limit):
-                reader, writer = await open_stream(spec)
-                connection = cls(options, reader, writer, mta)
+                link = await connect(spec, mta)
+                connection = cls(options, link, mta)
                 detail = await connection._negotiate()
             if detail is None:
                 return connection
@@ -222,40 +229,38 @@ class UpstreamConnection:
         except TimeoutError:
             # A connect() that the system timed out is a TimeoutError too: both are deadlines.
             detail = f"no connection to {spec} within {limit:g} s"
-            if writer is not None:
+            if link is not None:
                 detail = f"no answer to the negotiation within {limit:g} s"
             failure = UpstreamFailure(options.name, "timeout", detail)
         except OSError as exc:
-            if writer is None:
+            if link is None:
                 failure = UpstreamFailure(options.name, "unreachable", _unreachable(spec, exc))
             else:
                 detail = "reset the connection without answering the negotiation"
                 failure = UpstreamFailure(options.name, "negotiation", detail)
         finally:
-            if writer is not None and (failure is not None or mta.options is None):
-                writer.transport.abort()  # a failure or cancellation: no socket left open
+            if link is not None and (failure is not None or mta.options is None):
+                link.abort()  # a failure or cancellation: no socket left open
         assert failure is not None  # every way out of the try but success sets it
         raise failure
 
     async def _negotiate(self) -> str | None:
         """Send the offer and read the reply; None when it is in, else what went wrong."""
-        mta = self._mta
-        self._writer.write(mta.send(mta.offer))
-        await self._writer.drain()
-        heard = b""  # the start of the answer, quoted when it is not a milter's
+        mta, link = self._mta, self._link
+        await link.write(mta.send(mta.offer))
         while True:
             try:
                 if mta.next_reply() is not None:
                     return None
             except RemoteProtocolError as exc:
-                return _not_a_reply(heard, exc)
-            data = await self._reader.read(_READ_SIZE)
-            if not data:
-                if heard:
-                    return _not_a_reply(heard, None)
+                return _not_a_reply(link.head, exc)
+            if link.ended:
+                if link.error is not None and not link.head:
+                    raise link.error if isinstance(link.error, OSError) else OSError(link.error)
+                if link.head:
+                    return _not_a_reply(link.head, None)
                 return "closed the connection without answering the negotiation"
-            heard = (heard + data)[: _QUOTED + 1]
-            mta.receive_data(data)
+            await link.wait()
 
     # --- the conversation --------------------------------------------------------------------
 
@@ -267,11 +272,12 @@ class UpstreamConnection:
         self,
         event: Event,
         *,
-        macros: Macros | None = None,
+        macros: Macros | bytes | None = None,
         on_progress: Callable[[], object] | None = None,
     ) -> Answer | None:
-        """Send ``macros`` (if given) then ``event``; return the upstream's answer, or None
-        when it owes none (an NR flag) or declined the event.
+        """Send ``macros`` (if given: a model, or a ``D`` packet's payload as received) then
+        ``event``; return the upstream's answer, or None when it owes none (an NR flag) or
+        declined the event.
 
         A declined command is not sent, but its macros are, as Sendmail and Postfix send
         them; a declined MAIL is always preceded by a ``D`` packet, which is how the upstream
@@ -286,19 +292,116 @@ class UpstreamConnection:
         """
         self._check_open()
         mta = self._mta
-        if mta.suppressed(event):
-            if macros is None and isinstance(event, EnvFrom):
-                macros = Macros(stage="M")
-            if macros is None:
-                return None
-            data, owes = mta.send(macros), False
+        if isinstance(macros, Macros):
+            defined = mta.send(macros)
         else:
-            data = mta.send(macros) if macros is not None else b""
-            data += mta.send(event)
+            defined = b"" if macros is None else mta.send_packet(b"D", macros)
+        if mta.suppressed(event):
+            if not defined and isinstance(event, EnvFrom):
+                defined = mta.send(Macros(stage="M"))
+            if not defined:
+                return None
+            data, owes = defined, False
+        else:
+            data = defined + mta.send(event)
             owes = mta.awaiting_reply
         eom = isinstance(event, EndOfMessage)
         limit = self.config.eom_timeout if eom else self.config.command_timeout
         return await self._exchange(data, event.command.decode(), limit, owes, on_progress)
+
+    async def pipeline(
+        self,
+        packets: Sequence[tuple[bytes, bytes, bytes | None]],
+        *,
+        on_progress: Callable[[], object] | None = None,
+    ) -> tuple[Answer, bool]:
+        """Send ``packets`` (each a command letter, its payload and the payload of the
+        ``D`` packet to send before it, if any: a message's content, ending with end of
+        message) at once, then read their answers in order, as a client that pipelines.
+
+        One round trip instead of one per command. Returns the answer that ends the
+        exchange: that of the last command, or the first final verdict before it (Reject,
+        TempFail, Discard, Accept), and whether every command was answered. In the second
+        case the upstream was sent commands after its verdict, which libmilter ignores
+        without a reply and stricter milters refuse: the connection is closed, and the
+        caller opens a new one for the next message. Each answer comes within
+        ``command_timeout`` of the one before, the last within ``eom_timeout`` (restarted
+        by progress packets, each of which calls ``on_progress``). Commands the upstream
+        declined are left out.
+
+        Raises:
+            UpstreamFailure: ``timeout``, ``protocol`` or ``closed``; the connection is closed.
+            LocalProtocolError: a command may not be sent now; nothing was sent.
+        """
+        self._check_open()
+        mta, link = self._mta, self._link
+        self._at_rest = False
+        batch: list[tuple[bytes, bytes]] = []
+        owed: list[str] = []
+        replied = self.options.replied_commands
+        for command, payload, macros in packets:
+            if mta.suppressed(command):
+                continue
+            if macros is not None:
+                batch.append((b"D", macros))
+            batch.append((command, payload))
+            if command[0] in replied:
+                owed.append(command.decode("latin-1"))
+        data, _ = mta.send_packets(batch)
+        if link.ended:
+            self._fail_with("closed", "closed before the message's content was sent")
+        loop = asyncio.get_running_loop()
+        config = self.config
+        limit = config.eom_timeout if len(owed) == 1 else config.command_timeout
+        link.expired = False
+        timer = loop.call_at(loop.time() + limit, link.expire)
+        progress = 0
+        answered = 0
+        modifications: list[Modification] = []
+        try:
+            await link.write(data)
+            while True:
+                reply = mta.next_reply()
+                if reply is None:
+                    if link.expired:
+                        raise TimeoutError
+                    if link.ended:
+                        raise _PeerClosed
+                    await link.wait()
+                    continue
+                if isinstance(reply, Progress):
+                    progress += 1
+                    if on_progress is not None:
+                        on_progress()
+                elif isinstance(reply, Modification):
+                    modifications.append(reply)
+                    continue
+                else:
+                    assert not isinstance(reply, NegotiationReply)  # (the machine checks)
+                    answered += 1
+                    last = answered == len(owed)
+                    if last or isinstance(reply, _FINAL):
+                        if not last:
+                            self.abandon()
+                        self._at_rest = last and isinstance(reply, Continue)
+                        return Answer(modifications, progress, reply), last
+                timer.cancel()
+                limit = config.eom_timeout if answered == len(owed) - 1 else limit
+                timer = loop.call_at(loop.time() + limit, link.expire)
+        except TimeoutError:
+            pending = _PENDING.get(owed[answered], "a command")
+            self._fail_with("timeout", f"no answer to {pending} within {limit:g} s")
+        except RemoteProtocolError as exc:
+            self._fail_with("protocol", f"invalid answer to the message's content: {exc}")
+        except (_PeerClosed, OSError):
+            pending = _PENDING.get(owed[answered] if answered < len(owed) else "E", "E")
+            self._fail_with("closed", f"closed the connection while {pending} was pending")
+        except BaseException as exc:
+            detail = f"interrupted ({type(exc).__name__}) while the message's content was pending"
+            self._fail(UpstreamFailure(self.name, "closed", detail))
+            raise
+        finally:
+            timer.cancel()
 
     async def abort(self) -> None:
         """Abort the current message (no reply comes); the connection stays open."""
@@ -306,13 +409,24 @@ class UpstreamConnection:
         await self._exchange(self._mta.send(Abort()), "A", self.config.command_timeout, False)
 
     @property
-    def reusable(self) -> bool:
-        """Whether the connection may carry another session after :meth:`recycle`: it is
-        open, owes nothing, and the upstream speaks version 6 (whose libmilter takes QUIT_NC)."""
+    def alive(self) -> bool:
+        """The connection is open at both ends, as far as is known."""
+        transport = self._link.transport
         return (
             not self._closed
-            and not self._reader.at_eof()
-            and not self._writer.is_closing()
+            and not self._link.ended
+            and transport is not None
+            and not transport.is_closing()
+        )
+
+    @property
+    def reusable(self) -> bool:
+        """Whether the connection may carry another session after :meth:`recycle`: it is
+        alive, its last message ended with Continue, and the upstream speaks version 6
+        (whose libmilter takes QUIT_NC then)."""
+        return (
+            self._at_rest
+            and self.alive
             and not self._mta.awaiting_reply
             and self.reply.version >= 6
         )
@@ -337,22 +451,21 @@ class UpstreamConnection:
         if self._closed:
             return
         self._closed = True
-        writer = self._writer
+        link = self._link
         # The upstream may be gone, or a reply may still be owed (QUIT is refused then):
         # closing goes on regardless, bounded as any write.
         with contextlib.suppress(ProtocolError, OSError, RuntimeError, TimeoutError):
             async with asyncio.timeout(self.config.command_timeout):
-                if quit and self._failure is None and not writer.is_closing():
-                    writer.write(self._mta.send(Quit()))
-                    await writer.drain()
-                writer.close()
-                await writer.wait_closed()
-        writer.transport.abort()  # a no-op once closed; frees a socket stuck in wait_closed
+                if quit and self._failure is None and not link.ended:
+                    await link.write(self._mta.send(Quit()))
+        transport = link.transport
+        if transport is not None:
+            transport.close()  # what is buffered goes out first
 
     def abandon(self) -> None:
         """Close at once, without QUIT (the conversation cannot go on)."""
         self._closed = True
-        self._writer.transport.abort()
+        self._link.abort()
 
     async def __aenter__(self) -> Self:
         return self
@@ -382,67 +495,78 @@ class UpstreamConnection:
         owes: bool,
         on_progress: Callable[[], object] | None = None,
     ) -> Answer | None:
-        pending = _PENDING.get(letter, repr(letter))
-        failure: UpstreamFailure | None = None
+        link, mta = self._link, self._mta
+        self._at_rest = False
+        if link.ended:
+            # Gone while idle: a command owing no reply would vanish without a trace.
+            self._fail_with("closed", f"closed before {_PENDING.get(letter, letter)} was sent")
+        loop = asyncio.get_running_loop()
+        link.expired = False
+        timer = loop.call_at(loop.time() + limit, link.expire)
         progress = 0
-        if self._reader.at_eof():
-            # Gone while idle: writes still succeed, and a command owing no reply would vanish.
-            failure = UpstreamFailure(self.name, "closed", f"closed before {pending} was sent")
-            self._fail(failure)
-            raise failure
         try:
-            async with asyncio.timeout(limit) as deadline:
-                if data:
-                    self._writer.write(data)
-                    await self._writer.drain()
-                if not owes:
-                    return None
-                modifications: list[Modification] = []
-                while True:
-                    reply = self._mta.next_reply()
-                    if reply is None:
-                        await self._read()
-                    elif isinstance(reply, Progress):
-                        progress += 1
-                        deadline.reschedule(asyncio.get_running_loop().time() + limit)
-                        if on_progress is not None:
-                            on_progress()
-                    elif isinstance(reply, Modification):
-                        modifications.append(reply)
-                    else:
-                        verdict = None if isinstance(reply, NegotiationReply) else reply
-                        return Answer(modifications, progress, verdict)
+            if data:
+                await link.write(data)
+            if not owes:
+                return None
+            modifications: list[Modification] = []
+            while True:
+                reply = mta.next_reply()
+                if reply is None:
+                    if link.expired:
+                        raise TimeoutError
+                    if link.ended:
+                        raise _PeerClosed
+                    await link.wait()
+                elif isinstance(reply, Progress):
+                    progress += 1
+                    timer.cancel()
+                    timer = loop.call_at(loop.time() + limit, link.expire)
+                    if on_progress is not None:
+                        on_progress()
+                elif isinstance(reply, Modification):
+                    modifications.append(reply)
+                else:
+                    verdict = None if isinstance(reply, NegotiationReply) else reply
+                    self._at_rest = letter == "E" and isinstance(verdict, Continue)
+                    return Answer(modifications, progress, verdict)
         except TimeoutError:
             since = f" of progress packet {progress}" if progress else ""
-            detail = f"no answer to {pending} within {limit:g} s{since}"
-            failure = UpstreamFailure(self.name, "timeout", detail)
+            pending = _PENDING.get(letter, letter)
+            self._fail_with("timeout", f"no answer to {pending} within {limit:g} s{since}")
         except RemoteProtocolError as exc:
-            failure = UpstreamFailure(self.name, "protocol", f"invalid answer to {pending}: {exc}")
+            pending = _PENDING.get(letter, letter)
+            self._fail_with("protocol", f"invalid answer to {pending}: {exc}")
         except _PeerClosed:
-            failure = UpstreamFailure(
-                self.name, "closed", f"closed the connection while {pending} was pending"
-            )
+            error = link.error
+            pending = _PENDING.get(letter, letter)
+            if isinstance(error, OSError):
+                what = "reset" if isinstance(error, ConnectionResetError) else "lost"
+                detail = f"{what} the connection while {pending} was pending"
+                self._fail_with("closed", f"{detail} ({error.strerror or error})")
+            self._fail_with("closed", f"closed the connection while {pending} was pending")
         except OSError as exc:
             what = "reset" if isinstance(exc, ConnectionResetError) else "lost"
-            detail = f"{what} the connection while {pending} was pending ({exc.strerror or exc})"
-            failure = UpstreamFailure(self.name, "closed", detail)
+            pending = _PENDING.get(letter, letter)
+            detail = f"{what} the connection while {pending} was pending"
+            self._fail_with("closed", f"{detail} ({exc.strerror or exc})")
         except BaseException as exc:
             # Cancelled, or on_progress raised, with an answer perhaps half read: the
             # conversation cannot go on.
+            pending = _PENDING.get(letter, letter)
             detail = f"interrupted ({type(exc).__name__}) while {pending} was pending"
             self._fail(UpstreamFailure(self.name, "closed", detail))
             raise
-        assert failure is not None
+        finally:
+            timer.cancel()
+        raise AssertionError("unreachable")  # every branch above returns or raises
+
+    def _fail_with(self, kind: FailureKind, detail: str) -> NoReturn:
+        failure = UpstreamFailure(self.name, kind, detail)
         self._fail(failure)
         raise failure
-
-    async def _read(self) -> None:
-        data = await self._reader.read(_READ_SIZE)
-        if not data:
-            raise _PeerClosed
-        self._mta.receive_data(data)
 
     def _fail(self, failure: UpstreamFailure) -> None:
         self._failure = failure
         self._closed = True
-        self._writer.transport.abort()
+        self._link.abort()

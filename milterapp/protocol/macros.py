@@ -15,6 +15,7 @@ from typing import Any, Final
 
 from milterapp.events import macro_name
 from milterapp.protocol.commands import decode_macros
+from milterapp.protocol.payload import cstrings
 from milterapp.protocol.stages import MESSAGE_STAGES, SEQUENCE
 
 __all__ = ["MacroTable"]
@@ -106,6 +107,16 @@ class MacroTable(Mapping[str, str]):
     def clear(self) -> None:
         """Drop every table (quit, or a connection reused for a new session)."""
         self._stages.clear()
+
+    def packet(self, letter: str) -> bytes | None:
+        """The payload of a ``D`` packet that defines the table of ``letter`` as it is (the
+        one received, unless a lookup decoded it); None when the stage has none."""
+        values = self._stages.get(letter)
+        if values is None or isinstance(values, bytes):
+            return values
+        return letter.encode("latin-1") + cstrings(
+            *(part for item in values.items() for part in item)
+        )
 
     def stage(self, letter: str) -> Mapping[str, str]:
         """Return the values defined for one stage (empty if none), names without braces."""

@@ -27,6 +27,7 @@ Milter packets may be big (Postfix reads up to ``INT_MAX/2`` bytes): the limit i
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from typing import Final, NamedTuple, cast
 
 from milterapp.constants import ALL_COMMANDS, ActionFlag, ProtocolFlag
@@ -34,9 +35,9 @@ from milterapp.errors import LocalProtocolError, RemoteProtocolError
 from milterapp.events import Body, Event, Macros, Negotiate
 from milterapp.protocol.answers import LEGAL_REPLIES
 from milterapp.protocol.codec import decode_response, encode_command
-from milterapp.protocol.framing import FrameDecoder
+from milterapp.protocol.framing import FrameDecoder, encode_frame
 from milterapp.protocol.negotiation import UNNEGOTIATED, SessionOptions, session_options
-from milterapp.protocol.stages import BY_COMMAND, MESSAGE_STAGES, OptionalEvent, Stage
+from milterapp.protocol.stages import BY_COMMAND, MESSAGE_STAGES, STAGES, OptionalEvent, Stage
 from milterapp.replies import (
     Modification,
     NegotiationReply,
@@ -57,6 +58,13 @@ MAX_REPLY_DATA_SIZE: Final = 1 << 30
 _O, _D, _C, _H, _M, _R, _T, _L, _N, _B, _E, _U, _A, _Q, _K = ALL_COMMANDS
 
 #: The optional stages by command byte (a NO flag can ask the MTA not to send them).
+#: The event class name of each command (in messages about a packet sent as bytes).
+_EVENT_NAMES: Final[dict[int, str]] = {
+    event.command[0]: event.__name__
+    for stage in STAGES
+    for event in stage.events
+    if len(event.command) == 1
+} | {Macros.command[0]: Macros.__name__}
 _OPTIONAL: Final[dict[int, Stage]] = {
     command: stage for command, stage in BY_COMMAND.items() if stage.optional
 }
@@ -105,6 +113,8 @@ class MtaConnection:
         self._frames = FrameDecoder(max_data_size)
         self._owed: deque[int] = deque()  # commands owing a reply, oldest first
         self._options: SessionOptions | None = None
+        #: The commands the milter declined (known once negotiated; asked per packet).
+        self._suppressed_commands: frozenset[int] = frozenset()
         self._reply: NegotiationReply | None = None
         self._offered = False
         self._eof = False
@@ -150,6 +160,8 @@ class MtaConnection:
         return self._suppression(_command_of(command)) is not None
 
     def _suppression(self, command: int) -> str | None:
+        if command not in self._suppressed_commands:
+            return None
         stage = _OPTIONAL.get(command)
         options = self._options
         if stage is None or options is None:
@@ -162,12 +174,14 @@ class MtaConnection:
 
     # --- sending -----------------------------------------------------------------------
 
-    def send(self, event: Event, *, force: bool = False) -> bytes:
+    def send(self, event: Event, *, force: bool = False, pipelined: bool = False) -> bytes:
         """Check that the MTA may send ``event`` now and return its packet.
 
         Args:
             force: skip every check (to feed a milter illegal input); the state is still
                 updated and a reply is still awaited when the flags say one comes.
+            pipelined: send it while replies to earlier commands are still owed (they are
+                then expected in order); the other checks still apply.
 
         Raises:
             LocalProtocolError: the command is not allowed now; nothing changes.
@@ -176,15 +190,64 @@ class MtaConnection:
         data = encode_command(event)
         command = data[4]  # after the four length bytes
         if not force:
-            self._check_send(command, event)
-        self._after_send(command, event)
+            size = len(event.chunk) if isinstance(event, Body) else 0
+            self._check_send(command, type(event).__name__, size, pipelined)
+        if isinstance(event, Negotiate):
+            self._offered = True
+            self.offer = event  # replies are checked against what was actually sent
+        self._after_send(command, event.stage if isinstance(event, Macros) else None)
         return data
 
-    def _check_send(self, command: int, event: Event) -> None:
+    def send_packet(self, command: bytes, payload: bytes, *, pipelined: bool = False) -> bytes:
+        """As :meth:`send`, for a command given as its letter and payload: what a proxy
+        forwards without building a model. Not for the offer.
+
+        Raises:
+            LocalProtocolError: the command is not allowed now (or is the offer).
+        """
+        code = command[0]
+        name = _EVENT_NAMES.get(code, repr(command))
+        if code == _O:
+            raise LocalProtocolError(f"{name} refused: send the offer with send()", command="O")
+        self._check_send(code, name, len(payload) if code == _B else 0, pipelined)
+        self._after_send(code, chr(payload[0]) if code == _D and payload else None)
+        return encode_frame(command, payload)
+
+    def send_packets(self, packets: Sequence[tuple[bytes, bytes]]) -> tuple[bytes, int]:
+        """Check and send several commands at once, each a letter and its payload (a
+        pipelining client's batch); return their bytes and how many replies they owe.
+
+        Replies to earlier commands may still be owed: all are expected in order. Nothing
+        is sent unless every command may be.
+
+        Raises:
+            LocalProtocolError: a command may not be sent now; nothing changes.
+        """
+        for command, payload in packets:
+            code = command[0]
+            name = _EVENT_NAMES.get(code, repr(command))
+            if code == _O:
+                raise LocalProtocolError(f"{name} refused: send the offer with send()", command="O")
+            self._check_send(code, name, len(payload) if code == _B else 0, True)
+        replied = (self._options or UNNEGOTIATED).replied_commands
+        out: list[bytes] = []
+        owed = 0
+        for command, payload in packets:
+            code = command[0]
+            if code in (_M, _A) or (code == _D and payload[:1] == b"M"):
+                self._message_over = self._skipped = False
+            if code in replied:
+                self._owed.append(code)
+                owed += 1
+            out.append(encode_frame(command, payload))
+        return b"".join(out), owed
+
+    def _check_send(self, command: int, name: str, size: int, pipelined: bool) -> None:
+        """Refuse a command that may not be sent now (``size``: a body chunk's length)."""
         letter = chr(command)
 
         def refuse(why: str) -> LocalProtocolError:
-            return LocalProtocolError(f"{type(event).__name__} refused: {why}", command=letter)
+            return LocalProtocolError(f"{name} refused: {why}", command=letter)
 
         if not self._offered:
             if command != _O:
@@ -192,7 +255,7 @@ class MtaConnection:
             return
         if command == _O:
             raise refuse("option negotiation happens once per connection")
-        if self._owed:
+        if self._owed and not pipelined:
             raise refuse(f"the reply to {chr(self._owed[0])!r} is still owed")
         if self._closed:
             raise refuse("QUIT was sent")
@@ -208,14 +271,11 @@ class MtaConnection:
         if command == _B and self._skipped:
             raise refuse("the milter answered Skip; end of message comes next")
         limit = (self._options or UNNEGOTIATED).max_data_size
-        if isinstance(event, Body) and len(event.chunk) > limit:
-            raise refuse(f"body chunk of {len(event.chunk)} bytes exceeds {limit}")
+        if size > limit:
+            raise refuse(f"body chunk of {size} bytes exceeds {limit}")
 
-    def _after_send(self, command: int, event: Event) -> None:
-        if isinstance(event, Negotiate):
-            self._offered = True
-            self.offer = event  # replies are checked against what was actually sent
-        elif command in (_M, _A) or (isinstance(event, Macros) and event.stage == "M"):
+    def _after_send(self, command: int, macro_stage: str | None) -> None:
+        if command in (_M, _A) or macro_stage == "M":
             # Both MTAs send D for MAIL even when MAIL is suppressed: a new message begins.
             self._message_over = self._skipped = False
         elif command == _Q:
@@ -290,8 +350,13 @@ class MtaConnection:
         if isinstance(reply, NegotiationReply):
             if command != _O:
                 raise RemoteProtocolError(f"negotiation reply in answer to {letter!r}", command="O")
-            self._options = self._negotiated(reply)
+            options = self._options = self._negotiated(reply)
             self._reply = reply
+            self._suppressed_commands = frozenset(
+                command
+                for command, stage in _OPTIONAL.items()
+                if options.protocol & stage.suppress or options.version < stage.since
+            )
         elif command == _O:
             raise RemoteProtocolError(
                 f"{name} in answer to the offer; expected the negotiation reply", command=chr(code)

@@ -237,10 +237,12 @@ def _decode_add_header(r: Reader) -> Reply:
 def _no_payload(
     model: type[Continue | Accept | Reject | TempFail | Discard | Skip | Progress | Shutdown],
 ) -> Callable[[Reader], Reply]:
+    shared = model()  # replies are frozen: one instance serves every packet
+
     def decode(r: Reader) -> Reply:
         if r.payload:
             raise r.fail(f"response carries {len(r.payload)} unexpected bytes", 0)
-        return model()
+        return shared
 
     return decode
 

@@ -453,17 +453,27 @@ class Responder:
         return self._answer("eom", verdict)
 
     async def _with_progress(self, outcome: Coroutine[Any, Any, Outcome]) -> bytes:
-        """Await the end-of-message handlers, sending progress packets while they run."""
-        task = asyncio.ensure_future(outcome)
+        """Await the end-of-message handlers, sending progress packets while they run.
+
+        A timer sends them, so that a handler that answers in time costs no second task.
+        """
+        loop = asyncio.get_running_loop()
+        interval = self.app.config.progress_interval
+        ticking: list[asyncio.Task[None]] = []
+        timers: list[asyncio.TimerHandle] = []
+
+        def tick() -> None:
+            ticking.append(loop.create_task(self.progress()))
+            timers.append(loop.call_later(interval, tick))
+
+        timers.append(loop.call_later(interval, tick))
         try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=self.app.config.progress_interval)
-                if done:
-                    return self._answer("eom", task.result())
-                await self.progress()
+            verdict = await outcome
         finally:
-            if not task.done():
-                task.cancel()
+            timers[-1].cancel()
+        for task in ticking:
+            await task  # each progress packet is out before the answer
+        return self._answer("eom", verdict)
 
     # --- answers -------------------------------------------------------------------------
 

@@ -311,3 +311,54 @@ def test_upstream_failures_are_counted_by_name_and_kind() -> None:
         )
 
     assert run(main()) == 1
+
+
+@pytest.mark.parametrize(("verdict", "sessions"), [(None, ["1", "1.1"]), (Accept(), ["1", "2"])])
+def test_only_a_connection_whose_message_ended_with_continue_is_reused(
+    verdict: Any, sessions: list[str]
+) -> None:
+    """libmilter takes QUIT_NC only right after an end of message it answered Continue."""
+    seen: list[str] = []
+
+    async def main() -> None:
+        up = App("up")
+
+        @up.on("connect")
+        def connected(event: Connect, ctx: Context) -> None:
+            seen.append(ctx.conn_id)
+
+        @up.on("eom")
+        def end(event: EndOfMessage) -> Any:
+            return verdict
+
+        async with served(up) as specs:
+            app = App("front")
+            app.use_milter(specs[0], name="up")
+            for _ in range(2):
+                async with AsyncMilterTestClient(app) as client:
+                    await client.send_message(MESSAGE)
+            await app.run_shutdown()
+
+    run(main())
+    assert seen == sessions
+
+
+def test_a_failed_upstream_with_a_condition_answers_only_where_it_applies() -> None:
+    async def main() -> None:
+        app = App("front")
+        app.use_milter(
+            nowhere(),
+            name="signer",
+            when=lambda ctx: ctx.helo != "nosign.example",
+            when_at="helo",
+        )
+        own_stamp(app)
+        async with AsyncMilterTestClient(app) as client:
+            exempt = await client.send_message(MESSAGE, helo="nosign.example")
+        async with AsyncMilterTestClient(app) as client:
+            applies = await client.send_message(MESSAGE, helo="mail.example")
+        assert exempt.verdict == Continue()
+        assert exempt.delivered is not None
+        assert (applies.verdict, applies.stage) == (TempFail(), "helo")
+
+    run(main())
