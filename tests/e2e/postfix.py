@@ -42,12 +42,16 @@ MAILBOX_NAMES = (
     "body100",
     "body1048576",
     "changed",
+    "chain-down",
+    "chain-open",
+    "chained",
     "counted1",
     "counted2",
     "counted3",
     "counted4",
     "deferred",
     "discarded",
+    "exempt",
     "flaky",
     "full",
     "held",
@@ -62,8 +66,10 @@ MAILBOX_NAMES = (
     "rejected",
     "reloaded",
     "removed",
+    "reused",
     "sender",
     "several",
+    "skipped",
     "slow",
     "workers",
 )
@@ -286,6 +292,21 @@ class Postfix:
             return []
         files = sorted(new.iterdir(), key=lambda p: p.stat().st_mtime_ns)
         return [_parse(path.read_bytes()) for path in files]
+
+    def raw_mailbox(self, user: str) -> list[bytes]:
+        """Like :meth:`mailbox`, each message as virtual(8) wrote it (LF line ends, its
+        ``Return-Path``, ``Delivered-To`` and ``X-Original-To`` on top)."""
+        new = self.mail / DOMAIN / user / "new"
+        if not new.is_dir():
+            return []
+        files = sorted(new.iterdir(), key=lambda p: p.stat().st_mtime_ns)
+        return [path.read_bytes() for path in files]
+
+    def wait_for_raw_mail(self, user: str, count: int = 1, timeout: float = 30.0) -> list[bytes]:
+        """Like :meth:`wait_for_mail`, the raw bytes (:meth:`raw_mailbox`)."""
+        return self._poll(
+            lambda: self.raw_mailbox(user), count, timeout, f"{count} message(s) for {user}"
+        )
 
     def wait_for_mail(self, user: str, count: int = 1, timeout: float = 30.0) -> list[EmailMessage]:
         """Poll the Maildir until ``count`` messages arrived (Postfix delivers asynchronously)."""
