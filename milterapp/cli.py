@@ -1,9 +1,10 @@
 """The ``milterapp`` command line (also ``python -m milterapp``).
 
-Commands: ``run`` serves an App from a module or a file; ``send`` plays an MTA against any
-running milter with a message file; ``bench`` loads a running milter as Postfix would and
-measures it; ``demo`` shows a milter at work; ``record`` records what an MTA and a milter say
-to each other; ``check`` tells whether a milter answers. Every error is one line on stderr
+Commands: ``run`` serves an App from a module or a file; ``chain`` serves existing milters
+chained as one (:mod:`milterapp.commands.chain`); ``send`` plays an MTA against any running
+milter with a message file; ``bench`` loads a running milter as Postfix would and measures it;
+``demo`` shows a milter at work; ``record`` records what an MTA and a milter say to each
+other; ``check`` tells whether a milter answers. Every error is one line on stderr
 and a non-zero status (docs/cli.md), but for a module that raises while it is imported, whose
 traceback comes first.
 """
@@ -28,6 +29,7 @@ from typing import Any
 
 from milterapp import COMPILED, __version__
 from milterapp.app import App
+from milterapp.commands.chain import add_chain_command, chain_app
 from milterapp.errors import ConnectionSpecError, MilterError, ProtocolError
 from milterapp.load.result import LoadOptions
 from milterapp.server.arguments import (
@@ -200,6 +202,7 @@ def _parser() -> argparse.ArgumentParser:
         "target", metavar="MODULE:APP", help="mymilter:app, or path/to/mymilter.py[:app]"
     )
     add_server_arguments(run)
+    add_chain_command(commands)
 
     send = commands.add_parser(
         "send",
@@ -275,6 +278,11 @@ def _add_load_option(parser: argparse.ArgumentParser, field: dataclasses.Field[A
 def _run(args: argparse.Namespace) -> int:
     app = load_app(args.target)
     app.run(argv=[], **given_options(args))  # the command line is parsed already
+    return 0
+
+
+def _chain(args: argparse.Namespace) -> int:
+    chain_app(args.milters).run(argv=[], **given_options(args))
     return 0
 
 
@@ -391,6 +399,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "chain":
+            return _chain(args)
         if args.command == "send":
             return _send(args)
         if args.command == "record":

@@ -79,7 +79,13 @@ LAYERS: list[list[str]] = [
     ["milterapp.load.*", "milterapp.demo.*"],
     ["milterapp.load", "milterapp.demo"],
     # The command line, and the package, which re-exports the public API.
-    ["milterapp.cli", "milterapp.__main__", "milterapp"],
+    [
+        "milterapp.cli",
+        "milterapp.commands.*",
+        "milterapp.commands",
+        "milterapp.__main__",
+        "milterapp",
+    ],
 ]
 
 #: The sans-IO core: these packages never imported by it, not even under TYPE_CHECKING.
