@@ -360,8 +360,7 @@ def test_the_chain_command_serves_until_sigterm(sock_dir: Path) -> None:
     async def main(upstream: str) -> None:
         child = await asyncio.create_subprocess_exec(
             *(sys.executable, "-m", "milterapp", "chain", "--listen", f"unix:{listen}"),
-            # asyncio's loop, whether or not uvloop is installed: the same loop every run.
-            *("--milter", f"up={upstream}", "--loop", "asyncio"),
+            *("--milter", f"up={upstream}"),
             stdin=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
         )
@@ -376,6 +375,17 @@ def test_the_chain_command_serves_until_sigterm(sock_dir: Path) -> None:
                 result = await client.send_message(MESSAGE)
             assert result.delivered is not None
             assert result.delivered.header("X-Up") == "yes"
+            # And milterapp send, through the chain.
+            eml = sock_dir / "message.eml"
+            eml.write_bytes(MESSAGE)
+            send = await asyncio.create_subprocess_exec(
+                *(sys.executable, "-m", "milterapp", "send", "--spec", f"unix:{listen}"),
+                *("--json", str(eml)),
+                stdout=asyncio.subprocess.PIPE,
+            )
+            sent, _ = await send.communicate()
+            assert send.returncode == 0
+            assert "X-Up" in sent.decode()
             child.send_signal(signal.SIGTERM)
             rest = (await child.stderr.read()).decode()
             assert await child.wait() == 0, rest

@@ -362,3 +362,36 @@ def test_a_failed_upstream_with_a_condition_answers_only_where_it_applies() -> N
         assert (applies.verdict, applies.stage) == (TempFail(), "helo")
 
     run(main())
+
+
+def test_an_upstream_deciding_before_end_of_message_is_connected_again_for_the_next() -> None:
+    """The content is pipelined: an upstream that refuses at a header was sent the rest, so
+    its connection is given up and a new one opened, brought to HELO, for the next message."""
+    seen: list[tuple[str, Any]] = []
+    sessions: list[str] = []
+
+    def refuse_spam(event: Header, ctx: Context) -> Reject | None:
+        return Reject(text="spam header") if event.value == "spam" else None
+
+    async def main() -> None:
+        up = recorder("up", seen, header=refuse_spam)
+
+        @up.on("helo")
+        def greeted(event: Any, ctx: Context) -> None:
+            sessions.append(ctx.conn_id)
+
+        async with served(up) as specs:
+            app = App("front")
+            app.use_milter(specs[0], name="up", reuse=False)
+            async with AsyncMilterTestClient(app) as client:
+                refused = await client.send_message(
+                    MESSAGE.replace(b"Subject: hi", b"Subject: spam")
+                )
+                passed = await client.send_message(MESSAGE)
+        assert (refused.verdict, refused.stage) == (Reject(text="spam header"), "eom")
+        assert passed.verdict == Continue()
+        assert passed.delivered is not None
+
+    run(main())
+    assert sessions == ["1", "2"]  # a new connection, given CONNECT and HELO again
+    assert [what for stage, what in seen if stage == "envfrom"] == ["sender@example.org"] * 2
