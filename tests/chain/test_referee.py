@@ -123,3 +123,26 @@ def test_an_abort_makes_every_party_count_again() -> None:
 def test_a_chain_needs_a_party() -> None:
     with pytest.raises(ValueError, match="at least one party"):
         Referee([])
+
+
+def test_every_row_of_the_documented_verdict_table_names_tests_that_exist() -> None:
+    """docs/chaining.md's verdict table gives each row's tests: each must exist here."""
+    import re
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    page = (here.parent.parent / "docs" / "chaining.md").read_text()
+    table = page.split("## The verdict table", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    defined = set(
+        re.findall(
+            r"^def (test_\w+)",
+            "".join(path.read_text() for path in here.glob("test_*.py")),
+            re.MULTILINE,
+        )
+    )
+    named = [re.findall(r"`(test_\w+)`", row) for row in rows[1:]]  # (not the header)
+    assert len(named) >= 10
+    assert all(named), "a row without a test"
+    missing = {name for names in named for name in names} - defined
+    assert not missing
