@@ -87,13 +87,20 @@ class Link(asyncio.Protocol):
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the connection is closed")
         transport.write(data)
-        if self._writable is not None:
-            await self._writable
+        writable = self._writable
+        if writable is not None:
+            await writable
+            if self.expired:
+                raise TimeoutError
 
     def expire(self) -> None:
-        """The deadline passed: wake the exchange waiting (a timer calls this)."""
+        """The deadline passed: wake the exchange waiting, for an answer or for the socket
+        to take more (a timer calls this)."""
         self.expired = True
         self._wake()
+        writable = self._writable
+        if writable is not None and not writable.done():
+            writable.set_result(None)
 
     def abort(self) -> None:
         """Close at once."""

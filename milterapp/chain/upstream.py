@@ -353,8 +353,11 @@ class UpstreamConnection:
         loop = asyncio.get_running_loop()
         config = self.config
         limit = config.eom_timeout if len(owed) == 1 else config.command_timeout
+        # One timer while waiting, not one per answer: answers come in bursts, and each
+        # only moves the deadline on.
         link.expired = False
-        timer = loop.call_at(loop.time() + limit, link.expire)
+        armed = deadline = loop.time() + limit
+        timer = loop.call_at(deadline, link.expire)
         progress = 0
         answered = 0
         modifications: list[Modification] = []
@@ -363,10 +366,15 @@ class UpstreamConnection:
             while True:
                 reply = mta.next_reply()
                 if reply is None:
-                    if link.expired:
-                        raise TimeoutError
                     if link.ended:
                         raise _PeerClosed
+                    if link.expired or deadline != armed:
+                        if loop.time() >= deadline:
+                            raise TimeoutError
+                        timer.cancel()
+                        link.expired = False
+                        armed = deadline
+                        timer = loop.call_at(deadline, link.expire)
                     await link.wait()
                     continue
                 if isinstance(reply, Progress):
@@ -385,9 +393,9 @@ class UpstreamConnection:
                             self.abandon()
                         self._at_rest = last and isinstance(reply, Continue)
                         return Answer(modifications, progress, reply), last
-                timer.cancel()
-                limit = config.eom_timeout if answered == len(owed) - 1 else limit
-                timer = loop.call_at(loop.time() + limit, link.expire)
+                    if answered == len(owed) - 1:
+                        limit = config.eom_timeout
+                deadline = loop.time() + limit
         except TimeoutError:
             pending = _PENDING.get(owed[answered], "a command")
             self._fail_with("timeout", f"no answer to {pending} within {limit:g} s")

@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Final, NamedTuple, cast
 
-from milterapp.constants import ALL_COMMANDS, ActionFlag, ProtocolFlag
+from milterapp.constants import ALL_COMMANDS, ActionFlag, ProtocolFlag, ResponseCode
 from milterapp.errors import LocalProtocolError, RemoteProtocolError
 from milterapp.events import Body, Event, Macros, Negotiate
 from milterapp.protocol.answers import LEGAL_REPLIES
@@ -39,6 +39,7 @@ from milterapp.protocol.framing import FrameDecoder, encode_frame
 from milterapp.protocol.negotiation import UNNEGOTIATED, SessionOptions, session_options
 from milterapp.protocol.stages import BY_COMMAND, MESSAGE_STAGES, STAGES, OptionalEvent, Stage
 from milterapp.replies import (
+    Continue,
     Modification,
     NegotiationReply,
     Progress,
@@ -58,6 +59,10 @@ MAX_REPLY_DATA_SIZE: Final = 1 << 30
 _O, _D, _C, _H, _M, _R, _T, _L, _N, _B, _E, _U, _A, _Q, _K = ALL_COMMANDS
 
 #: The optional stages by command byte (a NO flag can ask the MTA not to send them).
+_CONTINUE_CODE: Final = ord(ResponseCode.CONTINUE.value)
+_CONTINUE: Final = Continue()
+#: The commands Continue answers without ending anything (not the offer or end of message).
+_GOES_ON: Final = frozenset(ALL_COMMANDS) - {_O, _E}
 #: The event class name of each command (in messages about a packet sent as bytes).
 _EVENT_NAMES: Final[dict[int, str]] = {
     event.command[0]: event.__name__
@@ -316,8 +321,14 @@ class MtaConnection:
                             command=chr(self._owed[0]),
                         )
                 return None
-            reply = decode_response(*frame)
-            self._take(frame[0], reply)
+            code, payload = frame
+            owed = self._owed
+            if code == _CONTINUE_CODE and not payload and owed and owed[0] in _GOES_ON:
+                # The usual answer, to a command it does not end: nothing else to check.
+                owed.popleft()
+                return _CONTINUE
+            reply = decode_response(code, payload)
+            self._take(code, reply)
         except RemoteProtocolError:
             self._failed = True
             raise
