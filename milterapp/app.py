@@ -20,9 +20,9 @@ import structlog
 from pydantic import ValidationError
 
 from milterapp import server
+from milterapp.chain.options import FailurePolicy, UpstreamOptions
 from milterapp.chain.party import UpstreamMilter
 from milterapp.chain.session import ChainSession
-from milterapp.chain.upstream import FailurePolicy, UpstreamOptions
 from milterapp.config import AppConfig
 from milterapp.constants import ActionFlag
 from milterapp.context import KEPT_EVENTS, RECORDED_EVENTS, Context

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from milterapp import App, Context, EndOfMessage, EnvFrom
-from milterapp.chain.upstream import UpstreamOptions
+from milterapp.chain.options import UpstreamOptions
 from milterapp.cli import _parser, main
 from milterapp.commands.chain import ChainedMilter, MacroCondition, chain_app, parse_milter
 from milterapp.errors import SetupError

@@ -7,6 +7,7 @@ Its modules, lowest first (``tests/test_architecture.py`` holds them to this ord
     forwarding  what each party is sent of the MTA's commands: what its own connection brings
     referee     how the parties' verdicts combine, command by command, as an MTA's list does
     edits       the message the parties edit at end of message, and what goes to the MTA
+    options     an upstream's settings (UpstreamOptions), and its failures by kind
     link        the socket under one upstream conversation (an asyncio protocol)
     upstream    one conversation with one upstream milter: connect, negotiate, commands, deadlines
     party       an upstream registered in an App: condition, back-off, connections kept
@@ -20,16 +21,16 @@ This ``__init__`` only re-exports.
 
 from milterapp.chain.forwarding import for_party
 from milterapp.chain.negotiation import Combined, combine, macros_for
-from milterapp.chain.party import UpstreamMilter
-from milterapp.chain.referee import Referee
-from milterapp.chain.session import ChainSession
-from milterapp.chain.upstream import (
+from milterapp.chain.options import (
     FailureKind,
     FailurePolicy,
-    UpstreamConnection,
     UpstreamFailure,
     UpstreamOptions,
 )
+from milterapp.chain.party import UpstreamMilter
+from milterapp.chain.referee import Referee
+from milterapp.chain.session import ChainSession
+from milterapp.chain.upstream import UpstreamConnection
 
 __all__ = [
     "ChainSession",

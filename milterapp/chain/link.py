@@ -16,8 +16,10 @@ from typing import Final, cast
 from milterapp.protocol.mta import MtaConnection
 from milterapp.spec import ConnectionSpec
 
-__all__ = ["QUOTED", "Link", "connect"]
+__all__ = ["QUOTED", "Link", "connect", "open_stream"]
 
+#: The read buffer of a stream opened by open_stream().
+_READ_SIZE: Final = 65536
 #: How many of the first bytes received are kept, to quote an answer that is not a milter's.
 QUOTED: Final = 40
 
@@ -126,3 +128,14 @@ async def connect(spec: ConnectionSpec, mta: MtaConnection) -> Link:
         family = socket.AF_INET6 if spec.scheme == "inet6" else socket.AF_INET
         _, link = await loop.create_connection(lambda: Link(mta), host, port, family=family)
     return link
+
+
+async def open_stream(
+    spec: ConnectionSpec, *, limit: int = _READ_SIZE
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to the milter listening at ``spec`` (a unix socket, or IPv4 or IPv6 as the
+    spec says); ``limit`` is the reader's buffer limit. Unbounded: callers set a deadline."""
+    if spec.scheme == "unix":
+        return await asyncio.open_unix_connection(spec.path, limit=limit)
+    family = socket.AF_INET6 if spec.scheme == "inet6" else socket.AF_INET
+    return await asyncio.open_connection(spec.connect_host, spec.port, family=family, limit=limit)

@@ -21,7 +21,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from milterapp.chain.upstream import UpstreamConnection, UpstreamFailure, UpstreamOptions
+from milterapp.chain.options import UpstreamFailure, UpstreamOptions
+from milterapp.chain.upstream import UpstreamConnection
 from milterapp.events import Negotiate
 
 __all__ = ["FIRST_RETRY", "IDLE_KEPT", "LAST_RETRY", "UpstreamMilter"]

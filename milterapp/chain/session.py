@@ -30,9 +30,10 @@ from milterapp.chain.edits import MessageEdits
 from milterapp.chain.forwarding import for_party
 from milterapp.chain.headers import POSTFIX_RULES, SENDMAIL_RULES, HeaderRules
 from milterapp.chain.negotiation import combine, macros_for
+from milterapp.chain.options import UpstreamFailure
 from milterapp.chain.party import UpstreamMilter
 from milterapp.chain.referee import Referee
-from milterapp.chain.upstream import UpstreamConnection, UpstreamFailure
+from milterapp.chain.upstream import UpstreamConnection
 from milterapp.constants import MacroStage, ProtocolFlag
 from milterapp.context import Context
 from milterapp.errors import LocalProtocolError, MilterError

@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import socket
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Final, Literal, NoReturn, Self, TypeAlias
-
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Final, NoReturn, Self
 
 from milterapp.chain.link import QUOTED, Link, connect
+from milterapp.chain.options import FailureKind, UpstreamFailure, UpstreamOptions
 from milterapp.constants import MAX_VERSION
-from milterapp.errors import MilterError, ProtocolError, RemoteProtocolError
+from milterapp.errors import ProtocolError, RemoteProtocolError
 from milterapp.events import (
     Abort,
     EndOfMessage,
@@ -51,25 +49,12 @@ from milterapp.replies import (
 )
 from milterapp.spec import ConnectionSpec
 
-__all__ = [
-    "FailureKind",
-    "FailurePolicy",
-    "UpstreamConnection",
-    "UpstreamFailure",
-    "UpstreamOptions",
-    "open_stream",
-]
-
-#: What the chain answers for a message when its upstream fails (used by the App, later).
-FailurePolicy: TypeAlias = Literal["tempfail", "accept", "reject"]
-FailureKind: TypeAlias = Literal["unreachable", "negotiation", "timeout", "protocol", "closed"]
+__all__ = ["UpstreamConnection"]
 
 #: Largest reply packet accepted. Milters send small packets (body replacements come in
 #: 64 KiB chunks); a low limit makes a text greeting read as a length ("HTTP" is 1.2 GB,
 #: any printable first byte is over 512 MiB) fail on arrival instead of at the deadline.
 _MAX_REPLY_SIZE: Final = 16 << 20
-_READ_SIZE: Final = 65536
-_NAME: Final = re.compile(r"[A-Za-z0-9_.-]+")
 #: Verdicts after which a milter takes no more of the message.
 _FINAL: Final = (Reject, TempFail, Discard, Accept)
 #: What each command is called in a failure's detail.
@@ -88,67 +73,8 @@ _PENDING: Final = {
 }
 
 
-class UpstreamOptions(BaseModel):
-    """Where an upstream milter listens, its deadlines in seconds, and the policy on failure.
-
-    ``command_timeout`` stays below Sendmail's 10 s per reply, so that our MTA does not give
-    up on us before we give up on the upstream.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str
-    spec: ConnectionSpec
-    connect_timeout: float = Field(default=5.0, gt=0, allow_inf_nan=False)
-    command_timeout: float = Field(default=8.0, gt=0, allow_inf_nan=False)
-    eom_timeout: float = Field(default=120.0, gt=0, allow_inf_nan=False)
-    on_failure: FailurePolicy = "tempfail"
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, name: str) -> str:
-        if not _NAME.fullmatch(name):
-            raise ValueError(f"name {name!r} must be non-empty letters, digits, '_', '.' or '-'")
-        return name
-
-    @field_validator("spec", mode="before")
-    @classmethod
-    def _parse_spec(cls, spec: object) -> object:
-        # ConnectionSpecError is a ValueError: pydantic reports it under the field "spec".
-        return ConnectionSpec.parse(spec) if isinstance(spec, str) else spec
-
-
-class UpstreamFailure(MilterError):
-    """The upstream milter failed; ``str()`` is ``upstream NAME: DETAIL``.
-
-    Attributes:
-        name: the upstream's name (:attr:`UpstreamOptions.name`).
-        kind: ``unreachable`` (no connection), ``negotiation`` (connected, but no valid
-            negotiation reply), ``timeout`` (a deadline passed), ``protocol`` (an invalid
-            reply) or ``closed`` (the upstream closed or reset the connection).
-        detail: what happened, in plain words.
-    """
-
-    def __init__(self, name: str, kind: FailureKind, detail: str) -> None:
-        super().__init__(f"upstream {name}: {detail}")
-        self.name = name
-        self.kind: FailureKind = kind
-        self.detail = detail
-
-
 class _PeerClosed(Exception):
     """The upstream closed its side (end of file)."""
-
-
-async def open_stream(
-    spec: ConnectionSpec, *, limit: int = _READ_SIZE
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Connect to the milter listening at ``spec`` (a unix socket, or IPv4 or IPv6 as the
-    spec says); ``limit`` is the reader's buffer limit. Unbounded: callers set a deadline."""
-    if spec.scheme == "unix":
-        return await asyncio.open_unix_connection(spec.path, limit=limit)
-    family = socket.AF_INET6 if spec.scheme == "inet6" else socket.AF_INET
-    return await asyncio.open_connection(spec.connect_host, spec.port, family=family, limit=limit)
 
 
 def _unreachable(spec: ConnectionSpec, exc: OSError) -> str:

@@ -22,7 +22,7 @@ from typing import Any, Final
 from pydantic import ValidationError
 
 from milterapp.app import App
-from milterapp.chain.upstream import UpstreamOptions
+from milterapp.chain.options import UpstreamOptions
 from milterapp.context import Context
 from milterapp.errors import SetupError
 from milterapp.server.arguments import add_server_arguments, describe

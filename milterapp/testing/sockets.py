@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from milterapp.app import App
-from milterapp.chain.upstream import open_stream
+from milterapp.chain.link import open_stream
 from milterapp.errors import ProtocolError
 from milterapp.events import Event, Negotiate, Quit
 from milterapp.protocol.mta import DEFAULT_OFFER, Answer, MtaConnection

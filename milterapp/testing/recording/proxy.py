@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import structlog
 
-from milterapp.chain.upstream import open_stream
+from milterapp.chain.link import open_stream
 from milterapp.errors import RemoteProtocolError
 from milterapp.protocol.framing import FrameDecoder
 from milterapp.server import listener as listening
