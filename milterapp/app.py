@@ -422,12 +422,20 @@ class App(Dispatcher):
             skip="body" in handled and not config.keep_message,
             # Kept for the context only: decoded if and when a handler reads them. RCPT is
             # not, when the MTA marks the recipients it refused in the macros sent with it.
-            undecoded=frozenset()
-            if self._upstreams  # upstream milters are sent every command as it comes
-            else frozenset(
-                RECORDED_EVENTS - handled - ({"envrcpt"} if config.rejected_recipients else set())
-            ),
+            undecoded=self._undecoded(handled),
         )
+
+    def _undecoded(self, handled: set[OptionalEvent]) -> frozenset[OptionalEvent]:
+        """The events asked for only to be kept: decoded when read, if ever."""
+        # The content kept for end of message is kept as it came. The envelope is too,
+        # unless upstream milters are sent it as it comes; RCPT is not when the MTA marks
+        # the recipients it refused in the macros sent with it.
+        kept: set[OptionalEvent] = set()
+        if self.config.keep_message:
+            kept |= KEPT_EVENTS | {"eoh"}
+        if not self._upstreams:
+            kept |= RECORDED_EVENTS - ({"envrcpt"} if self.config.rejected_recipients else set())
+        return frozenset(kept - handled)
 
     # --- lifecycle -----------------------------------------------------------------------
 

@@ -35,7 +35,9 @@ RECORDED_EVENTS: Final[frozenset[OptionalEvent]] = frozenset(
 KEPT_EVENTS: Final[frozenset[OptionalEvent]] = frozenset({"header", "body"})
 
 _READ_SIZE: Final = DEFAULT_MAX_DATA_SIZE
-_MAIL, _RCPT = (ord(command.value) for command in (Command.MAIL, Command.RCPT))
+_MAIL, _RCPT, _HEADER = (
+    ord(command.value) for command in (Command.MAIL, Command.RCPT, Command.HEADER)
+)
 _E = TypeVar("_E", bound=Event)
 _UNSET: Final = object()
 
@@ -85,9 +87,14 @@ class Message(Generic[MessageStateT]):
         self.handler_seconds = 0.0
         #: Modifications sent, by kind.
         self.modifications_sent: dict[str, int] = {}
-        #: Every Header event received (the server appends here); :attr:`headers` gives it
-        #: when the app asked for headers.
-        self.header_events: list[Header] = []
+        #: Every header received, in order (the server appends here): a model, or the
+        #: payload of a command no handler read as it came (decoded when first read here,
+        #: with or without its leading space as ``headers_leading_space`` says).
+        #: :attr:`headers` gives them when the app asked for headers.
+        self.header_records: list[Header | bytes] = []
+        #: Whether header_records may hold payloads (set by whoever appends one).
+        self.headers_undecoded = False
+        self.headers_leading_space = False
         self._headers_kept = headers_kept
         self._macros = macros
         self._spool_threshold = spool_threshold
@@ -151,7 +158,7 @@ class Message(Generic[MessageStateT]):
     @property
     def begun(self) -> bool:
         """Whether the MTA has sent anything of this transaction yet."""
-        return self.sender_record is not None or bool(self.recipient_records or self.header_events)
+        return self.sender_record is not None or bool(self.recipient_records or self.header_records)
 
     @property
     def queue_id(self) -> str | None:
@@ -170,7 +177,17 @@ class Message(Generic[MessageStateT]):
                 "ctx.message.headers: the MTA was not asked for headers; add a 'header' "
                 "handler or create the App with keep_message=True"
             )
-        return self.header_events
+        headers = self.header_records
+        if self.headers_undecoded:
+            for at, header in enumerate(headers):
+                if isinstance(header, bytes):
+                    event = decode_command(
+                        _HEADER, header, leading_space=self.headers_leading_space
+                    )
+                    assert isinstance(event, Header)
+                    headers[at] = event
+            self.headers_undecoded = False
+        return headers  # type: ignore[return-value]  # (every item is a model now)
 
     def append_body(self, chunk: bytes) -> None:
         """Keep a body chunk (only when the app keeps whole messages)."""

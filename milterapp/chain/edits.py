@@ -23,7 +23,9 @@ from collections.abc import Iterable, Sequence
 from typing import IO, Final
 
 from milterapp.chain.headers import HeaderField, HeaderList, HeaderRules
+from milterapp.constants import Command
 from milterapp.events import Header
+from milterapp.protocol.commands import decode_command
 from milterapp.replies import (
     AddHeader,
     ChangeHeader,
@@ -36,6 +38,7 @@ from milterapp.replies import (
 
 __all__ = ["MessageEdits"]
 
+_HEADER: Final = ord(Command.HEADER.value)
 #: A replaced body stays in memory up to this size, then goes to a temporary file.
 _SPOOL_AT: Final = 1 << 20
 
@@ -56,14 +59,18 @@ class MessageEdits:
     """
 
     def __init__(
-        self, headers: Sequence[Header], body: IO[bytes], rules: HeaderRules, leading_space: bool
+        self,
+        headers: Sequence[Header | bytes],
+        body: IO[bytes],
+        rules: HeaderRules,
+        leading_space: bool,
     ) -> None:
-        # The MTA's own Received: heads the list, hidden: insert indexes count it (§6).
-        fields = [HeaderField("Received", "", visible=False)]
-        fields += [
-            HeaderField(h.name, _stored(h.value, h.leading_space), visible=True) for h in headers
-        ]
-        self.headers = HeaderList(rules, fields)
+        # The headers as the MTA sent them (models, or packet payloads the server kept): the
+        # model of the list is made only when a party edits it, else they are replayed as
+        # they came.
+        self._received = headers
+        self._rules = rules
+        self._headers: HeaderList | None = None
         self.body = body
         self.body_replaced = False
         self._mta_leading_space = leading_space
@@ -71,8 +78,47 @@ class MessageEdits:
         self._sender: ChangeSender | None = None
         self._quarantine: Quarantine | None = None
 
-    def take(self, modifications: Iterable[Modification], *, leading_space: bool) -> None:
-        """Apply one party's modifications (its HDR_LEADSPC choice: ``leading_space``)."""
+    @property
+    def headers(self) -> HeaderList:
+        """The MTA's header list as edited so far."""
+        headers = self._headers
+        if headers is None:
+            mta_leading = self._mta_leading_space
+            # The MTA's own Received: heads the list, hidden: insert indexes count it (§6).
+            fields = [HeaderField("Received", "", visible=False)]
+            for header in self._received:
+                if isinstance(header, bytes):
+                    event = decode_command(_HEADER, header, leading_space=mta_leading)
+                    assert isinstance(event, Header)
+                    header = event
+                value = _stored(header.value, header.leading_space)
+                fields.append(HeaderField(header.name, value, visible=True))
+            headers = self._headers = HeaderList(self._rules, fields)
+        return headers
+
+    def header_payloads(self, leading_space: bool) -> list[bytes] | None:
+        """The headers to show a party, as packet payloads the MTA sent, when nobody edited
+        them and the party takes the MTA's leading-space convention (``leading_space``);
+        else None (:meth:`visible_headers` then)."""
+        if self._headers is not None or leading_space != self._mta_leading_space:
+            return None
+        return [
+            header
+            if isinstance(header, bytes)
+            else header.raw_name + b"\0" + header.raw_value + b"\0"
+            for header in self._received
+        ]
+
+    def take(
+        self,
+        modifications: Iterable[Modification],
+        *,
+        leading_space: bool,
+        shown_later: bool = True,
+    ) -> None:
+        """Apply one party's modifications (its HDR_LEADSPC choice: ``leading_space``);
+        ``shown_later``: a party after it will be shown the message (else its header edits
+        only go to the MTA)."""
         new_body: IO[bytes] | None = None
         for modification in modifications:
             if isinstance(modification, ReplaceBody):
@@ -84,7 +130,7 @@ class MessageEdits:
             elif isinstance(modification, Quarantine):
                 self._quarantine = modification
             elif isinstance(modification, AddHeader | InsertHeader | ChangeHeader):
-                self._edit_header(modification, leading_space)
+                self._edit_header(modification, leading_space, shown_later)
             else:  # recipients: the MTA applies them; parties are not shown them again
                 self._out.append(modification)
         if new_body is not None:
@@ -94,15 +140,16 @@ class MessageEdits:
             self.body, self.body_replaced = new_body, True
 
     def _edit_header(
-        self, edit: AddHeader | InsertHeader | ChangeHeader, leading_space: bool
+        self, edit: AddHeader | InsertHeader | ChangeHeader, leading_space: bool, shown: bool
     ) -> None:
-        value = _stored(edit.value, leading_space)
-        if isinstance(edit, AddHeader):
-            self.headers.add(edit.name, value)
-        elif isinstance(edit, InsertHeader):
-            self.headers.insert(edit.index, edit.name, value)
-        else:
-            self.headers.change(edit.index, edit.name, value or None)
+        if shown:
+            value = _stored(edit.value, leading_space)
+            if isinstance(edit, AddHeader):
+                self.headers.add(edit.name, value)
+            elif isinstance(edit, InsertHeader):
+                self.headers.insert(edit.index, edit.name, value)
+            else:
+                self.headers.change(edit.index, edit.name, value or None)
         mta = self._mta_leading_space
         if edit.value and leading_space != mta:
             # The MTA writes one space after the colon for a party without HDR_LEADSPC.

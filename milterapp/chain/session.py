@@ -442,14 +442,15 @@ class ChainSession:
         message = ctx.message
         options = ctx.options
         edits = MessageEdits(
-            message.header_events,
+            message.header_records,
             message.body(),
             self._header_rules(ctx),
             bool(options is not None and options.leading_space),
         )
         handed_over = False
         try:
-            for at in self.referee.asks("eom"):
+            asks = self.referee.asks("eom")
+            for index, at in enumerate(asks):
                 party = self.parties[at]
                 modifications: list[Modification] = []
                 if party is None:
@@ -463,7 +464,9 @@ class ChainSession:
                 if self.referee.hears("eom", at, verdict):
                     break
                 if modifications:
-                    edits.take(modifications, leading_space=leading)
+                    # (Header edits are applied to the model only for an upstream after it.)
+                    later = any(self.parties[then] is not None for then in asks[index + 1 :])
+                    edits.take(modifications, leading_space=leading, shown_later=later)
             reply = self._verdict("eom")
             if isinstance(reply, Continue | Accept):
                 handed_over = self._hand_over(edits, ctx)
@@ -487,10 +490,14 @@ class ChainSession:
         packets: list[tuple[bytes, bytes, bytes | None]] = []
         if not options.suppressed("header"):
             macros = self._macros(link, _EOH, ctx, "L")
-            space = b" " if leading else b""
-            for name, value in edits.visible_headers():
-                payload = encode_text(name) + b"\0" + space + encode_text(value) + b"\0"
-                packets.append((b"L", payload, macros))
+            payloads = edits.header_payloads(leading)
+            if payloads is None:
+                space = b" " if leading else b""
+                payloads = [
+                    encode_text(name) + b"\0" + space + encode_text(value) + b"\0"
+                    for name, value in edits.visible_headers()
+                ]
+            packets.extend((b"L", payload, macros) for payload in payloads)
         packets.append((b"N", b"", self._macros(link, _EOH, ctx)))
         if not options.suppressed("body"):
             body = edits.rewind_body()

@@ -88,7 +88,11 @@ _LATER_MESSAGE_STAGES: Final = frozenset(stage.name for stage in MESSAGE_STAGES[
 _POSTFIX_CONTENT_STAGES: Final = frozenset({"header", "eoh", "body", "eom"})
 _MESSAGE: Final = ConnectionState.MESSAGE
 _NO_LIMIT: Final = 1 << 62  # max_recipients=0
-_CONNECT, _MAIL, _RCPT = (ord(c.value) for c in (Command.CONNECT, Command.MAIL, Command.RCPT))
+_EOH = ord(Command.EOH.value)
+_CONNECT, _MAIL, _RCPT, _HEADER, _BODY = (
+    ord(c.value)
+    for c in (Command.CONNECT, Command.MAIL, Command.RCPT, Command.HEADER, Command.BODY)
+)
 
 
 class Responder:
@@ -138,6 +142,7 @@ class Responder:
         self.conn_id = conn_id
         self._headers_kept = "header" in requirements.events
         self._rejected_recipients = requirements.rejected_recipients
+        self._leading_space = False  # negotiated HDR_LEADSPC: how kept headers are decoded
         self.negotiations = {} if negotiations is None else negotiations
         self.ctx: Context | None = None
         self.closed = False
@@ -238,7 +243,7 @@ class Responder:
             self._refused = None  # that message is over
         if name == "header":
             assert isinstance(event, Header)
-            headers = message.header_events
+            headers = message.header_records
             limit = self._max_headers
             if limit and len(headers) >= limit:
                 return self._over_limit(ctx, name, "max_headers", limit, TOO_MANY_HEADERS)
@@ -361,11 +366,34 @@ class Responder:
                 ctx.new_message()  # (else it is the fresh one the last message ended with)
             ctx.message.sender_record = payload
             self._message_begins(ctx)
+        elif command == _HEADER:
+            self._keep_header(ctx, payload)
+        elif command == _BODY:
+            message.append_body(payload)
         elif command == _CONNECT:
             ctx.client = payload
-        else:
+        elif command != _EOH:
             ctx.helo = payload
         return True
+
+    def _keep_header(self, ctx: Context, payload: bytes) -> None:
+        """Keep a header no handler reads, its limits applied as to a decoded one."""
+        message = ctx.message
+        records = message.header_records
+        limit = self._max_headers
+        if limit and len(records) >= limit:
+            self._over_limit(ctx, "header", "max_headers", limit, TOO_MANY_HEADERS, awaiting=False)
+            return
+        limit = self._max_header_size
+        size = len(payload) - 2  # the name and the value, without their NULs
+        if limit and size > limit:
+            self._over_limit(
+                ctx, "header", "max_header_size", limit, HEADER_TOO_LARGE, awaiting=False, size=size
+            )
+            return
+        records.append(payload)
+        message.headers_undecoded = True
+        message.headers_leading_space = self._leading_space
 
     async def _reply_later(self, name: str, awaiting: bool, outcome: Awaitable[Outcome]) -> bytes:
         return self._reply(name, awaiting, await outcome)
@@ -417,7 +445,8 @@ class Responder:
         out = self.machine.send(reply)
         if len(self.negotiations) < _NEGOTIATIONS_KEPT:
             self.negotiations[key] = own
-        ctx.options = self.machine.options
+        options = ctx.options = self.machine.options
+        self._leading_space = bool(options and options.leading_space)
         return out
 
     async def _abort_later(self, observed: Awaitable[Outcome]) -> bytes:

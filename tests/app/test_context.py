@@ -758,7 +758,7 @@ def test_as_email_without_a_kept_body_says_how_to_keep_it() -> None:
 
 def test_headers_not_asked_for_say_what_to_add() -> None:
     message = Message({}, 1000, headers_kept=False)
-    message.header_events.append(Header(name="Subject", value="counted, not kept"))
+    message.header_records.append(Header(name="Subject", value="counted, not kept"))
     with pytest.raises(NotAvailable, match=r"'header' handler or .*keep_message=True"):
         _ = message.headers
     with pytest.raises(NotAvailable):

@@ -383,3 +383,40 @@ def test_limits_apply_per_connection_session_and_message() -> None:
         run(main())
     assert not _events(logs, "limit_exceeded")
     assert len(recorder.messages) == 3
+
+
+# --- headers kept as they came (no header handler, keep_message) ---------------------------
+
+
+def test_headers_no_handler_reads_are_kept_as_received_and_limited_alike() -> None:
+    """With keep_message and no header handler the server keeps each header's packet
+    without decoding it; the limits apply to those as to decoded ones, and ctx.message
+    gives the headers decoded when read."""
+    seen: list[list[tuple[str, str]]] = []
+    app = App("kept", keep_message=True)
+
+    @app.on("eom")
+    def eom(event: EndOfMessage, ctx: Context) -> None:
+        seen.append([(h.name, h.value) for h in ctx.message.headers])
+
+    async def main() -> None:
+        async with (
+            running_server(app, max_headers=3, max_header_size=24) as server,
+            await connect(server) as client,
+        ):
+            await start_session(client)
+            assert (await send_message(client, headers=HEADERS)).verdict == Continue()
+            many = [*HEADERS, ("X-A", "1")]
+            assert (await send_message(client, headers=many)).verdict == TOO_MANY_HEADERS
+            large = [("From", "a@b.c"), ("X", "é" * 12)]  # 25 bytes
+            assert (await send_message(client, headers=large)).verdict == HEADER_TOO_LARGE
+            assert (await send_message(client, headers=HEADERS)).verdict == Continue()
+
+    with structlog.testing.capture_logs() as logs:
+        run(main())
+    assert seen == [list(HEADERS)] * 2  # the refused messages' handler did not run
+    hits = _events(logs, "limit_exceeded")
+    assert [(hit["limit"], hit.get("size")) for hit in hits] == [
+        ("max_headers", None),
+        ("max_header_size", 25),
+    ]
