@@ -58,18 +58,21 @@ class Referee:
         if not names:
             raise ValueError("a chain needs at least one party")
         self.names = tuple(names)
+        self._everyone = tuple(range(len(self.names)))
         self._done_connection: set[int] = set()
         self._done_message: set[int] = set()
         self._skipping_body: set[int] = set()
         self._answer: Verdict | Shutdown | None = None
 
-    def asks(self, stage: str) -> list[int]:
+    def asks(self, stage: str) -> tuple[int, ...]:
         """The parties to ask at ``stage``, in order: those not done (and, for body chunks,
         not skipping the body)."""
         done = self._done_connection | self._done_message
         if stage == "body":
             done = done | self._skipping_body
-        return [at for at in range(len(self.names)) if at not in done]
+        if not done:
+            return self._everyone  # the usual case: nobody is done
+        return tuple(at for at in self._everyone if at not in done)
 
     def hears(self, stage: str, party: int, verdict: Verdict | Shutdown | None) -> bool:
         """Record ``party``'s answer at ``stage``; True when the command is answered now
@@ -96,13 +99,12 @@ class Referee:
             ):
                 self._message_ends()
             return answer
-        everyone = range(len(self.names))
         done = self._done_connection | self._done_message
-        if all(at in done for at in everyone):
+        if len(done) == len(self.names):
             if stage not in _CONNECTION_STAGES:
                 self._message_ends()
             return _ACCEPT
-        if stage == "body" and all(at in done | self._skipping_body for at in everyone):
+        if stage == "body" and len(done | self._skipping_body) == len(self.names):
             return _SKIP
         if stage == "eom":
             self._message_ends()

@@ -265,8 +265,9 @@ class UpstreamConnection:
         batch: list[tuple[bytes, bytes]] = []
         owed: list[str] = []
         replied = self.options.replied_commands
+        declined = mta.declined_commands
         for command, payload, macros in packets:
-            if mta.suppressed(command):
+            if command[0] in declined:
                 continue
             if macros is not None:
                 batch.append((b"D", macros))
@@ -286,6 +287,7 @@ class UpstreamConnection:
         timer = loop.call_at(deadline, link.expire)
         progress = 0
         answered = 0
+        last_but_one = len(owed) - 1
         modifications: list[Modification] = []
         try:
             await link.write(data)
@@ -302,6 +304,10 @@ class UpstreamConnection:
                         armed = deadline
                         timer = loop.call_at(deadline, link.expire)
                     await link.wait()
+                    continue
+                if reply.__class__ is Continue and answered + 1 < last_but_one:
+                    answered += 1  # the usual answer to a header or a chunk
+                    deadline = loop.time() + limit
                     continue
                 if isinstance(reply, Progress):
                     progress += 1

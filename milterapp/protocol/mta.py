@@ -160,6 +160,11 @@ class MtaConnection:
         """
         return (self._options or UNNEGOTIATED).reply_expected(_command_of(command))
 
+    @property
+    def declined_commands(self) -> frozenset[int]:
+        """The command bytes the milter asked not to receive (or its version lacks)."""
+        return self._suppressed_commands
+
     def suppressed(self, command: str | bytes | Event | type[Event]) -> bool:
         """Whether the milter asked not to receive ``command`` (or its version lacks it)."""
         return self._suppression(_command_of(command)) is not None
