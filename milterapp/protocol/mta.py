@@ -233,8 +233,12 @@ class MtaConnection:
         Raises:
             LocalProtocolError: a command may not be sent now; nothing changes.
         """
+        checked: set[int] = set()  # (the state cannot get stricter within a batch)
         for command, payload in packets:
             code = command[0]
+            if code in checked and code != _B:
+                continue
+            checked.add(code)
             name = _EVENT_NAMES.get(code, repr(command))
             if code == _O:
                 raise LocalProtocolError(f"{name} refused: send the offer with send()", command="O")

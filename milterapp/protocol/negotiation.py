@@ -150,7 +150,7 @@ class SessionOptions(BaseModel):
             raise KeyError(event)
         return event in self.suppressed_events
 
-    @property
+    @cached_property
     def leading_space(self) -> bool:
         """Header values keep their leading whitespace (HDR_LEADSPC)."""
         return bool(self.protocol & ProtocolFlag.HDR_LEADSPC)

@@ -483,3 +483,40 @@ def test_mta_packet_limits() -> None:
     small.receive_data(encode_frame(b"O", b"x" * 11))
     with pytest.raises(FrameTooLargeError):
         small.next_reply()
+
+
+def test_mta_sends_a_pipelined_batch_and_takes_its_answers_in_order() -> None:
+    needs = Requirements(events=frozenset({"connect", "helo", "envfrom", "header", "eoh"}))
+    mta, milter = handshake(needs)
+    open_message(mta, milter)
+    data, owed = mta.send_packets(
+        [(b"D", b"Li\x00Q1\x00"), (b"L", b"Subject\x00hi\x00"), (b"L", b"To\x00b\x00"), (b"N", b"")]
+    )
+    assert owed == 3  # two headers and end of headers; the macro packet owes nothing
+    assert mta.pending_command == "L"
+    milter.receive_data(data)
+    received = []
+    while (event := milter.next_event()) is not None:
+        if not isinstance(event, Macros):
+            received.append(event)
+            mta.receive_data(milter.send(Continue()))
+    assert received == [
+        Header(name="Subject", value="hi"),
+        Header(name="To", value="b"),
+        EndOfHeaders(),
+    ]
+    assert [mta.next_reply() for _ in range(3)] == [Continue()] * 3
+    assert not mta.awaiting_reply
+
+
+def test_mta_batch_is_refused_whole_when_one_command_may_not_be_sent() -> None:
+    needs = Requirements(events=frozenset({"connect", "helo", "envfrom", "eoh", "body"}))
+    mta, milter = handshake(needs)
+    open_message(mta, milter)
+    with pytest.raises(LocalProtocolError, match="Header refused"):  # declined
+        mta.send_packets([(b"N", b""), (b"L", b"Subject\x00hi\x00")])
+    with pytest.raises(LocalProtocolError, match="exceeds 65535"):
+        mta.send_packets([(b"B", b"x"), (b"B", b"x" * 65536)])
+    with pytest.raises(LocalProtocolError, match="Negotiate refused"):
+        mta.send_packet(b"O", b"")
+    assert not mta.awaiting_reply  # nothing was sent
