@@ -95,7 +95,7 @@ def main() -> None:
             setups = (("upstream alone", upstream_port), ("through the chain", front_port))
             for name, port in setups:
                 before = cpu_seconds(upstream), cpu_seconds(front)
-                result = load(port, args, core0)
+                result = load(port, args, [])  # the generator goes where there is room
                 spent = cpu_seconds(upstream) - before[0], cpu_seconds(front) - before[1]
                 if result["errors"]:
                     print(f"{name}: {result['errors']:.0f} errors", file=sys.stderr)

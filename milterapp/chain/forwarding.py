@@ -24,7 +24,7 @@ def for_party(event: Event, party: SessionOptions, *, refused_by_mta: bool = Fal
     asked for ``RCPT_REJ``; the MTA marks it with the macro ``{rcpt_mailer}`` = ``error``).
     """
     stage = BY_EVENT.get(type(event))
-    if stage is not None and stage.optional and party.suppressed(stage.name):  # type: ignore[arg-type]
+    if stage is not None and stage.name in party.suppressed_events:
         return None
     if isinstance(event, EnvRcpt):
         if refused_by_mta and not party.protocol & ProtocolFlag.RCPT_REJ:

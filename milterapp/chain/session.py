@@ -221,7 +221,7 @@ class ChainSession:
     async def _command(self, name: str, event: Event, ctx: Context) -> Outcome:
         if self._released:  # a new session on a reused MTA connection (QUIT_NC)
             await self._reopen(ctx)
-        if name == "envfrom":
+        if name == "envfrom" and self._to_abort:
             await self._send_aborts()
         if self._reconnect:
             await self._reconnect_links(ctx)
