@@ -58,6 +58,7 @@ from milterapp.replies import (
     NegotiationReply,
     Reject,
     Shutdown,
+    Skip,
     TempFail,
     Verdict,
 )
@@ -499,14 +500,23 @@ class ChainSession:
                 ]
             packets.extend((b"L", payload, macros) for payload in payloads)
         packets.append((b"N", b"", self._macros(link, _EOH, ctx)))
+        rest: list[tuple[bytes, bytes, bytes | None]] = []
         if not options.suppressed("body"):
             body = edits.rewind_body()
             macros = self._macros(link, _EOH, ctx, "B")
             while chunk := body.read(options.max_data_size):
-                packets.append((b"B", chunk, macros))
-        packets.append((b"E", b"", self._macros(link, _EOM, ctx)))
+                (rest if packets[-1][0] == b"B" else packets).append((b"B", chunk, macros))
+        eom = (b"E", b"", self._macros(link, _EOM, ctx))
         try:
-            answer, complete = await link.pipeline(packets)
+            if rest:
+                # A long body: the headers and the first chunk first, so that an upstream
+                # that skips the body (at its first chunk, as milters do) is not sent the rest.
+                answer, complete = await link.pipeline(packets)
+                if complete and not _ends_party(answer.verdict):
+                    skipped = isinstance(answer.verdict, Skip)
+                    answer, complete = await link.pipeline([eom] if skipped else [*rest, eom])
+            else:
+                answer, complete = await link.pipeline([*packets, eom])
         except (UpstreamFailure, LocalProtocolError) as exc:
             return self._failed(at, exc, ctx), []
         self._in_message.discard(at)

@@ -279,7 +279,11 @@ class UpstreamConnection:
             self._fail_with("closed", "closed before the message's content was sent")
         loop = asyncio.get_running_loop()
         config = self.config
-        limit = config.eom_timeout if len(owed) == 1 else config.command_timeout
+        if not owed:  # (every command of the batch goes without an answer)
+            await link.write(data)
+            return Answer([], 0, None), True
+        ends = owed[-1] == "E"  # the batch ends the message: its last answer may take long
+        limit = config.eom_timeout if ends and len(owed) == 1 else config.command_timeout
         # One timer while waiting, not one per answer: answers come in bursts, and each
         # only moves the deadline on.
         link.expired = False
@@ -323,9 +327,9 @@ class UpstreamConnection:
                     if last or isinstance(reply, _FINAL):
                         if not last:
                             self.abandon()
-                        self._at_rest = last and isinstance(reply, Continue)
+                        self._at_rest = last and ends and isinstance(reply, Continue)
                         return Answer(modifications, progress, reply), last
-                    if answered == len(owed) - 1:
+                    if ends and answered == len(owed) - 1:
                         limit = config.eom_timeout
                 deadline = loop.time() + limit
         except TimeoutError:

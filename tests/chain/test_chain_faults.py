@@ -395,3 +395,37 @@ def test_an_upstream_deciding_before_end_of_message_is_connected_again_for_the_n
     run(main())
     assert sessions == ["1", "2"]  # a new connection, given CONNECT and HELO again
     assert [what for stage, what in seen if stage == "envfrom"] == ["sender@example.org"] * 2
+
+
+def test_an_upstream_that_skips_the_body_is_not_sent_the_rest_of_it() -> None:
+    chunks: list[int] = []
+    ends: list[int] = []
+
+    async def main() -> None:
+        skipping = App("skipping")
+
+        @skipping.on("body")
+        def body(event: Any) -> Any:
+            from milterapp.replies import Skip
+
+            chunks.append(len(event.chunk))
+            return Skip()
+
+        @skipping.on("eom")
+        def eom(event: EndOfMessage, ctx: Context) -> None:
+            ends.append(1)
+            ctx.add_header("X-Skipped", "yes")
+
+        async with served(skipping) as specs:
+            app = App("front")
+            app.use_milter(specs[0], name="skipping", reuse=False)
+            with structlog.testing.capture_logs() as logs:
+                async with AsyncMilterTestClient(app) as client:
+                    result = await client.send_message(MESSAGE + b"y" * 200_000)
+        assert not [entry for entry in logs if entry["event"] == "upstream_failed"]
+        assert result.delivered is not None
+        assert result.delivered.header("X-Skipped") == "yes"
+
+    run(main())
+    assert len(chunks) == 1  # the first chunk only: the rest was not sent
+    assert ends == [1]
