@@ -264,13 +264,6 @@ class Message(Generic[MessageStateT]):
             self._body = None
 
 
-def _decoded(command: int, payload: bytes, kind: type[_E]) -> _E:
-    """Decode the payload of a command that the server kept undecoded."""
-    event = decode_command(command, payload)
-    assert isinstance(event, kind)
-    return event
-
-
 def decoded(command: int, payload: bytes, kind: type[_E]) -> _E:
     """Decode the payload of a command that the server kept undecoded."""
     event = decode_command(command, payload)
