@@ -243,16 +243,11 @@ class Responder:
             self._refused = None  # that message is over
         if name == "header":
             assert isinstance(event, Header)
-            headers = message.header_records
-            limit = self._max_headers
-            if limit and len(headers) >= limit:
-                return self._over_limit(ctx, name, "max_headers", limit, TOO_MANY_HEADERS)
             limit = self._max_header_size
-            if limit and (size := header_size(event, limit)) > limit:
-                return self._over_limit(
-                    ctx, name, "max_header_size", limit, HEADER_TOO_LARGE, size=size
-                )
-            headers.append(event)
+            refusal = self._header_over_limit(ctx, header_size(event, limit) if limit else 0)
+            if refusal is not None:
+                return refusal
+            message.header_records.append(event)
         elif name == "body":
             assert isinstance(event, Body)
             message.append_body(event.chunk)
@@ -378,22 +373,36 @@ class Responder:
 
     def _keep_header(self, ctx: Context, payload: bytes) -> None:
         """Keep a header no handler reads, its limits applied as to a decoded one."""
+        # (The name and the value, without their NULs.)
+        if self._header_over_limit(ctx, len(payload) - 2, awaiting=False) is not None:
+            return
         message = ctx.message
-        records = message.header_records
-        limit = self._max_headers
-        if limit and len(records) >= limit:
-            self._over_limit(ctx, "header", "max_headers", limit, TOO_MANY_HEADERS, awaiting=False)
-            return
-        limit = self._max_header_size
-        size = len(payload) - 2  # the name and the value, without their NULs
-        if limit and size > limit:
-            self._over_limit(
-                ctx, "header", "max_header_size", limit, HEADER_TOO_LARGE, awaiting=False, size=size
-            )
-            return
-        records.append(payload)
+        message.header_records.append(payload)
         message.headers_undecoded = True
         message.headers_leading_space = self._leading_space
+
+    def _header_over_limit(
+        self, ctx: Context, size: int, *, awaiting: bool | None = None
+    ) -> bytes | None:
+        """Refuse a header (``size``: its name and value in bytes) over ``max_headers`` or
+        ``max_header_size``, as :meth:`_over_limit` does; None when it is within both."""
+        limit = self._max_headers
+        if limit and len(ctx.message.header_records) >= limit:
+            return self._over_limit(
+                ctx, "header", "max_headers", limit, TOO_MANY_HEADERS, awaiting=awaiting
+            )
+        limit = self._max_header_size
+        if limit and size > limit:
+            return self._over_limit(
+                ctx,
+                "header",
+                "max_header_size",
+                limit,
+                HEADER_TOO_LARGE,
+                awaiting=awaiting,
+                size=size,
+            )
+        return None
 
     async def _reply_later(self, name: str, awaiting: bool, outcome: Awaitable[Outcome]) -> bytes:
         return self._reply(name, awaiting, await outcome)
