@@ -38,9 +38,11 @@ from milterapp.constants import MacroStage, ProtocolFlag
 from milterapp.context import Context
 from milterapp.errors import LocalProtocolError, MilterError
 from milterapp.events import (
+    Body,
     EndOfHeaders,
     EndOfMessage,
     Event,
+    Header,
     Helo,
     Negotiate,
     encode_text,
@@ -85,8 +87,8 @@ _MACRO_STAGES: Final[dict[str, MacroStage]] = {
 #: Upstreams are replayed the content at end of message: the MTA need not wait for replies
 #: to content on their account.
 _BUFFERED: Final = ProtocolFlag.NR_HDR | ProtocolFlag.NR_EOH | ProtocolFlag.NR_BODY
-_EOH: Final = EndOfHeaders()
-_EOM: Final = EndOfMessage()
+#: The commands of a message's content, as replayed to an upstream.
+_HEADER, _EOH, _BODY, _EOM = (event.command for event in (Header, EndOfHeaders, Body, EndOfMessage))
 _ENDS_PARTY: Final[tuple[type[object], ...]] = (*RESTRICTIVE, Accept)
 #: Enough for the app's own replacement body in one piece (the MTA's limit applies later).
 _WHOLE: Final = 1 << 62
@@ -283,19 +285,19 @@ class ChainSession:
         if forwarded is None and not link.declined(event):
             return None  # a recipient the MTA refused, which it did not ask to see
         try:
-            answer = await link.send(forwarded or event, macros=self._macros(link, event, ctx))
+            answer = await link.send(
+                forwarded or event, macros=self._macros(link, event.command, ctx)
+            )
         except (UpstreamFailure, LocalProtocolError) as exc:
             return self._failed(at, exc, ctx)
         if name == "envfrom":
             self._in_message.add(at)
         return None if answer is None else answer.verdict
 
-    def _macros(
-        self, link: UpstreamConnection, event: Event, ctx: Context, letter: str | None = None
-    ) -> bytes | None:
-        """The ``D`` packet payload for ``event``'s command: the macros the MTA sent for it,
-        as many as ``link`` asked for."""
-        letter = letter or event.command.decode("latin-1")
+    def _macros(self, link: UpstreamConnection, command: bytes, ctx: Context) -> bytes | None:
+        """The ``D`` packet payload before ``command`` (its byte): the macros the MTA sent
+        for it, as many as ``link`` asked for."""
+        letter = command.decode("latin-1")
         table = ctx.macros
         if not isinstance(table, MacroTable):
             return None
@@ -378,7 +380,7 @@ class ChainSession:
                 for event in (ctx.client if ctx.client_known else None, _helo_of(ctx)):
                     if event is None:
                         continue
-                    answer = await link.send(event, macros=self._macros(link, event, ctx))
+                    answer = await link.send(event, macros=self._macros(link, event.command, ctx))
                     verdict = None if answer is None else answer.verdict
                     if verdict is not None and not isinstance(verdict, Continue):
                         break
@@ -490,7 +492,7 @@ class ChainSession:
         leading = options.leading_space
         packets: list[tuple[bytes, bytes, bytes | None]] = []
         if not options.suppressed("header"):
-            macros = self._macros(link, _EOH, ctx, "L")
+            macros = self._macros(link, _HEADER, ctx)
             payloads = edits.header_payloads(leading)
             if payloads is None:
                 space = b" " if leading else b""
@@ -498,15 +500,15 @@ class ChainSession:
                     encode_text(name) + b"\0" + space + encode_text(value) + b"\0"
                     for name, value in edits.visible_headers()
                 ]
-            packets.extend((b"L", payload, macros) for payload in payloads)
-        packets.append((b"N", b"", self._macros(link, _EOH, ctx)))
+            packets.extend((_HEADER, payload, macros) for payload in payloads)
+        packets.append((_EOH, b"", self._macros(link, _EOH, ctx)))
         rest: list[tuple[bytes, bytes, bytes | None]] = []
         if not options.suppressed("body"):
             body = edits.rewind_body()
-            macros = self._macros(link, _EOH, ctx, "B")
+            macros = self._macros(link, _BODY, ctx)
             while chunk := body.read(options.max_data_size):
-                (rest if packets[-1][0] == b"B" else packets).append((b"B", chunk, macros))
-        eom = (b"E", b"", self._macros(link, _EOM, ctx))
+                (rest if packets[-1][0] == _BODY else packets).append((_BODY, chunk, macros))
+        eom = (_EOM, b"", self._macros(link, _EOM, ctx))
         try:
             if rest:
                 # A long body: the headers and the first chunk first, so that an upstream
