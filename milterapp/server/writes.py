@@ -1,13 +1,11 @@
-"""How replies go out: written together at the end of the event loop's turn, and each one
-sent at once rather than held back by Nagle's algorithm."""
+"""How replies go out: written together at the end of the event loop's turn (each one is
+sent at once: the acceptor disables Nagle's algorithm)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 
-__all__ = ["WriteBatch", "no_delay"]
+__all__ = ["WriteBatch"]
 
 
 class WriteBatch:
@@ -40,12 +38,3 @@ class WriteBatch:
                     transport.write(data)
                 except (OSError, RuntimeError):  # that connection is broken; the others go on
                     transport.abort()
-
-
-def no_delay(transport: asyncio.BaseTransport) -> None:
-    """Send each reply at once: Nagle's algorithm would hold a small reply back until the
-    MTA acknowledges the previous one, which its delayed ACKs make take ~40 ms."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
