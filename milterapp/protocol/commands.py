@@ -61,8 +61,18 @@ def _decode_optneg(r: Reader) -> Event:
     # libmilter reads the first 12 bytes and ignores any more; so do we.
     if len(r.payload) < OPTNEG.size:
         raise r.fail(f"negotiation payload is {len(r.payload)} bytes; needs 12")
-    version, actions, protocol = OPTNEG.unpack_from(r.payload)
-    return Negotiate(version=version, actions=ActionFlag(actions), protocol=ProtocolFlag(protocol))
+    # An MTA offers the same on every connection, and events are frozen: one model per offer.
+    key = r.payload[: OPTNEG.size]
+    offer = _OFFERS.get(key)
+    if offer is None:
+        version, actions, protocol = OPTNEG.unpack_from(key)
+        offer = Negotiate(
+            version=version, actions=ActionFlag(actions), protocol=ProtocolFlag(protocol)
+        )
+        if len(_OFFERS) >= _OFFERS_KEPT:
+            _OFFERS.clear()
+        _OFFERS[key] = offer
+    return offer
 
 
 def decode_macros(payload: bytes) -> tuple[str, dict[str, str]]:
@@ -198,6 +208,9 @@ _validate_body: Final[Callable[[dict[str, object]], Body]] = (
     Body.__pydantic_validator__.validate_python
 )
 _FAMILIES: Final = {family.value: family for family in AddressFamily}
+#: Negotiation offers decoded, by their 12 bytes (a few MTAs, or versions, at most).
+_OFFERS: Final[dict[bytes, Event]] = {}
+_OFFERS_KEPT: Final = 16
 _HEADER_BYTE: Final = ord(Command.HEADER.value)
 _BODY_BYTE: Final = ord(Command.BODY.value)
 

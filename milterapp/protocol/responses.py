@@ -95,10 +95,24 @@ def split_body(body: bytes, max_data_size: int = DEFAULT_MAX_DATA_SIZE) -> list[
 
 
 def _negotiation_payload(reply: NegotiationReply) -> bytes:
+    # A server answers each offer with one reply object, connection after connection: its
+    # payload is encoded once (by identity: the model holds a dict, so it has no hash).
+    known = _NEGOTIATION_PAYLOADS.get(id(reply))
+    if known is not None and known[0] is reply:
+        return known[1]
     lists = (
         U32.pack(stage) + cstrings(" ".join(reply.macros[stage])) for stage in sorted(reply.macros)
     )
-    return OPTNEG.pack(reply.version, reply.actions, reply.protocol) + b"".join(lists)
+    payload = OPTNEG.pack(reply.version, reply.actions, reply.protocol) + b"".join(lists)
+    if len(_NEGOTIATION_PAYLOADS) >= _NEGOTIATION_PAYLOADS_KEPT:
+        _NEGOTIATION_PAYLOADS.clear()
+    # The reply is kept with its payload, so that its id cannot be reused meanwhile.
+    _NEGOTIATION_PAYLOADS[id(reply)] = (reply, payload)
+    return payload
+
+
+_NEGOTIATION_PAYLOADS: Final[dict[int, tuple[NegotiationReply, bytes]]] = {}
+_NEGOTIATION_PAYLOADS_KEPT: Final = 16
 
 
 _EMPTY_RESPONSES: Final[dict[type[Reply], bytes]] = {
