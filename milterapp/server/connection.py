@@ -36,7 +36,7 @@ from milterapp.server.metrics import Metrics
 from milterapp.server.outcomes import log_event, stage_name
 from milterapp.server.responder import Responder, Response
 from milterapp.server.servable import Servable
-from milterapp.server.writes import WriteBatch, no_delay
+from milterapp.server.writes import WriteBatch
 
 __all__ = ["COMPILED", "Connection", "peer_name"]
 
@@ -66,8 +66,15 @@ def peer_name(transport: asyncio.BaseTransport) -> str:
     return str(name or local or "unknown")
 
 
-class Connection(asyncio.BufferedProtocol):
+class Connection(asyncio.Protocol, asyncio.BufferedProtocol):
     """Serves one MTA connection with an app.
+
+    How it reads depends on the loop. asyncio's loop sees a buffered protocol and reads into
+    the buffer the server shares (its plain reads would allocate 256 KiB each). uvloop sees a
+    plain protocol (it checks for :class:`asyncio.Protocol` first) and hands over each read as
+    ``bytes``, one call instead of two, which saves about 5 % of the instructions of a
+    message; the first packet too large for one read switches that connection to buffered
+    reads (:class:`_BufferedReads`), so that a large body is read straight into its packet.
 
     At about 500 lines, the largest class of the server, on purpose: it is its heart, and
     its parts (reading, running the responder's work, writing, ending) share every piece of
@@ -155,6 +162,8 @@ class Connection(asyncio.BufferedProtocol):
         self._write_paused: asyncio.Future[None] | None = None
         self._deadlines: Deadlines | None = None
         self._target: memoryview | None = None  # lent to the transport by get_buffer
+        # uvloop's plain reads, until a large packet asks for buffered ones (see the class).
+        self._plain_reads = False
         # Whether each command is timed, where its time goes for the metrics, and the event
         # whose reply a task makes (answered when the task ends).
         self._clocked = (
@@ -172,11 +181,11 @@ class Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports have the methods of asyncio.Transport but not its class.
         self.transport = cast(asyncio.Transport, transport)
+        self._plain_reads = _reads_plainly(transport)
         if self._admit is not None and not self._admit(self):
             self._ending = self._ended = True
             self.transport.close()
             return
-        no_delay(transport)
         if self.metrics is not None:
             self.metrics.connection_opened()
         limits = self.limits
@@ -240,12 +249,21 @@ class Connection(asyncio.BufferedProtocol):
             return
         if self._task is None:
             self._process()
+            # (The machine makes a large packet's buffer as it meets the packet, in _process.)
+            if self._plain_reads and self.machine.partial and self.machine.read_target():
+                self._read_buffered()
         elif not self._reading_paused and self.machine.buffered > _BUFFER_LIMIT:
             # A handler runs and the MTA keeps sending (commands that need no reply): hold
             # further reads until the handler is done, so memory stays bounded.
             self._reading_paused = True
             assert self.transport is not None
             self.transport.pause_reading()
+
+    def _read_buffered(self) -> None:
+        """From now on, read into buffers: a large packet has begun (uvloop only)."""
+        self._plain_reads = False
+        if self.transport is not None:
+            self.transport.set_protocol(_BufferedReads(self))
 
     def eof_received(self) -> bool:
         if not self._ending:
@@ -583,3 +601,46 @@ class Connection(asyncio.BufferedProtocol):
     def _cancel_timers(self) -> None:
         if self._deadlines is not None:
             self._deadlines.cancel()
+
+
+class _BufferedReads(asyncio.BufferedProtocol):
+    """What a uvloop transport reads for once a connection has switched to buffered reads:
+    the same connection (uvloop decides how to read by the protocol's class)."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._connection.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._connection.buffer_updated(nbytes)
+
+    def eof_received(self) -> bool:
+        return self._connection.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._connection.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._connection.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._connection.resume_writing()
+
+
+def _reads_plainly(transport: asyncio.BaseTransport) -> bool:
+    """Whether ``transport`` reads plainly for a :class:`Connection`: uvloop's stream
+    transports do (told apart by name, so that uvloop is never imported for this)."""
+    kind = type(transport)
+    plain = _PLAIN_READS.get(kind)
+    if plain is None:
+        plain = _PLAIN_READS[kind] = kind.__module__ == "uvloop.loop" and kind.__name__ in (
+            "TCPTransport",
+            "UnixTransport",
+        )
+    return plain
+
+
+#: Whether each transport class met so far reads plainly.
+_PLAIN_READS: Final[dict[type, bool]] = {}
