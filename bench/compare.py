@@ -7,13 +7,20 @@ leave them free). The generator is ``milterapp bench`` unless ``--c-loadgen PATH
 shared C one (``make -C ../shared/bench``). Peers come from ``bench/setup-peers.sh``; a peer
 that is not installed is skipped with a note.
 
-Run: ``python bench/compare.py [--duration 10] [--body-size 4096] [--connections 32]
-[--eom-only] [--workers N] [--c-loadgen PATH] [--quickack] [--rounds N] [--only WORD]
-[--python PATH[=LABEL]]``. ``--python`` adds the milterapp build of another interpreter, so
-that the compiled and the pure-Python builds are measured in one run (docs/performance.md);
-a label tells apart environments of one build (``--python before/.venv/bin/python=before``;
-naming the running interpreter this way labels its rows too). Compare ratios within one run
-only.
+Each scenario gives one table. By default two: ``main`` (32 connections, 10 messages each,
+4 KiB bodies) and ``one-per-connection`` (the same, one message per connection, as Postfix
+opens a milter connection per SMTP session); ``--scenario NAME`` picks others (repeatable:
+``main``, ``one-per-connection``, ``many-connections``, ``large-bodies``, ``eom-only``), and
+``--connections``, ``--body-size``, ``--messages-per-connection`` or ``--eom-only`` alone
+describe a single scenario of one's own (given with ``--scenario``, they apply to each).
+
+Run: ``python bench/compare.py [--scenario NAME] [--duration 10] [--body-size 4096]
+[--connections 32] [--eom-only] [--workers N] [--c-loadgen PATH] [--quickack] [--rounds N]
+[--only WORD] [--python PATH[=LABEL]]``. ``--python`` adds the milterapp build of another
+interpreter, so that the compiled and the pure-Python builds are measured in one run
+(docs/performance.md); a label tells apart environments of one build (``--python
+before/.venv/bin/python=before``; naming the running interpreter this way labels its rows
+too). Compare ratios within one run only.
 """
 
 from __future__ import annotations
@@ -92,6 +99,35 @@ def build_of(python: str) -> str:
         [python, "-c", probe], capture_output=True, text=True, check=True, cwd=HERE
     )
     return found.stdout.strip()
+
+
+#: The load's shape, as each scenario gives it; options given on the command line win.
+SHAPE: dict[str, object] = {
+    "connections": 32,
+    "body_size": 4096,
+    "messages_per_connection": 10,
+    "eom_only": False,
+}
+SCENARIOS: dict[str, dict[str, object]] = {
+    "main": {},
+    "one-per-connection": {"messages_per_connection": 1},
+    "many-connections": {"connections": 500},
+    "large-bodies": {"body_size": 1024 * 1024},
+    "eom-only": {"eom_only": True},
+}
+DEFAULT_SCENARIOS = ("main", "one-per-connection")
+
+
+def scenarios(args: argparse.Namespace) -> list[tuple[str, argparse.Namespace]]:
+    """Each scenario to measure, with the options that describe its load."""
+    given = {key: getattr(args, key) for key in SHAPE if getattr(args, key) is not None}
+    names = args.scenario or ([] if given else list(DEFAULT_SCENARIOS))
+    if not names:  # a shape of one's own
+        return [("custom", argparse.Namespace(**{**vars(args), **SHAPE, **given}))]
+    return [
+        (name, argparse.Namespace(**{**vars(args), **SHAPE, **SCENARIOS[name], **given}))
+        for name in names
+    ]
 
 
 def commands(port: int, args: argparse.Namespace) -> dict[str, list[str]]:
@@ -230,19 +266,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--body-size", type=int, default=4096)
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        choices=sorted(SCENARIOS),
+        help="a named load (repeatable); default: " + " and ".join(DEFAULT_SCENARIOS),
+    )
+    parser.add_argument("--connections", type=int, help="concurrent connections (32)")
+    parser.add_argument("--body-size", type=int, help="bytes of body per message (4096)")
     parser.add_argument(
         "--messages-per-connection",
         type=int,
-        default=10,
         metavar="N",
         help="messages before the generator quits and connects again (10; Postfix: 1 per "
         "SMTP session)",
     )
     parser.add_argument("--processes", type=int, default=1, help="generator processes")
     parser.add_argument("--workers", type=int, default=1, help="also measure N workers")
-    parser.add_argument("--eom-only", action="store_true")
+    parser.add_argument(
+        "--eom-only", action="store_true", default=None, help="an end-of-message handler only"
+    )
     parser.add_argument("--no-pin", action="store_true")
     parser.add_argument(
         "--rounds", type=int, default=1, help="measure each N times, in turn; print medians"
@@ -269,6 +312,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     pinning = bool(not args.no_pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset"))
+    for name, scenario in scenarios(args):
+        table(name, scenario, pinning=pinning)
+
+
+def table(scenario: str, args: argparse.Namespace, *, pinning: bool) -> None:
+    """Measure every implementation under one scenario; print its table."""
     names = [
         name
         for name in commands(0, args)
@@ -284,8 +333,10 @@ def main() -> None:
                 runs[name].append(figures)
     rows = [(name, _median(found)) for name, found in runs.items() if found]
     base = next((f["rate"] for n, f in rows if n.startswith("milterapp")), 0.0) or 1.0
+    libmilter = next((f["rate"] for n, f in rows if n.startswith("libmilter")), 0.0)
     print(
-        f"\n{platform.python_version()} on {platform.machine()}, {os.cpu_count()} cores, "
+        f"\n{scenario}: {platform.python_version()} on {platform.machine()}, "
+        f"{os.cpu_count()} cores, "
         f"{args.connections} connections, {args.body_size}-byte bodies, "
         f"{args.messages_per_connection} message(s) per connection"
         f"{', end-of-message-only app' if args.eom_only else ''}, "
@@ -294,12 +345,20 @@ def main() -> None:
         f"{' (quick ACKs)' if args.quickack else ''}"
         f"{f', median of {args.rounds} rounds' if args.rounds > 1 else ''}\n"
     )
-    print(f"| {'implementation':<34} | msgs/s | p50 ms | p99 ms | peak RSS MiB | errors | ratio |")
-    print(f"|{'-' * 36}|-------:|-------:|-------:|-------------:|-------:|------:|")
+    extra = " vs libmilter |" if libmilter else ""
+    print(
+        f"| {'implementation':<38} | msgs/s | p50 ms | p99 ms | peak RSS MiB | errors | ratio |"
+        + extra
+    )
+    print(
+        f"|{'-' * 40}|-------:|-------:|-------:|-------------:|-------:|------:|"
+        + ("------------:|" if libmilter else "")
+    )
     for name, f in rows:
+        versus = f" {f['rate'] / libmilter:11.2f} |" if libmilter else ""
         print(
-            f"| {name:<34} | {f['rate']:6,.0f} | {f['p50']:6.1f} | {f['p99']:6.1f} | "
-            f"{f['rss']:12.1f} | {f['errors']:6.0f} | {f['rate'] / base:5.2f} |"
+            f"| {name:<38} | {f['rate']:6,.0f} | {f['p50']:6.1f} | {f['p99']:6.1f} | "
+            f"{f['rss']:12.1f} | {f['errors']:6.0f} | {f['rate'] / base:5.2f} |" + versus
         )
 
 
