@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import structlog
 from pydantic import ValidationError
 
 from milterapp import server
-from milterapp.chain.options import FailurePolicy, UpstreamOptions
-from milterapp.chain.party import UpstreamMilter
-from milterapp.chain.session import ChainSession
 from milterapp.config import AppConfig
 from milterapp.constants import ActionFlag
 from milterapp.context import KEPT_EVENTS, RECORDED_EVENTS, Context
@@ -60,6 +57,10 @@ from milterapp.protocol.stages import OptionalEvent
 from milterapp.replies import NegotiationReply
 from milterapp.server.arguments import describe
 from milterapp.server.servable import Outcome, Serving
+
+if TYPE_CHECKING:  # the chain is imported by use_milter(): an app without upstreams skips it
+    from milterapp.chain.options import FailurePolicy
+    from milterapp.chain.party import UpstreamMilter
 
 __all__ = ["App"]
 
@@ -326,6 +327,9 @@ class App(Dispatcher):
             SetupError: a bad spec, name or option, a name used twice, or the app is
                 already serving.
         """
+        from milterapp.chain.options import UpstreamOptions
+        from milterapp.chain.party import UpstreamMilter
+
         self._check_not_started("add a milter")
         label = f"use_milter({spec!r}, name={name!r})"
         if any(upstream.name == name for upstream in self._upstreams):
@@ -380,6 +384,8 @@ class App(Dispatcher):
         if session is not None:
             return session.dispatch(name, event, ctx)  # type: ignore[no-any-return]
         if isinstance(event, Negotiate):
+            from milterapp.chain.session import ChainSession  # loaded by use_milter()
+
             session = ctx.upstreams = ChainSession(self._parties(), self._dispatch_own)
             return session.negotiate(event, ctx)
         return self._dispatch_own(name, event, ctx)

@@ -8,12 +8,9 @@ are decoded here when first read.
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import io
 import tempfile
 from collections.abc import Callable, Mapping
-from email.message import EmailMessage
 from typing import IO, TYPE_CHECKING, Any, Final, Generic
 
 from typing_extensions import TypeVar
@@ -23,6 +20,9 @@ from milterapp.errors import NotAvailable
 from milterapp.events import EnvFrom, EnvRcpt, Event, Header
 from milterapp.protocol.commands import decode_command
 from milterapp.protocol.stages import OptionalEvent
+
+if TYPE_CHECKING:
+    from email.message import EmailMessage
 
 __all__ = ["KEPT_EVENTS", "RECORDED_EVENTS", "Message", "MessageStateT", "decoded"]
 
@@ -240,6 +240,10 @@ class Message(Generic[MessageStateT]):
                 "ctx.message.as_email() needs the whole message; create the App with "
                 "keep_message=True"
             )
+        import email.parser  # the email package's parser only once a handler asks for it
+        import email.policy
+        from email.message import EmailMessage
+
         feeder = email.parser.BytesFeedParser(policy=email.policy.default)
         for header in self.headers:
             # Without HDR_LEADSPC the MTA removed the space after the colon: put it back.

@@ -17,17 +17,20 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from pydantic import ValidationError
 
 from milterapp.app import App
-from milterapp.chain.options import UpstreamOptions
 from milterapp.context import Context
 from milterapp.errors import SetupError
 from milterapp.server.arguments import add_server_arguments, describe
 from milterapp.server.options import ServerOptions
 from milterapp.smtpvalues import macro_name
+
+if TYPE_CHECKING:  # the chain package is imported by the chain command alone, not by the
+    # command line's parser: `milterapp run` serves without it
+    from milterapp.chain.options import UpstreamOptions
 
 __all__ = [
     "OPTIONS",
@@ -144,6 +147,8 @@ def parse_milter(text: str) -> ChainedMilter:
 
 
 def _validated(fields: dict[str, Any]) -> UpstreamOptions:
+    from milterapp.chain.options import UpstreamOptions
+
     name = fields["name"]
     try:
         return UpstreamOptions.model_validate(fields)
@@ -245,6 +250,8 @@ class _AddMilter(argparse.Action):
 
 
 def _default(key: str) -> str:
+    from milterapp.chain.options import UpstreamOptions
+
     return f"{UpstreamOptions.model_fields[key].default:g}"
 
 
@@ -255,17 +262,19 @@ order given, each seeing the edits of those before it; their verdicts and
 edits go back to the MTA as one milter's.
 """
 
-EPILOG: Final = f"""\
+#: The help's epilog; the defaults of the deadlines are filled in when it is shown
+#: (:class:`_HelpFormatter`).
+EPILOG: Final = """\
 options of a --milter, after its spec, separated by commas:
   on_failure=tempfail|accept|reject
                         what a message gets when this milter is down, times
                         out or breaks the protocol (default: tempfail;
                         accept: go on without it)
   connect_timeout=SECONDS
-                        to connect and negotiate (default: {_default("connect_timeout")})
+                        to connect and negotiate (default: {connect_timeout})
   command_timeout=SECONDS
-                        for each command's answer (default: {_default("command_timeout")})
-  eom_timeout=SECONDS   for the answer to end of message (default: {_default("eom_timeout")})
+                        for each command's answer (default: {command_timeout})
+  eom_timeout=SECONDS   for the answer to end of message (default: {eom_timeout})
   reuse=yes|no          keep connections to it across MTA connections
                         (default: yes)
   if_macro=NAME[=VALUE] give it a message only when the MTA's macro NAME is
@@ -292,6 +301,16 @@ docs/cli.md describes it all.
 """
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The chain command's help, with :data:`EPILOG`'s defaults read from UpstreamOptions
+    when it is shown, not when the command line's parser is built."""
+
+    def add_text(self, text: str | None) -> None:
+        if text is EPILOG:
+            text = EPILOG.format(**{key: _default(key) for key in _TIMEOUTS})
+        super().add_text(text)
+
+
 def add_chain_command(commands: argparse._SubParsersAction[Any]) -> None:
     """Add the ``chain`` command to ``commands``: ``--milter``, ``--listen`` (also called
     ``--spec``, as in ``milterapp run``) and every server option of ``milterapp run``."""
@@ -300,7 +319,7 @@ def add_chain_command(commands: argparse._SubParsersAction[Any]) -> None:
         help="serve a chain of existing milters as one, as milter manager does",
         description=DESCRIPTION,
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
         conflict_handler="resolve",  # --listen takes over run's --spec
     )
     parser.add_argument(

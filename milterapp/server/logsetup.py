@@ -12,13 +12,15 @@ same set-up; each binds its ``worker`` slot and ``pid`` to every line it writes.
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import sys
-from typing import Any, Final, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
 import structlog
 
 from milterapp.server.logfmt import UtcTimestamp, logfmt_logger_class, render_logfmt
+
+if TYPE_CHECKING:
+    import logging.handlers
 
 __all__ = ["DEFAULT_SYSLOG_ADDRESS", "LogFormat", "LogLevel", "configure_logging"]
 
@@ -38,6 +40,8 @@ def _stderr_logger(*args: object) -> structlog.WriteLogger:
 
 def syslog_handler(address: str) -> logging.handlers.SysLogHandler:
     """A handler for the syslog at ``address``: a socket path, or ``host:port`` (UDP)."""
+    import logging.handlers  # only for --syslog: a server logging to stderr does without it
+
     host, colon, port = address.rpartition(":")
     where: str | tuple[str, int] = (host, int(port)) if colon and port.isdigit() else address
     handler = logging.handlers.SysLogHandler(

@@ -24,7 +24,6 @@ from milterapp.server.metrics import Metrics, MetricsEndpoint, require_prometheu
 from milterapp.server.options import ServerOptions
 from milterapp.server.servable import Servable
 from milterapp.server.server import serve
-from milterapp.server.workers import run_workers
 from milterapp.spec import ConnectionSpec
 
 __all__ = ["run"]
@@ -94,6 +93,8 @@ def run(
         if settings.workers == 1:
             _serve_one(app, spec, settings.metrics, settings.loop, server_options)
             return
+        from milterapp.server.workers import run_workers  # forks: --workers above 1 only
+
         server = ServerOptions.from_spec(spec, **server_options)
         status = run_workers(
             app, server, settings.workers, loop=settings.loop, metrics=settings.metrics

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
-import http.server
 import importlib.util
 import math
 import os
@@ -304,6 +303,8 @@ class MetricsEndpoint:
         before_scrape: Callable[[], None] | None = None,
     ) -> None:
         require_prometheus()
+        import http.server  # only with --metrics: a plain server does without it
+
         from prometheus_client import (
             CONTENT_TYPE_LATEST,
             CollectorRegistry,
