@@ -12,7 +12,6 @@ from typing import Final
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from milterapp.events import Header
 from milterapp.replies import TempFail
 
 __all__ = [
@@ -20,7 +19,6 @@ __all__ = [
     "TOO_MANY_HEADERS",
     "TOO_MANY_RECIPIENTS",
     "Limits",
-    "header_size",
 ]
 
 # The replies when a limit is hit. Temporary: the limits protect this milter's resources, the
@@ -86,11 +84,3 @@ class Limits(BaseModel):
         description="most recipients per message; each one above is tempfailed "
         '(452 4.5.3 "too many recipients") and not added to ctx.message.recipients',
     )
-
-
-def header_size(event: Header, limit: int) -> int:
-    """The header's size in bytes as received, computed exactly only near ``limit``."""
-    size = len(event.name) + len(event.value)  # characters: at least a quarter of the bytes
-    if 4 * size <= limit:
-        return size
-    return len(event.raw_name) + len(event.raw_value)
