@@ -130,6 +130,24 @@ def _decode_connect(r: Reader) -> Event:
     return Connect(hostname=hostname, family=family, port=port, address=address)
 
 
+def _ipv4_value(text: str) -> int | str:
+    """A dotted quad's value, for the usual spelling (four decimal numbers up to 255, no
+    leading zeros); anything else is left to :class:`ipaddress.IPv4Address` to judge. (The
+    same result, a few times quicker: every connection's CONNECT carries one.)"""
+    parts = text.split(".")
+    if len(parts) != 4:
+        return text
+    value = 0
+    for part in parts:
+        if not (part.isascii() and part.isdigit()) or len(part) > 3 or part[0] == "0" != part:
+            return text
+        number = int(part)
+        if number > 255:
+            return text
+        value = value << 8 | number
+    return value
+
+
 def _address(
     family: AddressFamily, text: str
 ) -> ipaddress.IPv4Address | ipaddress.IPv6Address | str | None:
@@ -140,7 +158,7 @@ def _address(
     """
     try:
         if family is AddressFamily.INET:
-            return ipaddress.IPv4Address(text)
+            return ipaddress.IPv4Address(_ipv4_value(text))
         if family is AddressFamily.INET6:
             return ipaddress.IPv6Address(text)
     except ValueError:

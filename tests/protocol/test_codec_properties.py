@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import io
+import ipaddress
 import itertools
 import re
 import struct
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from milterapp.constants import (
@@ -18,7 +19,7 @@ from milterapp.constants import (
     MacroStage,
     ProtocolFlag,
 )
-from milterapp.errors import FrameTooLargeError
+from milterapp.errors import FrameTooLargeError, ProtocolError
 from milterapp.events import (
     Abort,
     AddressFamily,
@@ -486,3 +487,39 @@ def test_body_chunks_of_bytes_and_of_a_file_are_the_same(body: bytes, size: int)
     assert from_bytes == from_file == split_body(body, size)
     assert b"".join(from_bytes) == body
     assert all(0 < len(chunk) <= size for chunk in from_bytes) or from_bytes == [b""]
+
+
+_OCTET = st.one_of(
+    st.integers(0, 999).map(str), st.sampled_from(["00", "01", "007", "", " 1", "٣", "1e"])
+)
+
+
+@given(
+    st.one_of(
+        st.lists(_OCTET, min_size=3, max_size=5).map(".".join),
+        st.text(alphabet="0123456789. x", max_size=20),
+    )
+)
+@example("192.0.2.10")
+@example("0.0.0.0")
+@example("255.255.255.255")
+@example("01.2.3.4")
+@example("1.2.3.00")
+@example("256.1.1.1")
+@example("1.2.3")
+@example("1.2.3.٤")
+def test_an_ipv4_connect_address_decodes_as_ipaddress_judges_it(text: str) -> None:
+    # CONNECT's IPv4 address takes a quick path for the usual dotted quad; whatever the text,
+    # the address (or the refusal) is the one ipaddress gives.
+    payload = b"client\x004" + struct.pack(">H", 25) + text.encode() + b"\x00"
+    try:
+        expected: object = ipaddress.IPv4Address(text)
+    except ValueError:
+        expected = None
+    try:
+        event = decode_command(ord("C"), payload)
+    except ProtocolError:
+        assert expected is None
+    else:
+        assert isinstance(event, Connect)
+        assert event.address == expected
