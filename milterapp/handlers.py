@@ -26,6 +26,16 @@ from milterapp.protocol.stages import BY_NAME, STAGES
 from milterapp.replies import RESTRICTIVE, Continue, TempFail, Verdict, decide
 from milterapp.server.servable import Outcome, decided
 
+_C = TypeVar("_C")
+
+try:  # The compiled build's class options (docs/architecture.md, "The compiled build").
+    from mypy_extensions import mypyc_attr
+except ImportError:  # a run-time dependency of neither build: without it, nothing to say
+
+    def mypyc_attr(*args: Any, **kwargs: Any) -> Callable[[_C], _C]:  # type: ignore[misc]
+        return lambda cls: cls
+
+
 __all__ = [
     "ALIASES",
     "EVENT_NAMES",
@@ -66,6 +76,7 @@ _VALID_REPLIES: Final[dict[str, tuple[type, ...]]] = {
 _REPLY_CLASSES: Final = frozenset(cls for replies in _VALID_REPLIES.values() for cls in replies)
 
 
+@mypyc_attr(native_class=False)  # (compiled, a subclass of a built-in must be a Python class)
 class _BadReply(TypeError):
     """A handler returned something that is not a valid reply at its stage."""
 
@@ -187,8 +198,12 @@ def handler_label(fn: Callable[..., Any]) -> str:
     return name if isinstance(name, str) else type(fn).__qualname__
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # the App, and apps that subclass it
 class Dispatcher:
     """Runs the handlers registered for each event and combines their replies.
+
+    Compiled in the compiled build, as the per-packet path is (it runs for every event):
+    subclasses (the App) stay Python classes.
 
     Args:
         fallback: the reply when a handler fails (where it is valid; TempFail elsewhere).
