@@ -209,14 +209,46 @@ def _parser() -> argparse.ArgumentParser:
         help="send a message to any milter as an MTA would",
         description="Talk to a running milter like Postfix or Sendmail and show its answers.",
     )
-    send.add_argument("message", type=Path, metavar="MESSAGE.eml")
+    send.add_argument(
+        "message",
+        type=Path,
+        metavar="MESSAGE.eml",
+        help="the message: RFC 5322 headers, a blank line, the body (LF or CRLF)",
+    )
     send.add_argument("--spec", required=True, help="the milter, e.g. inet:10025@[127.0.0.1]")
-    send.add_argument("--from", dest="sender", default="sender@example.org")
-    send.add_argument("--to", dest="recipients", action="append", metavar="ADDR")
-    send.add_argument("--client-address", type=_ip_address, default="192.0.2.10")
-    send.add_argument("--client-name", default="client.example.org")
-    send.add_argument("--helo", default="client.example.org")
-    send.add_argument("--mta", choices=["postfix", "sendmail"], default="postfix")
+    send.add_argument(
+        "--from",
+        dest="sender",
+        default="sender@example.org",
+        help="envelope sender, MAIL FROM (sender@example.org)",
+    )
+    send.add_argument(
+        "--to",
+        dest="recipients",
+        action="append",
+        metavar="ADDR",
+        help="envelope recipient, RCPT TO; repeat for several (recipient@example.net)",
+    )
+    send.add_argument(
+        "--client-address",
+        type=_ip_address,
+        default="192.0.2.10",
+        help="the SMTP client's IPv4 or IPv6 address (192.0.2.10)",
+    )
+    send.add_argument(
+        "--client-name",
+        default="client.example.org",
+        help="the SMTP client's host name (client.example.org)",
+    )
+    send.add_argument(
+        "--helo", default="client.example.org", help="the HELO name (client.example.org)"
+    )
+    send.add_argument(
+        "--mta",
+        choices=["postfix", "sendmail"],
+        default="postfix",
+        help="which MTA to play: its macros and header rules (postfix)",
+    )
     send.add_argument("--json", action="store_true", help="print one JSON object")
     send.add_argument(
         "--timeout", type=_seconds, default=30.0, help="seconds to wait for each answer (30)"
