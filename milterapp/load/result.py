@@ -8,7 +8,11 @@ from typing import Any
 
 from milterapp.spec import ConnectionSpec
 
-__all__ = ["LoadOptions", "LoadResult"]
+__all__ = ["SATURATED", "LoadOptions", "LoadResult"]
+
+#: A generator process busy this share of a core or more was the limit of what it measured:
+#: the milter may serve more than it was sent.
+SATURATED = 0.9
 
 
 def _option(default: Any, description: str, metavar: str = "N") -> Any:
@@ -59,6 +63,14 @@ class LoadResult:
     latencies_ms: list[float]
     outcomes: dict[str, int]
     errors: dict[str, int]
+    #: Each generator process's CPU time over the measured time: 1.0 is a whole core.
+    generator_busy: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def generator_saturated(self) -> bool:
+        """A generator process was busy :data:`SATURATED` of a core or more: the rate is the
+        generator's limit, and the milter may serve more."""
+        return any(busy >= SATURATED for busy in self.generator_busy)
 
     @property
     def rate(self) -> float:
@@ -86,6 +98,16 @@ class LoadResult:
             f"answers   {answers or 'none'}",
             f"errors    {errors or 'none'}",
         ]
+        if self.generator_busy:
+            busy = ", ".join(f"{share:.0%}" for share in self.generator_busy)
+            lines.append(f"generator CPU {busy} of a core ({len(self.generator_busy)} process(es))")
+        if self.generator_saturated:
+            lines.append(
+                f"note      the generator was the limit (a process at {SATURATED:.0%} of a "
+                "core or more), not the milter: the milter may serve more; measure again with "
+                "more --processes, with the speed extra (uvloop), or with a generator in C "
+                "(docs/cli.md, milterapp bench)"
+            )
         if tempfailed := self.outcomes.get("tempfail", 0):
             lines.append(
                 f"note      {tempfailed} of {self.messages} messages were tempfailed: a milter "
@@ -107,4 +129,6 @@ class LoadResult:
             "p99_ms": round(self.percentile(0.99), 3),
             "outcomes": dict(sorted(self.outcomes.items())),
             "errors": dict(sorted(self.errors.items())),
+            "generator_busy": [round(busy, 3) for busy in self.generator_busy],
+            "generator_saturated": self.generator_saturated,
         }
