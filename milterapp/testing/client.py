@@ -337,6 +337,7 @@ class AsyncMilterTestClient:
         client_address: str | None = None,
         client_name: str | None = None,
         helo: str | None = None,
+        body_chunk_size: int | None = None,
     ) -> MessageResult:
         """Send one message as the MTA would; return what happened to it.
 
@@ -353,7 +354,17 @@ class AsyncMilterTestClient:
                 message, when :meth:`connect` was not called). Once connected, the same
                 values are accepted and different ones raise ValueError: one test client is
                 one SMTP connection; use a new client for another SMTP client.
+            body_chunk_size: the body in chunks of this many bytes, from 1 to the MTA's
+                largest (the default: 65,535 for both). MTAs cut the body where their
+                buffers end, so a handler that reads chunks must find a word split across
+                two: chunks of every size from 1 up test each place it may be cut.
         """
+        largest = self.profile.body_chunk_size
+        if body_chunk_size is not None and not 1 <= body_chunk_size <= largest:
+            raise ValueError(
+                f"body_chunk_size: must be 1 to {largest} bytes (what the MTA sends at most), "
+                f"not {body_chunk_size}"
+            )
         recipient_list = _recipient_list(recipients)
         mail_arg_list = _mail_arg_list(mail_args)
         await self._connect_for_message(
@@ -387,7 +398,7 @@ class AsyncMilterTestClient:
             result = MessageResult()
             outcome = await self._envelope(result, sender, recipient_list, mail_arg_list)
             if outcome is None:
-                outcome = await self._content(result, headers, body)
+                outcome = await self._content(result, headers, body, body_chunk_size)
             result.verdict, result.stage = outcome
             await self._end_message(result, sender, headers, body)
         finally:
@@ -448,7 +459,11 @@ class AsyncMilterTestClient:
         return None
 
     async def _content(
-        self, result: MessageResult, headers: list[tuple[str, str]], body: bytes
+        self,
+        result: MessageResult,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        chunk_size: int | None = None,
     ) -> tuple[Verdict | Shutdown, str]:
         options = self.mta.options
         leading = bool(options and options.leading_space)
@@ -456,7 +471,7 @@ class AsyncMilterTestClient:
         # parse_message dropped the space after each colon; the MTA sees the line with it.
         events += [self.profile.header_for_milter(n, f" {v}", leading) for n, v in headers]
         events.append(EndOfHeaders())
-        size = self.profile.body_chunk_size
+        size = chunk_size or self.profile.body_chunk_size
         events += [Body(chunk=body[i : i + size]) for i in range(0, len(body), size)]
         skipping = False
         for event in events:
@@ -585,6 +600,7 @@ class MilterTestClient:
         client_address: str | None = None,
         client_name: str | None = None,
         helo: str | None = None,
+        body_chunk_size: int | None = None,
     ) -> MessageResult:
         """See :meth:`AsyncMilterTestClient.send_message`."""
         self._ensure_open()
@@ -598,6 +614,7 @@ class MilterTestClient:
                 client_address=client_address,
                 client_name=client_name,
                 helo=helo,
+                body_chunk_size=body_chunk_size,
             )
         )
 

@@ -515,3 +515,27 @@ def test_after_a_shutdown_later_messages_get_it_too() -> None:
     assert (second.verdict, second.stage) == (Shutdown(), "envfrom")
     assert second.tempfailed
     assert seen == ["connect", "helo", "envfrom"]
+
+
+def test_the_body_goes_in_chunks_of_the_size_asked() -> None:
+    app = App("chunks")
+    seen: list[bytes] = []
+
+    @app.on("body")
+    def chunk(event: Body) -> None:
+        seen.append(event.chunk)
+
+    message = b"Subject: s\r\n\r\n0123456789"
+    with MilterTestClient(app) as client:
+        client.send_message(message)
+        whole = list(seen)
+        seen.clear()
+        delivered = client.send_message(message, body_chunk_size=4).delivered
+        for size in (0, 65536):
+            with pytest.raises(ValueError, match="body_chunk_size: must be 1 to 65535 bytes"):
+                client.send_message(message, body_chunk_size=size)
+    # (The kit ends the body with CRLF, as the MTAs' DATA does.)
+    assert whole == [b"0123456789\r\n"]
+    assert seen == [b"0123", b"4567", b"89\r\n"]
+    assert delivered is not None
+    assert delivered.body == b"0123456789\r\n"
