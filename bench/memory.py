@@ -379,7 +379,7 @@ def main() -> None:
     parser.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto")
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--connections", type=int, default=4)
-    parser.add_argument("--c-loadgen", help="the C load generator (/work/cloadgen/loadgen)")
+    parser.add_argument("--c-loadgen", help="the shared C load generator (make -C ../shared/bench)")
     parser.add_argument("--breakdown", action="store_true", help="imports and allocations")
     parser.add_argument("--top", type=int, default=25, help="rows of the breakdown")
     parser.add_argument("--source", help="a checkout to import milterapp from, first")
