@@ -10,8 +10,8 @@ from milterapp.spec import ConnectionSpec
 
 __all__ = ["SATURATED", "LoadOptions", "LoadResult"]
 
-#: A generator process busy this share of a core or more was the limit of what it measured:
-#: the milter may serve more than it was sent.
+#: A generator process busy this share of the time or more (running, or waiting for a core)
+#: was the limit of what it measured: the milter may serve more than it was sent.
 SATURATED = 0.9
 
 
@@ -63,12 +63,13 @@ class LoadResult:
     latencies_ms: list[float]
     outcomes: dict[str, int]
     errors: dict[str, int]
-    #: Each generator process's CPU time over the measured time: 1.0 is a whole core.
+    #: Each generator process's busy share of the measured time (running, or ready to run
+    #: and waiting for a core): 1.0 is busy all the time.
     generator_busy: list[float] = dataclasses.field(default_factory=list)
 
     @property
     def generator_saturated(self) -> bool:
-        """A generator process was busy :data:`SATURATED` of a core or more: the rate is the
+        """A generator process was busy :data:`SATURATED` of the time or more: the rate is the
         generator's limit, and the milter may serve more."""
         return any(busy >= SATURATED for busy in self.generator_busy)
 
@@ -100,11 +101,14 @@ class LoadResult:
         ]
         if self.generator_busy:
             busy = ", ".join(f"{share:.0%}" for share in self.generator_busy)
-            lines.append(f"generator CPU {busy} of a core ({len(self.generator_busy)} process(es))")
+            lines.append(
+                f"generator busy {busy} of the time (running or waiting for a core; "
+                f"{len(self.generator_busy)} process(es))"
+            )
         if self.generator_saturated:
             lines.append(
-                f"note      the generator was the limit (a process at {SATURATED:.0%} of a "
-                "core or more), not the milter: the milter may serve more; measure again with "
+                f"note      the generator was the limit (a process busy {SATURATED:.0%} of the "
+                "time or more), not the milter: the milter may serve more; measure again with "
                 "more --processes, with the speed extra (uvloop), or with a generator in C "
                 "(docs/cli.md, milterapp bench)"
             )
