@@ -30,6 +30,8 @@ import socket
 from collections.abc import Callable
 from typing import Any, Final
 
+from milterapp.server.loops import loop_name
+
 __all__ = ["ACCEPTS_PER_TURN", "RETRY_DELAY", "Acceptor"]
 
 #: Connections accepted each time the socket is readable: enough for any burst, few enough
@@ -43,7 +45,7 @@ RETRY_DELAY: Final = 1.0
 
 def _sets_no_delay(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bool:
     """Whether ``loop``'s transports disable Nagle's algorithm on what ``sock`` accepts."""
-    return type(loop).__module__.startswith("uvloop") or sock.proto == socket.IPPROTO_TCP
+    return loop_name(loop) == "uvloop" or sock.proto == socket.IPPROTO_TCP
 
 
 class Acceptor:
