@@ -633,14 +633,8 @@ def _reads_plainly(transport: asyncio.BaseTransport) -> bool:
     """Whether ``transport`` reads plainly for a :class:`Connection`: uvloop's stream
     transports do (told apart by name, so that uvloop is never imported for this)."""
     kind = type(transport)
-    plain = _PLAIN_READS.get(kind)
-    if plain is None:
-        plain = _PLAIN_READS[kind] = kind.__module__ == "uvloop.loop" and kind.__name__ in (
-            "TCPTransport",
-            "UnixTransport",
-        )
-    return plain
+    return kind.__module__ == "uvloop.loop" and kind.__name__ in _UVLOOP_STREAMS
 
 
-#: Whether each transport class met so far reads plainly.
-_PLAIN_READS: Final[dict[type, bool]] = {}
+#: uvloop's transports that choose how to read by the protocol's class.
+_UVLOOP_STREAMS: Final = frozenset({"TCPTransport", "UnixTransport"})
