@@ -246,12 +246,17 @@ async def _run_process(options: LoadOptions, connections: int, messages: int) ->
     begin = time.perf_counter()
     # How long this thread was busy over what is measured, to tell whether the generator
     # itself was the limit (the thread's, not the process's: the milter may run in this
-    # process too).
-    cpu = [_busy_time(), 0.0]
+    # process too). Measured from the end of the warm-up, when there is one.
+    busy_at_start = _busy_time()
+
+    def window_opens() -> None:
+        nonlocal busy_at_start
+        busy_at_start = _busy_time()
+
     if not messages:
         generator.window = (begin + options.warmup, begin + options.warmup + options.duration)
         if options.warmup:
-            loop.call_later(options.warmup, lambda: cpu.__setitem__(0, _busy_time()))
+            loop.call_later(options.warmup, window_opens)
     tasks = [loop.create_task(generator.connection()) for _ in range(connections)]
     if messages:
         await asyncio.wait(tasks)
@@ -259,7 +264,7 @@ async def _run_process(options: LoadOptions, connections: int, messages: int) ->
     else:
         await asyncio.wait(tasks, timeout=options.warmup + options.duration)
         seconds = options.duration
-    cpu[1] = _busy_time()
+    busy = _busy_time() - busy_at_start
     generator.stopping = True
     await asyncio.wait(tasks, timeout=options.timeout)
     for task in tasks:
@@ -267,7 +272,7 @@ async def _run_process(options: LoadOptions, connections: int, messages: int) ->
     return {
         "messages": generator.done,
         "seconds": seconds,
-        "cpu_busy": min(1.0, (cpu[1] - cpu[0]) / seconds) if seconds else 0.0,
+        "busy": min(1.0, busy / seconds) if seconds else 0.0,
         "latencies_ms": generator.latencies,
         "outcomes": dict(generator.outcomes),
         "errors": dict(generator.errors),
@@ -332,7 +337,7 @@ def run_load(options: LoadOptions) -> LoadResult:
     return LoadResult(
         messages=sum(part["messages"] for part in parts),
         seconds=max(part["seconds"] for part in parts),
-        generator_busy=[part["cpu_busy"] for part in parts],
+        generator_busy=[part["busy"] for part in parts],
         latencies_ms=latencies,
         outcomes=dict(outcomes),
         errors=dict(errors),
