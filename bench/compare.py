@@ -70,7 +70,7 @@ def wait_listening(port: int, process: subprocess.Popen[bytes], seconds: float =
 
 def peak_rss_mib(pid: int) -> float:
     total = 0
-    for child in [pid, *_children(pid)]:
+    for child in [pid, *children(pid)]:
         try:
             for line in Path(f"/proc/{child}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
@@ -80,12 +80,13 @@ def peak_rss_mib(pid: int) -> float:
     return total / 1024
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started (its workers), in the order they were started."""
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
     except FileNotFoundError:
         return []
-    return [int(child) for child in text.split()]
+    return sorted(int(child) for child in text.split())
 
 
 @functools.cache

@@ -43,6 +43,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from compare import children, free_port
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 COLUMNS = ("VmRSS", "RssAnon", "RssFile", "Pss", "USS")
@@ -79,12 +81,6 @@ else:
 """
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def memory(pid: int) -> dict[str, float]:
     """VmRSS, RssAnon, RssFile, Pss and USS of a process, in MiB."""
     kib: dict[str, int] = {}
@@ -95,14 +91,6 @@ def memory(pid: int) -> dict[str, float]:
                 kib[key] = int(value.split()[0])
     kib["USS"] = kib["Private_Clean"] + kib["Private_Dirty"]
     return {column: kib[column] / 1024 for column in COLUMNS}
-
-
-def children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except FileNotFoundError:
-        return []
-    return sorted(int(child) for child in text.split())
 
 
 def server_command(args: argparse.Namespace, port: int, workers: int) -> list[str]:
