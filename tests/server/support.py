@@ -13,6 +13,8 @@ import ipaddress
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from typing import Any, Final, TypeVar
 
+import pytest
+
 from milterapp.app import App
 from milterapp.context import Context
 from milterapp.events import (
@@ -38,6 +40,7 @@ __all__ = [
     "CLIENT",
     "HELO",
     "LOOPBACK",
+    "LOOPS",
     "TEST_TIMEOUT",
     "assert_serves",
     "connect",
@@ -58,6 +61,23 @@ TEST_TIMEOUT: Final = 20.0
 CLIENT_TIMEOUT: Final = 5.0
 #: Loopback, any free port.
 LOOPBACK: Final = "inet:0@[127.0.0.1]"
+
+try:
+    import uvloop  # noqa: F401
+except ImportError:
+    UVLOOP = False
+else:
+    UVLOOP = True
+
+#: The event loops a test runs on with ``@pytest.mark.parametrize("loop", LOOPS)`` and
+#: ``run(..., loop=loop)``; uvloop's is skipped where it is not installed.
+LOOPS: Final = [
+    "asyncio",
+    pytest.param(
+        "uvloop",
+        marks=pytest.mark.skipif(not UVLOOP, reason="uvloop is not installed (.[speed])"),
+    ),
+]
 
 CLIENT: Final = Connect(
     hostname="client.example.com",

@@ -15,27 +15,13 @@ import structlog.testing
 from milterapp.server import MilterServer, acceptor
 from tests.server.support import (
     LOOPBACK,
+    LOOPS,
     assert_serves,
     run,
     running_server,
     stamping_app,
     until,
 )
-
-try:
-    import uvloop  # noqa: F401
-except ImportError:
-    UVLOOP = False
-else:
-    UVLOOP = True
-
-LOOPS = [
-    "asyncio",
-    pytest.param(
-        "uvloop",
-        marks=pytest.mark.skipif(not UVLOOP, reason="uvloop is not installed (.[speed])"),
-    ),
-]
 
 
 @pytest.fixture

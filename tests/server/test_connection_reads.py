@@ -16,6 +16,7 @@ from milterapp.server import MilterServer
 from milterapp.server.connection import Connection
 from milterapp.testing import MtaClient
 from tests.server.support import (
+    LOOPS,
     connect,
     message_events,
     run,
@@ -24,7 +25,6 @@ from tests.server.support import (
     start_session,
     until,
 )
-from tests.server.test_acceptor import LOOPS
 
 CHUNK = bytes(range(256)) * 255 + b"\r\n\r\n\r\n"  # 65,286 bytes, every byte value
 

@@ -11,8 +11,7 @@ import structlog
 
 from milterapp.server.acceptor import Acceptor
 from milterapp.server.writes import WriteBatch
-from tests.server.support import connect, run, running_server, stamping_app, until
-from tests.server.test_acceptor import LOOPS
+from tests.server.support import LOOPS, connect, run, running_server, stamping_app, until
 
 
 @pytest.mark.parametrize("loop", LOOPS)
